@@ -1,0 +1,38 @@
+"""``llmq.kernels``: one entry point for ``y = x @ dequant(W) + b`` that picks the implementation.
+
+``LLMQ_KERNEL`` forces a backend: ``torch`` (reference), ``triton``; default ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmq.kernels.reference import quant_matmul_torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The backend ``quant_matmul`` will use for an input on ``x``'s device."""
+    forced = os.environ.get("LLMQ_KERNEL", "auto").lower()
+    if forced not in BACKENDS:
+        raise ValueError(f"LLMQ_KERNEL must be one of {BACKENDS}, got {forced!r}")
+    if forced != "auto":
+        return forced
+    return "torch"
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` ``[..., in]`` @ dequant(``qweight`` int32 ``[in*bits/32, out]``, v1 ``qzeros``
+    ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``) + ``bias``."""
+    return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)

@@ -1,0 +1,22 @@
+"""Torch reference for ``y = x @ dequant(W) + b``: the CPU fallback and the tests' oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from llmq.packing import dequantize
+
+
+def quant_matmul_torch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` ``[..., in]`` times the dequantized ``[in, out]`` weight, in ``x``'s dtype."""
+    w = dequantize(qweight, qzeros, scales, g_idx, bits, dtype=x.dtype)
+    y = x @ w
+    return y + bias.to(x.dtype) if bias is not None else y

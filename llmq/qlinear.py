@@ -1,0 +1,69 @@
+"""``QuantLinear``: a linear layer holding GPTQ v1 buffers; its forward calls ``llmq.kernels``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmq import kernels, packing
+from llmq.quantizers.grid import QuantizedWeight, num_groups
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(qweight) + bias`` with buffers ``qweight`` int32 ``[in*bits/32, out]``,
+    ``qzeros`` int32 ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` int32
+    ``[in]`` and optional ``bias`` ``[out]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        device: torch.device | str | None = "meta",
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
+        super().__init__()
+        packing.check_bits(bits)
+        for name, length, dim in (("input", in_features, "in"), ("output", out_features, "out")):
+            if not packing.packable(length, bits):
+                unit = packing.pack_unit(bits)[0]
+                raise ValueError(
+                    f"{name} dimension {dim}={length} cannot be packed at {bits} bits (needs a multiple of {unit})"
+                )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = num_groups(in_features, group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.empty(in_features * bits // 32, out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.empty(groups, out_features * bits // 32, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, **kw))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, group_size: int, bias: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """Build from a solved matrix (``qw.q`` is ``[out, in]``) and an optional bias."""
+        out_features, in_features = qw.q.shape
+        layer = cls(in_features, out_features, qw.bits, group_size, bias is not None, device="cpu", dtype=dtype)
+        for name, t in qw.pack().items():
+            getattr(layer, name).copy_(t)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """Full weight ``[out, in]`` in the dtype of ``scales`` (for inspection and tests)."""
+        return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).t()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -1,0 +1,1 @@
+"""Solvers for one weight matrix; they know nothing about models."""

@@ -1,0 +1,106 @@
+"""The quantization grid shared by every solver: per-row scale and zero point of a group,
+rounding onto the grid, and the solved weight of one matrix before packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmq import packing
+
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24
+
+
+def find_params(
+    w: torch.Tensor, bits: int, sym: bool, mse: bool = False, norm: float = 2.4, grid: int = 100,
+    max_shrink: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``w`` ``[rows, cols]`` (one group of columns).
+
+    Returns ``(scale, zero)``, both float32 ``[rows]``; ``scale`` is rounded to fp16 (what the
+    checkpoint stores) so that quantizing and dequantizing use the same number. ``mse``
+    shrinks the range per row (``grid`` steps down to ``1 - max_shrink``) where that lowers
+    ``sum |w - dequant(quant(w))| ** norm``.
+    """
+    w = w.float()
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale, zero = _scale_zero(xmin, xmax, maxq, sym)
+    if mse:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(int(max_shrink * grid)):
+            p = 1 - i / grid
+            s, z = _scale_zero(p * xmin, p * xmax, maxq, sym)
+            err = (dequant(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None]) - w)
+            err = err.abs().pow(norm).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
+    scale = ((xmax - xmin) / maxq).clamp(FP16_TINY, FP16_MAX).half().float()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` (float tensor of whole numbers)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequant(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero)``."""
+    return scale * (q - zero)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """``ceil(in / group_size)``; one group when ``group_size`` is -1."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """``g_idx`` without act-order: ``k // group_size`` (all zeros for ``group_size`` -1)."""
+    if group_size == -1:
+        return torch.zeros(in_features, dtype=torch.int32)
+    return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+@dataclass
+class QuantizedWeight:
+    """One solved matrix: ``q`` int ``[out, in]``, ``scales`` ``[groups, out]``, ``zeros``
+    int ``[groups, out]``, ``g_idx`` int32 ``[in]``; ``w ≈ scales[g_idx] * (q - zeros[g_idx])``."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        """Reconstructed weight ``[out, in]`` in float32."""
+        g = self.g_idx.long()
+        return (self.scales[g].float() * (self.q.t().float() - self.zeros[g].float())).t().contiguous()
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
+        return {
+            "qweight": packing.pack_qweight(self.q.t().to(torch.int32), self.bits),
+            "qzeros": packing.pack_qzeros(self.zeros.to(torch.int32), self.bits),
+            "scales": self.scales.to(torch.float16).contiguous(),
+            "g_idx": self.g_idx.to(torch.int32).contiguous(),
+        }
