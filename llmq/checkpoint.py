@@ -1,0 +1,260 @@
+"""Save quantized checkpoints (atomic, sharded safetensors + config) and load them back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from llmq import models, streaming
+from llmq.config import QuantConfig
+from llmq.qlinear import QuantLinear
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+SKIP_FILES = {"config.json", "quantize_config.json", streaming.INDEX_NAME, "pytorch_model.bin.index.json"}
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+class NotQuantizedError(ValueError):
+    """A checkpoint given to ``load_quantized`` has no ``quantization_config``."""
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out`` that is renamed to ``out`` only on success.
+
+    A crash leaves no folder at ``out`` (only a ``.tmp-*`` folder that is removed on the way out).
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".old-{out.name}-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Append tensors one at a time to safetensors shards of at most ``max_shard_bytes``.
+
+    Tensor bytes go straight to disk as they arrive (the safetensors header, which must come
+    first, is written when a shard closes), so memory stays flat however large the model.
+    Shards end up as ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus an index.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self._shards: list[tuple[str, list[str]]] = []
+        self._data = None
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (any device; stored contiguous on disk)."""
+        t = tensor.detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if self._data is not None and self._offset and self._offset + len(data) > self.max_shard_bytes:
+            self._close_shard()
+        if self._data is None:
+            self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
+        self._data.write(data)
+        self._header[name] = {
+            "dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + len(data)]
+        }
+        self._offset += len(data)
+        self.total_bytes += len(data)
+
+    def _close_shard(self) -> None:
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        with open(self.folder / name, "wb") as out, open(data_path, "rb") as src:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 * 1024**2)
+        data_path.unlink()
+        self._shards.append((name, list(self._header)))
+        self._data, self._header, self._offset = None, {}, 0
+
+    def close(self) -> None:
+        """Write the last shard, give shards their final names and write the index."""
+        if self._data is not None:
+            self._close_shard()
+        n = len(self._shards)
+        if n == 1:
+            os.replace(self.folder / self._shards[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (tmp_name, keys) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / streaming.INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, generation and other non-weight files (and small subfolders such as a
+    sentence-transformers ``1_Pooling``) from the source checkpoint."""
+    for item in src.iterdir():
+        if item.name in SKIP_FILES or item.name.startswith("."):
+            continue
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, dst / item.name)
+        elif item.is_dir() and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in item.rglob("*")):
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+
+
+def write_config(src_config, qconfig: QuantConfig, dst: Path, dtype: torch.dtype) -> None:
+    """``config.json`` carrying ``quantization_config``, and ``quantize_config.json``."""
+    config = src_config.to_dict()
+    config["quantization_config"] = qconfig.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (dst / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
+
+
+def read_quant_config(path: str | Path) -> QuantConfig:
+    """The ``QuantConfig`` of a quantized checkpoint folder."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
+    qc = json.loads(config_file.read_text()).get("quantization_config")
+    if qc is None and (path / "quantize_config.json").exists():
+        qc = json.loads((path / "quantize_config.json").read_text())
+    if qc is None:
+        raise NotQuantizedError(f"{path} has no quantization_config: not a quantized checkpoint")
+    return QuantConfig.from_dict(qc)
+
+
+def load_quantized(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a GPTQ v1 checkpoint (llmq's or another tool's) as a transformers model with
+    ``QuantLinear`` layers, without allocating full-precision weights for them.
+
+    ``dtype`` is the compute dtype of the unquantized tensors and of ``scales`` (default: the
+    checkpoint's; float32 on CPU when the checkpoint is half precision, since half-precision
+    matmuls are slow on most CPUs). Tied embeddings stay tied.
+    """
+    from llmq.assets import resolve_model
+
+    path = resolve_model(path)
+    qconfig = read_quant_config(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    reader = streaming.ShardReader(path)
+    if dtype is None:
+        dtype = reader.dtype()
+        if torch.device(device).type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+    model = models.build_skeleton(config, dtype=dtype)
+    keys = streaming.KeyMap(model, reader)
+    for name, module in list(model.named_modules()):
+        if not models.is_linear(module):
+            continue
+        qkey = keys.source(f"{name}.qweight")
+        if qkey is None:
+            continue
+        in_f, out_f = models.linear_shape(module)
+        has_bias = keys.source(f"{name}.bias") is not None
+        qlinear = QuantLinear(in_f, out_f, qconfig.bits, qconfig.group_size, has_bias, device="meta", dtype=dtype)
+        model.set_submodule(name, qlinear)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise NotQuantizedError(f"{path} has a quantization_config but no quantized tensors (*.qweight)")
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            _load_qlinear(module, name + ".", keys, dtype)
+            continue
+        streaming.materialize(module, f"{name}." if name else "", keys, "cpu", dtype, recurse=False, strict=False)
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
+    model.config.quantization_config = qconfig.to_dict()
+    return model.to(device).eval()
+
+
+def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype) -> None:
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+        expected = getattr(layer, name)
+        if expected is None:
+            continue
+        key = keys.source(prefix + name)
+        if key is None:
+            if name == "g_idx":  # some writers omit it when there is no act-order
+                from llmq.quantizers.grid import group_index
+
+                layer.g_idx = group_index(layer.in_features, layer.group_size)
+                continue
+            raise streaming.CorruptCheckpointError(f"checkpoint has no tensor {prefix + name}")
+        value = keys.reader.get(key)
+        if value.shape != expected.shape:
+            raise streaming.CorruptCheckpointError(
+                f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected.shape)} "
+                f"for {layer.bits}-bit group size {layer.group_size}"
+            )
+        layer._buffers[name] = value.to(dtype) if value.is_floating_point() else value.to(torch.int32)
+
+
+def is_quantized(path: str | Path) -> bool:
+    """Whether a checkpoint folder carries a ``quantization_config``."""
+    try:
+        read_quant_config(path)
+    except NotQuantizedError:
+        return False
+    return True
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """Any checkpoint llmq knows: quantized ones through :func:`load_quantized`, others through
+    transformers (safetensors only), in float32 on CPU by default."""
+    from llmq.assets import resolve_model
+
+    path = resolve_model(name_or_path)
+    if is_quantized(path):
+        return load_quantized(path, device=device, dtype=dtype)
+    streaming.ShardReader(path)  # validates the shards before transformers reads them
+    config = AutoConfig.from_pretrained(path)
+    cls = models.model_class(config)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()

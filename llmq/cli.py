@@ -1,0 +1,198 @@
+"""``llmq quantize | eval | inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MODEL_HELP = "local checkpoint folder, hub id, or a bundled name (smollm2-135m, bert-minilm)"
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint into a GPTQ-format folder")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--group-size", default="128", help="columns per group, or -1 for one group per output channel")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--mse", action="store_true", help="shrink each group's range where that lowers the error")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order: solve columns by decreasing Hessian")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before solving")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: solve attention inputs, attention output, MLP inputs, MLP output in turn")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--calib", default="bundled", help="bundled | text file(s), comma-separated | hf:NAME[:CONFIG]:SPLIT:FIELD")
+    p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where blocks are solved (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of unquantized tensors (default: bfloat16 for bf16 checkpoints, else float16)")
+    p.add_argument("--skip-unpackable", action="store_true",
+                   help="leave layers whose dimensions the packing cannot hold unquantized instead of failing")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors shard")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="after quantizing, perplexity before and after on this many wikitext-2 windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window (with --eval-windows)")
+    p.add_argument("--json", help="write the report as JSON here")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity (LMs) or embedding fidelity (encoders)")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + ", quantized or not")
+    p.add_argument("--baseline", help="unquantized model to compare with (KL divergence, top-1 agreement); "
+                                      "required for encoders")
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | bundled | a text file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window variant with this stride")
+    p.add_argument("--sentences", type=int, default=2000, help="encoders: held-out sentences")
+    p.add_argument("--mlm-sentences", type=int, default=50, help="encoders with an MLM head: pseudo-perplexity")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the result as JSON here")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="config, size, bits per weight and quantized layers of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of transformers models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from llmq.config import QuantConfig
+    from llmq.pipeline import quantize
+
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
+                         desc_act=args.desc_act, static_groups=args.static_groups,
+                         true_sequential=args.true_sequential, damp_percent=args.damp, mse=args.mse,
+                         skip_unpackable=args.skip_unpackable)
+    report = quantize(args.model, config, args.out, calib_source=args.calib, nsamples=args.nsamples,
+                      calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
+                      device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
+                      max_shard_bytes=int(args.max_shard_size * 1024**3))
+    from llmq.inspect_ckpt import inspect_checkpoint
+
+    info = inspect_checkpoint(report.out)
+    print(f"wrote {report.out}: {config.describe()}, {len(report.quantized)} layers quantized, "
+          f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight, "
+          f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB")
+    for name, why in report.skipped.items():
+        print(f"left unquantized: {why}", file=sys.stderr)
+    result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": config.to_dict(),
+                              "quantize_seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+                              "size_on_disk_bytes": info["size_on_disk_bytes"],
+                              "bits_per_weight": info["bits_per_weight"], "skipped": report.skipped}
+    if args.eval_windows:
+        result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
+    _write_json(args.json, result)
+
+
+def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) -> dict[str, Any]:
+    from llmq.checkpoint import load_model
+    from llmq.evaluate import evaluate_lm
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(quantized)
+    res = evaluate_lm(load_model(quantized), tokenizer, seqlen=seqlen, max_windows=max_windows,
+                      baseline=load_model(baseline))
+    print(f"{res.corpus}, seqlen {res.seqlen}, {res.windows} windows ({res.tokens} tokens scored)")
+    print(f"  perplexity before: {res.baseline_perplexity:.4f}")
+    print(f"  perplexity after:  {res.perplexity:.4f}  ({100 * (res.perplexity / res.baseline_perplexity - 1):+.2f}%)")
+    print(f"  KL(base || quant): {res.kl_divergence:.5f} nats/token, top-1 agreement {res.top1_agreement:.2f}%")
+    return res.to_dict()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from llmq import evaluate
+    from llmq.assets import resolve_model
+    from llmq.checkpoint import load_model
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path, device=args.device)
+    baseline = load_model(args.baseline, device=args.device) if args.baseline else None
+    is_lm = hasattr(model, "generation_config") and not evaluate.has_mlm_head(model) and \
+        getattr(model.config, "is_decoder", True) and model.config.model_type not in ("bert",)
+    if not is_lm:
+        if baseline is None:
+            raise ValueError("encoders are evaluated against their unquantized model: pass --baseline")
+        result = evaluate.evaluate_encoder(model, baseline, tokenizer, args.sentences, args.mlm_sentences)
+        for k, v in result.items():
+            print(f"{k}: {v:.5f}" if isinstance(v, float) else f"{k}: {v}")
+        _write_json(args.json, {"model": args.model, "baseline": args.baseline, **result})
+        return
+    if args.stride:
+        res = evaluate.evaluate_lm_sliding(model, tokenizer, args.dataset, args.seqlen, args.stride, args.max_windows)
+    else:
+        res = evaluate.evaluate_lm(model, tokenizer, args.dataset, args.seqlen, args.max_windows, baseline)
+    print(f"{args.model}: perplexity {res.perplexity:.4f} on {res.corpus} ({res.mode}, seqlen {res.seqlen}, "
+          f"{res.windows} windows, {res.tokens} tokens)")
+    if baseline is not None:
+        print(f"baseline {args.baseline}: perplexity {res.baseline_perplexity:.4f}; "
+              f"KL {res.kl_divergence:.5f} nats/token; top-1 agreement {res.top1_agreement:.2f}%")
+    _write_json(args.json, {"model": args.model, "baseline": args.baseline, **res.to_dict()})
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from llmq.inspect_ckpt import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['path']}: {info['quantization']}")
+    print(f"  size on disk:        {info['size_on_disk_bytes'] / 1e6:.2f} MB")
+    print(f"  quantized layers:    {info['quantized_layers']} ({info['quantized_weights']:,} weights)")
+    print(f"  bits per weight:     {info['bits_per_weight']:.3f} (qweight + qzeros + scales + g_idx)")
+    print(f"  unquantized params:  {info['unquantized_params']:,}")
+    print(f"  bits per parameter:  {info['bits_per_param_overall']:.3f} (whole checkpoint)")
+    print("  config: " + json.dumps(info["quantization_config"]))
+    for layer in info["layers"]:
+        print(f"    {layer}")
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[args.command]
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llmq {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``llmq inspect``: what a quantized checkpoint holds and what it costs on disk."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmq import streaming
+from llmq.checkpoint import read_quant_config
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Config, size on disk, bits per quantized weight (``qweight``, ``qzeros``, ``scales`` and
+    ``g_idx`` counted), and which layers are quantized."""
+    path = Path(path)
+    qconfig = read_quant_config(path)
+    reader = streaming.ShardReader(path)
+    layers: dict[str, dict[str, int]] = {}
+    other_bytes = other_params = 0
+    for key in reader.keys():
+        dtype, shape = reader.info(key)
+        numel = math.prod(shape)
+        nbytes = numel * DTYPE_BYTES.get(dtype, 4)
+        layer, _, leaf = key.rpartition(".")
+        if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            entry = layers.setdefault(layer, {"bytes": 0, "weights": 0})
+            entry["bytes"] += nbytes
+            if leaf == "qweight":
+                entry["weights"] = shape[0] * 32 // qconfig.bits * shape[1]
+        else:
+            other_bytes += nbytes
+            other_params += numel
+    q_bytes = sum(e["bytes"] for e in layers.values())
+    q_weights = sum(e["weights"] for e in layers.values())
+    disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return {
+        "path": str(path),
+        "quantization": qconfig.describe(),
+        "quantization_config": qconfig.to_dict(),
+        "size_on_disk_bytes": disk,
+        "quantized_layers": len(layers),
+        "quantized_weights": q_weights,
+        "bits_per_weight": 8 * q_bytes / max(q_weights, 1),
+        "unquantized_params": other_params,
+        "bits_per_param_overall": 8 * (q_bytes + other_bytes) / max(q_weights + other_params, 1),
+        "layers": sorted(layers),
+    }

@@ -1,0 +1,239 @@
+"""GPTQ (Frantar et al., 2022) for one weight matrix: accumulate the layer-input Hessian, then
+quantize the columns one at a time while pushing each column's rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian.
+
+Nothing here knows about models: the caller feeds a layer's inputs to :meth:`GPTQ.add_batch` and
+hands the layer's weight to :meth:`GPTQ.solve` (or calls :func:`gptq_quantize` with its own ``H``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llmq.config import check_group_size
+from llmq.packing import check_bits
+from llmq.quantizers.grid import QuantizedWeight, dequant, find_params, group_index, num_groups, quantize
+
+DAMP_RETRIES = 3  # damping grows 10x per retry: 1% of mean(diag H) becomes 10%, 100%, 1000%
+
+
+class HessianError(ValueError):
+    """The Hessian cannot be factorized (not positive definite even after extra damping)."""
+
+
+@dataclass
+class GPTQInfo:
+    """What a solve did, for logs and progress bars.
+
+    ``loss`` is the sum of the per-column GPTQ losses ``(w - q)² / d²`` (``d`` the diagonal of the
+    upper Cholesky factor of ``H⁻¹``), which equals ``tr((W - Q) (H + damp·I) (W - Q)ᵀ)`` for the
+    damped ``H`` actually solved with (and ``W`` with dead columns zeroed); it comes for free,
+    whereas :func:`hessian_error` costs a matmul. ``dead_columns`` counts zeros on ``diag(H)``.
+    ``damp_percent`` is the damping actually used, as a fraction of ``mean(diag H)``: larger than
+    the one asked for when the factorization had to be retried.
+    """
+
+    loss: float
+    damp_percent: float
+    dead_columns: int
+
+
+class GPTQ:
+    """Hessian accumulator and GPTQ solver for one linear layer with ``in_features`` inputs.
+
+    ``H = 2/n Σ x xᵀ`` over the ``n`` input rows seen so far, where every row of ``x`` (every
+    token, whatever the leading dimensions) is one sample; the original implementation counts
+    sequences instead, which only rescales ``H`` and so changes ``GPTQInfo.loss`` but not the
+    solution (damping is relative to ``mean(diag H)``). ``H`` is float32 on ``device``, or on the
+    first batch's device when ``device`` is None.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.device = None if device is None else torch.device(device)
+        self.H: torch.Tensor | None = None
+        self.nsamples = 0
+        self.info: GPTQInfo | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Fold inputs ``x`` ``[..., in_features]`` (only valid tokens) into the running ``H``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs [..., {self.in_features}], got shape {tuple(x.shape)}")
+        if self.H is None:
+            if self.device is None:
+                self.device = x.device
+            self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
+        x = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        # Running mean, so H stays O(1) however many tokens stream through.
+        self.H *= self.nsamples / (self.nsamples + m)
+        self.nsamples += m
+        x = x * math.sqrt(2 / self.nsamples)
+        self.H.addmm_(x.t(), x)
+
+    def solve(
+        self,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        mse: bool = False,
+    ) -> QuantizedWeight:
+        """Quantize ``weight`` ``[out, in_features]`` against the accumulated ``H``; see
+        :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``."""
+        if self.H is None or self.nsamples == 0:
+            raise ValueError("GPTQ.solve needs calibration inputs: add_batch was never called with data")
+        result, self.info = gptq_quantize(
+            weight, self.H, bits, group_size, sym, desc_act=desc_act, static_groups=static_groups,
+            damp_percent=damp_percent, block_size=block_size, mse=mse,
+        )
+        return result
+
+    def relative_error(self, weight: torch.Tensor, result: QuantizedWeight) -> float:
+        """``tr(E H Eᵀ) / tr(W H Wᵀ)`` with ``E = W - result.dequantize()``, ``W = weight``
+        ``[out, in_features]``: the share of the layer's output energy the quantization loses."""
+        if self.H is None:
+            raise ValueError("GPTQ.relative_error needs calibration inputs: add_batch was never called")
+        return hessian_error(weight, result.dequantize(), self.H, relative=True)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    mse: bool = False,
+) -> tuple[QuantizedWeight, GPTQInfo]:
+    """GPTQ-quantize ``weight`` ``[out, in]`` given the Hessian ``hessian`` ``[in, in]``.
+
+    Groups of ``group_size`` input columns (-1: one group; the last group may be shorter) share a
+    scale and zero point per output row. With ``desc_act`` columns are solved in order of
+    decreasing ``diag(H)`` and groups are runs of that order (``g_idx[perm[i]] = i // group_size``);
+    ``static_groups`` instead fixes every group's grid up front on the original weight with the
+    natural grouping ``k // group_size``. Otherwise a group's grid is found when the solver reaches
+    its first column, on the weights as updated by the blocks of columns solved before it.
+
+    Computes in float32 on ``weight``'s device; the returned tensors are on that device, ``q`` in
+    the original column order. Raises :class:`HessianError` when ``H`` cannot be factorized even
+    with damping raised to ``damp_percent * 10**DAMP_RETRIES``.
+    """
+    check_bits(bits)
+    group_size = check_group_size(group_size)
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp_percent <= 0:
+        raise ValueError(f"damp_percent must be positive, got {damp_percent}")
+    W = weight.detach().to(torch.float32, copy=True)
+    out_features, cols = W.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight {tuple(W.shape)}")
+    H = hessian.detach().to(W.device, torch.float32, copy=True)
+    device = W.device
+    maxq = 2**bits - 1
+    step = cols if group_size == -1 else group_size
+    groups = num_groups(cols, group_size)
+
+    # A column that never saw a nonzero input cannot affect the output: pin it to 0.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(groups, out_features, device=device)
+    zeros = torch.zeros(groups, out_features, device=device)
+    if static_groups:
+        for g in range(groups):
+            scales[g], zeros[g] = find_params(W[:, g * step : (g + 1) * step], bits, sym, mse)
+
+    perm = torch.arange(cols, device=device)
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    if static_groups:
+        g_idx = group_index(cols, group_size).to(device)
+    else:
+        g_idx = torch.empty(cols, dtype=torch.int32, device=device)
+        g_idx[perm] = (torch.arange(cols, device=device) // step).to(torch.int32)
+    group_at = g_idx[perm].tolist()  # group of each column in solve order
+
+    Hinv, damp_used = _inverse_cholesky(H, damp_percent)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(out_features, device=device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            k = i1 + i
+            g = group_at[k]
+            if not static_groups and k % step == 0:
+                # As in the original, W has earlier blocks' updates but not this block's; grids from
+                # the fully updated columns widen to cover propagated error and measured worse at 2 bits.
+                scales[g], zeros[g] = find_params(W[:, k : k + step], bits, sym, mse)
+            scale, zero = scales[g], zeros[g]
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quantize(w, scale, zero, maxq)
+            Q[:, k] = q
+            err = (w - dequant(q, scale, zero)) / d
+            losses += err**2
+            W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+            Err1[:, i] = err
+        # Lazy batch update: the columns after this block get all its errors in one matmul.
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if desc_act:
+        Q = Q[:, torch.argsort(perm)]
+    result = QuantizedWeight(Q.to(torch.int32), scales, zeros.to(torch.int32), g_idx, bits)
+    return result, GPTQInfo(float(losses.sum()), damp_used, int(dead.sum()))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp·I)⁻¹`` ``[in, in]`` and the damping fraction used.
+
+    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization.
+    """
+    if not torch.isfinite(H).all():
+        raise HessianError("Hessian has NaN or infinite entries; the calibration activations are not finite")
+    mean_diag = torch.diag(H).mean()
+    tried = []
+    for attempt in range(DAMP_RETRIES + 1):
+        percent = damp_percent * 10**attempt
+        tried.append(percent)
+        damped = H.clone()
+        damped.diagonal().add_(percent * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info.item() != 0:
+            continue
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if info.item() == 0 and torch.isfinite(U).all():
+            return U, percent
+    raise HessianError(
+        f"Hessian is not positive definite even with damping up to {tried[-1]:g} x mean(diag H) "
+        f"(tried {', '.join(f'{p:g}' for p in tried)})"
+    )
+
+
+def hessian_error(
+    weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor, relative: bool = False
+) -> float:
+    """Output error ``tr((W - Q) H (W - Q)ᵀ)`` of replacing ``weight`` ``[out, in]`` by ``qweight``
+    ``[out, in]`` under ``hessian`` ``[in, in]``; with ``relative``, divided by ``tr(W H Wᵀ)``."""
+    W = weight.float()
+    H = hessian.to(W.device, torch.float32)
+    E = W - qweight.to(W.device, torch.float32)
+    error = float(((E @ H) * E).sum())
+    return error / float(((W @ H) * W).sum()) if relative else error

@@ -1,0 +1,212 @@
+"""GPTQ on one matrix: beats RTN under the Hessian metric, act-order and static-group bookkeeping,
+packing round trip, damping retries and Hessian errors, dead columns, Hessian accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmq import packing
+from llmq.quantizers.gptq import GPTQ, HessianError, gptq_quantize, hessian_error
+from llmq.quantizers.rtn import rtn_quantize
+
+OUT, IN = 64, 256
+ODD_GROUP = 40  # does not divide IN: 6 groups of 40 and one of 16
+ORDERS = {"natural": (False, False), "act-order": (True, False), "act-order+static": (True, True)}
+
+
+def _activations(n: int = 2048, seed: int = 0) -> torch.Tensor:
+    """``[n, IN]`` inputs with correlated channels of unequal scale, so GPTQ and act-order have
+    something to exploit."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(IN, IN, generator=gen) / IN**0.5 + torch.eye(IN)
+    return (torch.randn(n, IN, generator=gen) @ mix) * torch.exp(0.5 * torch.randn(IN, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed weight ``[OUT, IN]`` and positive-definite Hessian ``[IN, IN]``."""
+    x = _activations()
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(1))
+    return w, 2 / x.shape[0] * x.t() @ x
+
+
+def _hessian_with_eigenvalue(ratio: float, n: int = 64) -> torch.Tensor:
+    """Symmetric ``[n, n]`` with eigenvalues 1 and one equal to ``-ratio * mean(diag)``."""
+    eig = torch.ones(n)
+    eig[0] = -ratio * (n - 1) / (n + ratio)  # solves eig[0] = -ratio * mean(eig)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(2)))
+    return basis @ torch.diag(eig) @ basis.t()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group_size", [-1, 32, ODD_GROUP])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_beats_rtn(problem, bits, group_size, sym, order):
+    w, h = problem
+    desc_act, static_groups = ORDERS[order]
+    qw, info = gptq_quantize(w, h, bits, group_size, sym, desc_act=desc_act, static_groups=static_groups)
+    rtn = rtn_quantize(w, bits, group_size, sym)
+    assert hessian_error(w, qw.dequantize(), h) < hessian_error(w, rtn.dequantize(), h)
+    groups = 1 if group_size == -1 else -(-IN // group_size)
+    assert qw.q.shape == (OUT, IN) and qw.scales.shape == qw.zeros.shape == (groups, OUT)
+    assert qw.q.dtype == qw.zeros.dtype == qw.g_idx.dtype == torch.int32
+    assert 0 <= int(qw.q.min()) and int(qw.q.max()) < 2**bits
+    assert 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) < 2**bits
+    assert info.damp_percent == 0.01 and info.dead_columns == 0
+
+
+@pytest.mark.parametrize("group_size", [32, ODD_GROUP, -1])
+def test_act_order_groups(problem, group_size):
+    w, h = problem
+    step = IN if group_size == -1 else group_size
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    qw, _ = gptq_quantize(w, h, 4, group_size, True, desc_act=True)
+    # Each column gets the group of its position in the solve order.
+    assert torch.equal(qw.g_idx[perm].long(), torch.arange(IN) // step)
+    sizes = torch.bincount(qw.g_idx.long()).tolist()
+    assert sizes[:-1] == [step] * (len(sizes) - 1) and sizes[-1] == IN - step * (len(sizes) - 1)
+    assert len(sizes) == qw.scales.shape[0]
+    for desc_act in (False, True):
+        fixed, _ = gptq_quantize(w, h, 4, group_size, True, desc_act=desc_act, static_groups=True)
+        assert torch.equal(fixed.g_idx.long(), torch.arange(IN) // step)
+    natural, _ = gptq_quantize(w, h, 4, group_size, True)
+    assert torch.equal(natural.g_idx.long(), torch.arange(IN) // step)
+
+
+def test_static_groups_use_the_grid_of_the_original_weight(problem):
+    w, h = problem
+    qw, _ = gptq_quantize(w, h, 3, ODD_GROUP, False, desc_act=True, static_groups=True)
+    rtn = rtn_quantize(w, 3, ODD_GROUP, False)
+    assert torch.equal(qw.scales, rtn.scales) and torch.equal(qw.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("group_size", [-1, 32, ODD_GROUP])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip(problem, bits, group_size, order):
+    w, h = problem
+    desc_act, static_groups = ORDERS[order]
+    qw, _ = gptq_quantize(w, h, bits, group_size, False, desc_act=desc_act, static_groups=static_groups)
+    packed = qw.pack()
+    restored = packing.dequantize(
+        packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, dtype=torch.float32
+    )
+    assert torch.equal(restored.t(), qw.dequantize())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_loss_is_the_damped_hessian_error(problem, order):
+    w, h = problem
+    desc_act, static_groups = ORDERS[order]
+    qw, info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
+    damped = h + info.damp_percent * torch.diag(h).mean() * torch.eye(IN)
+    assert info.loss == pytest.approx(hessian_error(w, qw.dequantize(), damped), rel=1e-3)
+    relative = hessian_error(w, qw.dequantize(), h, relative=True)
+    assert relative == pytest.approx(hessian_error(w, qw.dequantize(), h) / hessian_error(w, 0 * w, h))
+    assert 0 < relative < 0.1
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 128, IN])
+def test_lazy_batches_do_not_change_the_solution(problem, block_size):
+    # With static groups the grids do not depend on block boundaries, so block_size may change
+    # float rounding only.
+    w, h = problem
+    opts = {"desc_act": True, "static_groups": True}
+    ref, ref_info = gptq_quantize(w, h, 4, ODD_GROUP, True, block_size=IN, **opts)
+    qw, info = gptq_quantize(w, h, 4, ODD_GROUP, True, block_size=block_size, **opts)
+    assert (qw.q != ref.q).float().mean() < 0.01
+    assert info.loss == pytest.approx(ref_info.loss, rel=1e-3)
+
+
+def test_mse_grid(problem):
+    w, h = problem
+    qw, _ = gptq_quantize(w, h, 3, 32, False, desc_act=True, mse=True)
+    rtn = rtn_quantize(w, 3, 32, False, mse=True)
+    assert hessian_error(w, qw.dequantize(), h) < hessian_error(w, rtn.dequantize(), h)
+
+
+def test_indefinite_hessian_gets_more_damping():
+    # An eigenvalue of -5% of mean(diag H): 1% damping fails, the 10% retry succeeds.
+    h = _hessian_with_eigenvalue(0.05)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    qw, info = gptq_quantize(w, h, 4, 16, True, desc_act=True)
+    assert info.damp_percent == pytest.approx(0.1)
+    assert torch.isfinite(qw.dequantize()).all()
+    assert 0 <= int(qw.q.min()) and int(qw.q.max()) < 16
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: torch.full((64, 64), float("nan")), "NaN"),
+        (lambda: _hessian_with_eigenvalue(100.0), "not positive definite"),
+        (lambda: -1e6 * torch.eye(64), "not positive definite"),
+    ],
+    ids=["nan", "large-negative-eigenvalue", "negative-definite"],
+)
+def test_unfixable_hessian_raises(make, words):
+    with pytest.raises(HessianError, match=words) as caught:
+        gptq_quantize(torch.randn(16, 64), make(), 4, 16, True)
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+    if words == "not positive definite":
+        assert "10 x mean(diag H)" in str(caught.value)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_dead_columns(problem, desc_act):
+    w, _ = problem
+    x = _activations(512)
+    dead = [3, 100, 101]
+    x[:, dead] = 0
+    gptq = GPTQ(IN)
+    gptq.add_batch(x)
+    qw = gptq.solve(w, 4, 32, False, desc_act=desc_act)
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all() and torch.isfinite(qw.scales).all()
+    assert torch.equal(deq[:, dead], torch.zeros(OUT, len(dead)))
+    assert gptq.info is not None and gptq.info.dead_columns == len(dead)
+    assert gptq.relative_error(w, qw) == pytest.approx(hessian_error(w, deq, gptq.H, relative=True))
+
+
+def test_add_batch_matches_the_concatenated_hessian():
+    x = _activations(300)
+    chunks = [x[:60].reshape(2, 30, IN), x[60:77], x[77:77], x[77:].reshape(-1, 1, 1, IN)]
+    gptq = GPTQ(IN)
+    for chunk in chunks:
+        gptq.add_batch(chunk)
+    assert gptq.nsamples == 300
+    torch.testing.assert_close(gptq.H, 2 / 300 * x.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_solve_returns_tensors_on_the_weight_device(problem):
+    w, h = problem
+    gptq = GPTQ(IN, device="cpu")
+    gptq.add_batch(_activations(256).half())
+    qw = gptq.solve(w, 4, 128, True)
+    tensors = (qw.q, qw.scales, qw.zeros, qw.g_idx)
+    assert all(t.device == w.device for t in tensors)
+    assert qw.scales.dtype == torch.float32
+
+
+def test_bad_inputs():
+    gptq = GPTQ(IN)
+    with pytest.raises(ValueError, match="add_batch"):
+        gptq.solve(torch.randn(4, IN), 4, 32, True)
+    with pytest.raises(ValueError, match="expected inputs"):
+        gptq.add_batch(torch.randn(3, IN + 1))
+    with pytest.raises(ValueError, match="does not match"):
+        gptq_quantize(torch.randn(4, IN), torch.eye(IN - 1), 4, 32, True)
+    with pytest.raises(ValueError, match="bits"):
+        gptq_quantize(torch.randn(4, IN), torch.eye(IN), 5, 32, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(problem):
+    w, h = problem
+    cpu, _ = gptq_quantize(w, h, 4, 32, True, desc_act=True)
+    gpu, _ = gptq_quantize(w.cuda(), h.cuda(), 4, 32, True, desc_act=True)
+    assert gpu.q.is_cuda and gpu.scales.is_cuda and gpu.g_idx.is_cuda
+    expected = hessian_error(w, cpu.dequantize(), h)
+    assert hessian_error(w, gpu.dequantize().cpu(), h) == pytest.approx(expected, rel=1e-2)
