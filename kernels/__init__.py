@@ -1,17 +1,29 @@
 """``llmq.kernels``: one entry point for ``y = x @ dequant(W) + b`` that picks the implementation.
 
-``LLMQ_KERNEL`` forces a backend: ``torch`` (reference), ``triton``; default ``auto``.
+``LLMQ_KERNEL`` forces a backend: ``torch`` (reference), ``triton``; default ``auto`` picks Triton
+for CUDA inputs when it imports, else torch. Triton stays optional: its module is imported on
+first use only (forcing it on a CPU tensor needs ``TRITON_INTERPRET=1``, which is how tests run it).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
-
 from llmq.kernels.reference import quant_matmul_torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` imports (checked once)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -21,7 +33,7 @@ def backend_for(x: torch.Tensor) -> str:
         raise ValueError(f"LLMQ_KERNEL must be one of {BACKENDS}, got {forced!r}")
     if forced != "auto":
         return forced
-    return "torch"
+    return "triton" if x.is_cuda and triton_available() else "torch"
 
 
 def quant_matmul(
@@ -35,4 +47,8 @@ def quant_matmul(
 ) -> torch.Tensor:
     """``x`` ``[..., in]`` @ dequant(``qweight`` int32 ``[in*bits/32, out]``, v1 ``qzeros``
     ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``) + ``bias``."""
+    if backend_for(x) == "triton":
+        from llmq.kernels.triton_gemm import quant_matmul_triton
+
+        return quant_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
     return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)

@@ -114,9 +114,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
     from llmq.checkpoint import load_model
     from llmq.evaluate import evaluate_lm
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(quantized)
     res = evaluate_lm(load_model(quantized), tokenizer, seqlen=seqlen, max_windows=max_windows,

@@ -142,37 +142,54 @@ def evaluate_lm(
     max_windows: int | None = None,
     baseline: nn.Module | None = None,
     progress: bool = True,
-    text: str | None = None,
 ) -> LMResult:
     """Perplexity over non-overlapping windows; with ``baseline``, also its perplexity, the mean
     per-token ``KL(p_base || p_model)`` and top-1 agreement in percent, on the same windows."""
-    if text is None:
-        text, label = load_eval_text(dataset)
-    else:
-        label = dataset
-    seqlen = model_context(model, seqlen)
+    return compare_lms({"model": model}, tokenizer, dataset, seqlen, max_windows, baseline, progress)["model"]
+
+
+@torch.no_grad()
+def compare_lms(
+    candidates: dict[str, nn.Module],
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    baseline: nn.Module | None = None,
+    progress: bool = True,
+) -> dict[str, LMResult]:
+    """:func:`evaluate_lm` for several models at once: the baseline runs once per window."""
+    text, label = load_eval_text(dataset)
+    seqlen = min(model_context(m, seqlen) for m in [*candidates.values(), *([baseline] if baseline else [])])
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows)
-    nll = base_nll = kl = 0.0
-    agree = scored = 0
+    stats = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in candidates}
+    base_nll, scored = 0.0, 0
     bar = tqdm(ws, desc="eval", unit="window", disable=not progress)
     for w in bar:
-        logp = F.log_softmax(_logits(model, w)[:-1], dim=-1)
-        target = w[1:].to(logp.device)
-        nll += -logp.gather(1, target[:, None]).sum().item()
+        target = w[1:]
         scored += target.numel()
+        base_logp = None
         if baseline is not None:
-            base_logp = F.log_softmax(_logits(baseline, w)[:-1], dim=-1).to(logp.device)
+            base_logp = F.log_softmax(_logits(baseline, w)[:-1], dim=-1).cpu()
             base_nll += -base_logp.gather(1, target[:, None]).sum().item()
-            kl += (base_logp.exp() * (base_logp - logp)).sum().item()
-            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-        bar.set_postfix(ppl=f"{math.exp(nll / scored):.3f}")
-    result = LMResult(math.exp(nll / scored), nll / scored, scored, len(ws), seqlen, label, bos is not None)
-    if baseline is not None:
-        result.baseline_perplexity = math.exp(base_nll / scored)
-        result.kl_divergence = kl / scored
-        result.top1_agreement = 100.0 * agree / scored
-    return result
+        for name, model in candidates.items():
+            logp = F.log_softmax(_logits(model, w)[:-1], dim=-1).cpu()
+            st = stats[name]
+            st["nll"] += -logp.gather(1, target[:, None]).sum().item()
+            if base_logp is not None:
+                st["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
+                st["agree"] += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        bar.set_postfix({n: f"{math.exp(st['nll'] / scored):.3f}" for n, st in stats.items()})
+    results = {}
+    for name, st in stats.items():
+        r = LMResult(math.exp(st["nll"] / scored), st["nll"] / scored, scored, len(ws), seqlen, label, bos is not None)
+        if baseline is not None:
+            r.baseline_perplexity = math.exp(base_nll / scored)
+            r.kl_divergence = st["kl"] / scored
+            r.top1_agreement = 100.0 * st["agree"] / scored
+        results[name] = r
+    return results
 
 
 @torch.no_grad()

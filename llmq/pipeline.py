@@ -256,22 +256,27 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
 
 def _input_groups(block: nn.Module, names: list[str], sample: tuple) -> list[list[str]]:
     """Linears grouped by shared input, in call order (q/k/v; o; gate/up; down for Llama)."""
-    order: list[tuple[str, int]] = []
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs are kept alive so their memory is not reused
     hooks = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, a, n=n: order.append((n, a[0].data_ptr()))) for n in names]
+        lambda _m, a, n=n: calls.append((n, a[0]))) for n in names]
     try:
         _run_block(block, [sample])
     finally:
         for h in hooks:
             h.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for name, ptr in dict.fromkeys(order):
-        if groups and ptr == last_ptr:
+    seen: set[str] = set()
+    prev: torch.Tensor | None = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        same = prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape
+        if same:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        prev = x
     return groups
 
 

@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CorruptCheckpointError(ValueError):
@@ -20,8 +24,8 @@ class CorruptCheckpointError(ValueError):
 class ShardReader:
     """Tensors of a checkpoint folder by key, across ``model.safetensors`` or indexed shards.
 
-    Only safetensors are read (never pickle). Files are opened once and kept open; every
-    file is validated on open so that a truncated shard fails before any work starts.
+    Only safetensors are read (never pickle). Every file's header is validated up front so
+    that a truncated or corrupt shard fails before any work starts.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -42,22 +46,23 @@ class ShardReader:
                     )
                 raise CorruptCheckpointError(f"no safetensors weights in {self.folder}")
             weight_map = None
-        self._handles = {}
+        self._files: dict[str, tuple[Path, int, dict]] = {}
         self._where: dict[str, str] = {}
         for name in files:
             path = self.folder / name
-            handle = self._open(path)
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._where[key] = name
+            data_start, header = self._open(path)
+            self._files[name] = (path, data_start, header)
+            for key in header:
+                if key != "__metadata__":
+                    self._where[key] = name
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._where.get(k) != f]
             if missing:
                 raise CorruptCheckpointError(f"shard index lists {len(missing)} tensors not in its shards, e.g. {missing[0]}")
 
     @staticmethod
-    def _open(path: Path):
-        """Open one shard after checking that its header describes exactly the bytes on disk."""
+    def _open(path: Path) -> tuple[int, dict]:
+        """Read one shard's header, checking that it describes exactly the bytes on disk."""
         if not path.exists():
             raise CorruptCheckpointError(f"missing safetensors shard {path}")
         try:
@@ -70,8 +75,11 @@ class ShardReader:
             data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + data_end != size:
                 raise ValueError(f"file holds {size} bytes, its header describes {8 + header_len + data_end}")
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            for key, entry in header.items():
+                if key != "__metadata__" and entry["dtype"] not in DTYPES:
+                    raise ValueError(f"tensor {key} has unsupported dtype {entry['dtype']}")
+            return 8 + header_len, header
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(f"corrupt or truncated safetensors file {path}: {e}") from None
 
     def keys(self) -> list[str]:
@@ -81,27 +89,37 @@ class ShardReader:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from its shard."""
-        try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except KeyError:
-            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.folder}") from None
-        except SafetensorError as e:
-            raise CorruptCheckpointError(f"corrupt tensor {key!r} in {self.folder}: {e}") from None
+        """One tensor, read from its shard with a plain file read.
+
+        Not memory-mapped on purpose: pages of a mapping stay resident (and counted) until the
+        OS reclaims them, whereas a read copy is freed as soon as the tensor is dropped.
+        """
+        if key not in self._where:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.folder}")
+        path, data_start, header = self._files[self._where[key]]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        buf = bytearray(end - begin)
+        with path.open("rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
+        dtype = DTYPES[entry["dtype"]]
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
     def info(self, key: str) -> tuple[str, list[int]]:
         """``(safetensors dtype string, shape)`` of a tensor, without reading its data."""
-        sl = self._handles[self._where[key]].get_slice(key)
-        return sl.get_dtype(), list(sl.get_shape())
+        entry = self._files[self._where[key]][2][key]
+        return entry["dtype"], list(entry["shape"])
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first floating-point tensor."""
         for key in self._where:
-            handle = self._handles[self._where[key]]
-            dtype = handle.get_slice(key).get_dtype()
-            mapping = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-            if dtype in mapping:
-                return mapping[dtype]
+            dtype = self.info(key)[0]
+            if dtype in ("F32", "F16", "BF16"):
+                return DTYPES[dtype]
         return torch.float32
 
 

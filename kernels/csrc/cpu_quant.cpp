@@ -1,4 +1,5 @@
-// AVX2/FMA/F16C kernels for y = x @ dequant(W) + b on GPTQ v1 weights, called through ctypes.
+// AVX2/FMA/F16C kernels for y = x @ dequant(W) + b on GPTQ v1 weights, built by kernels/cpu_build.py
+// as the CPython extension module _llmq_cpu.
 //
 // The packed int32 qweight [K*bits/32, N] is read in place: one 256-bit load takes the same
 // word row for 8 consecutive output columns, so each lane decodes its own column.
@@ -11,8 +12,9 @@
 // Zero points and scales are applied once per group: sum_k x_k s (q_k - z) = s (sum_k x_k q_k
 // - z sum_k x_k), so the inner loop is AND, convert and FMA per 8 weights.
 
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -22,18 +24,27 @@
 
 namespace {
 
-// Mirrors kernels/cpu.py::_Weights; every pointer stays owned by Python.
+// Packed by kernels/cpu.py (_PARAMS, struct format "6Q3q2i"); every pointer stays owned by Python.
 struct Weights {
   const int32_t* qweight;  // [K * bits / 32, N], GPTQ v1 layout
   const uint8_t* zeros;    // [G, N] unpacked zero points
   const void* scales;      // [G, N], fp16 when scales_fp32 == 0 else fp32
-  const int32_t* gstart;   // [G + 1] first input row of each group, multiples of the pack unit
-  const float* bias;       // [N] or null
+  const int32_t* g_idx;    // [K] group of each input row, any order
+  const int32_t* gstart;   // [G + 1] first row of each group when groups are contiguous runs of
+                           // whole packing units, else null (act-order: scales applied per row)
+  const float* bias;       // [N] or null (gemv only)
   int64_t K, N, G;
   int32_t bits, scales_fp32;
 };
 
 #define LLMQ_INLINE inline __attribute__((always_inline))
+
+#ifndef ACC_SETS
+#define ACC_SETS 2
+#endif
+#ifndef MIN_PARALLEL_MACS
+#define MIN_PARALLEL_MACS (1 << 17)
+#endif
 
 template <typename F, int... I>
 LLMQ_INLINE void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
@@ -84,44 +95,92 @@ LLMQ_INLINE __m256 load_zeros(const uint8_t* zeros) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros))));
 }
 
-// Rows m0..m0+MT and columns n0..n0+8*NBV of y, over all groups.
+// acc[a][m][v] += x[m0 + m, k] * w[k, n0 + 8v + lane] over units [u0, u1), without zero points.
+// Plain groups leave the scale out too (applied per group by the caller); act-order (ACT)
+// multiplies each row's scale in here because neighbouring rows belong to different groups.
+// AS accumulator sets take alternate values of a unit, so that MT * NBV * AS independent FMA
+// chains (8 or more) hide the FMA latency.
+template <int BITS, typename S, int MT, int NBV, int AS, bool ACT>
+LLMQ_INLINE void accumulate(const Weights& W, const float* xs, int64_t m0, int64_t n0, int64_t u0, int64_t u1,
+                            __m256 (&acc)[AS][MT][NBV]) {
+  using L = Layout<BITS>;
+  const int64_t N = W.N, K = W.K;
+  for (int64_t u = u0; u < u1; ++u) {
+    __m256i w[NBV][L::WPU];
+    const int32_t* row = W.qweight + u * L::WPU * N + n0;
+    for (int v = 0; v < NBV; ++v)
+      for (int j = 0; j < L::WPU; ++j)
+        w[v][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * N + 8 * v));
+    const float* xu = xs + m0 * K + u * L::VPU;
+    static_for<L::VPU>([&](auto I) __attribute__((always_inline)) {
+      constexpr int a = I() % AS;
+      __m256 f[NBV];
+      for (int v = 0; v < NBV; ++v) f[v] = decode<BITS, I()>(w[v]);
+      if constexpr (ACT) {
+        const int64_t at = static_cast<int64_t>(W.g_idx[u * L::VPU + I()]) * N + n0;
+        for (int v = 0; v < NBV; ++v) f[v] = _mm256_mul_ps(f[v], load_scales<S>(W.scales, at + 8 * v));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(xu + m * K + I());
+        for (int v = 0; v < NBV; ++v) acc[a][m][v] = _mm256_fmadd_ps(f[v], xb, acc[a][m][v]);
+      }
+    });
+  }
+}
+
+template <int AS, int MT, int NBV>
+LLMQ_INLINE void zero(__m256 (&acc)[AS][MT][NBV]) {
+  for (int a = 0; a < AS; ++a)
+    for (int m = 0; m < MT; ++m)
+      for (int v = 0; v < NBV; ++v) acc[a][m][v] = _mm256_setzero_ps();
+}
+
+template <int AS, int MT, int NBV>
+LLMQ_INLINE void reduce(__m256 (&acc)[AS][MT][NBV]) {
+  for (int a = 1; a < AS; ++a)
+    for (int m = 0; m < MT; ++m)
+      for (int v = 0; v < NBV; ++v) acc[0][m][v] = _mm256_add_ps(acc[0][m][v], acc[a][m][v]);
+}
+
+// Rows m0..m0+MT and columns n0..n0+8*NBV of y.
 // xs: activations pre-scaled per unit position [M, K]; xsum: per-group sums of x [M, G].
-template <int BITS, typename S, int MT, int NBV>
+template <int BITS, typename S, int MT, int NBV, int AS, bool ACT>
 void gemv_tile(const Weights& W, const float* xs, const float* xsum, int64_t m0, int64_t n0, float* y) {
   using L = Layout<BITS>;
-  const int64_t N = W.N, K = W.K, G = W.G;
+  const int64_t N = W.N, G = W.G;
   __m256 out[MT][NBV];
   for (int v = 0; v < NBV; ++v) {
     const __m256 b = W.bias ? _mm256_loadu_ps(W.bias + n0 + 8 * v) : _mm256_setzero_ps();
     for (int m = 0; m < MT; ++m) out[m][v] = b;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MT][NBV];
+  __m256 acc[AS][MT][NBV];
+  if constexpr (ACT) {
+    // sum_k x_k s_gk (q_k - z_gk) = sum_k (x_k s_gk) q_k - sum_g s_g z_g sum_{k in g} x_k
+    zero(acc);
+    accumulate<BITS, S, MT, NBV, AS, ACT>(W, xs, m0, n0, 0, W.K / L::VPU, acc);
+    reduce(acc);
+    for (int64_t g = 0; g < G; ++g)
+      for (int v = 0; v < NBV; ++v) {
+        const __m256 sz = _mm256_mul_ps(load_scales<S>(W.scales, g * N + n0 + 8 * v),
+                                        load_zeros(W.zeros + g * N + n0 + 8 * v));
+        for (int m = 0; m < MT; ++m)
+          out[m][v] = _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), out[m][v]);
+      }
     for (int m = 0; m < MT; ++m)
-      for (int v = 0; v < NBV; ++v) acc[m][v] = _mm256_setzero_ps();
-    const int64_t u_end = W.gstart[g + 1] / L::VPU;
-    for (int64_t u = W.gstart[g] / L::VPU; u < u_end; ++u) {
-      __m256i w[NBV][L::WPU];
-      const int32_t* row = W.qweight + u * L::WPU * N + n0;
-      for (int v = 0; v < NBV; ++v)
-        for (int j = 0; j < L::WPU; ++j)
-          w[v][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * N + 8 * v));
-      const float* xu = xs + m0 * K + u * L::VPU;
-      static_for<L::VPU>([&](auto I) __attribute__((always_inline)) {
-        __m256 f[NBV];
-        for (int v = 0; v < NBV; ++v) f[v] = decode<BITS, I()>(w[v]);
+      for (int v = 0; v < NBV; ++v) out[m][v] = _mm256_add_ps(out[m][v], acc[0][m][v]);
+  } else {
+    // Per group: s (sum_k x_k q_k - z sum_k x_k)
+    for (int64_t g = 0; g < G; ++g) {
+      zero(acc);
+      accumulate<BITS, S, MT, NBV, AS, ACT>(W, xs, m0, n0, W.gstart[g] / L::VPU, W.gstart[g + 1] / L::VPU, acc);
+      reduce(acc);
+      for (int v = 0; v < NBV; ++v) {
+        const __m256 s = load_scales<S>(W.scales, g * N + n0 + 8 * v);
+        const __m256 z = load_zeros(W.zeros + g * N + n0 + 8 * v);
         for (int m = 0; m < MT; ++m) {
-          const __m256 xb = _mm256_broadcast_ss(xu + m * K + I());
-          for (int v = 0; v < NBV; ++v) acc[m][v] = _mm256_fmadd_ps(f[v], xb, acc[m][v]);
+          const __m256 t = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), acc[0][m][v]);
+          out[m][v] = _mm256_fmadd_ps(s, t, out[m][v]);
         }
-      });
-    }
-    for (int v = 0; v < NBV; ++v) {
-      const __m256 s = load_scales<S>(W.scales, g * N + n0 + 8 * v);
-      const __m256 z = load_zeros(W.zeros + g * N + n0 + 8 * v);
-      for (int m = 0; m < MT; ++m) {
-        const __m256 t = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), acc[m][v]);
-        out[m][v] = _mm256_fmadd_ps(s, t, out[m][v]);
       }
     }
   }
@@ -134,81 +193,129 @@ struct Task {
   int mt, nbv;
 };
 
-// Register budgets (16 ymm): one row takes 4 column vectors, row tiles of 2 or 4 take 2;
-// 3-bit keeps three words per column vector live, so it always takes 2.
+// Register budgets (16 ymm): one row takes 4 column vectors, tiles of 2 or 4 rows take 2 (more
+// rows per tile measured slower); 3-bit keeps three words per column vector live, so it takes 2.
 template <int BITS>
 constexpr int wide_nbv(int mt) {
   return mt == 1 && BITS != 3 ? 4 : 2;
 }
 
-template <int BITS, typename S>
+template <int BITS, typename S, bool ACT, int MT, int NBV>
+LLMQ_INLINE void tile(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
+  constexpr int AS = std::max(1, std::min(ACC_SETS, 8 / (MT * NBV)));
+  gemv_tile<BITS, S, MT, NBV, AS, ACT>(W, xs, xsum, t.m0, t.n0, y);
+}
+
+template <int BITS, typename S, bool ACT, int MT>
+LLMQ_INLINE void tile_rows(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
+  constexpr int NBV = wide_nbv<BITS>(MT);
+  if (t.nbv == NBV) tile<BITS, S, ACT, MT, NBV>(W, xs, xsum, t, y);
+  else tile<BITS, S, ACT, MT, 1>(W, xs, xsum, t, y);
+}
+
+template <int BITS, typename S, bool ACT>
 void run_task(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
-  constexpr int NB1 = wide_nbv<BITS>(1), NB2 = wide_nbv<BITS>(2);
-  if (t.mt == 1) {
-    if (t.nbv == NB1) gemv_tile<BITS, S, 1, NB1>(W, xs, xsum, t.m0, t.n0, y);
-    else gemv_tile<BITS, S, 1, 1>(W, xs, xsum, t.m0, t.n0, y);
-  } else if (t.mt == 2) {
-    if (t.nbv == NB2) gemv_tile<BITS, S, 2, NB2>(W, xs, xsum, t.m0, t.n0, y);
-    else gemv_tile<BITS, S, 2, 1>(W, xs, xsum, t.m0, t.n0, y);
-  } else {
-    if (t.nbv == NB2) gemv_tile<BITS, S, 4, NB2>(W, xs, xsum, t.m0, t.n0, y);
-    else gemv_tile<BITS, S, 4, 1>(W, xs, xsum, t.m0, t.n0, y);
+  switch (t.mt) {
+    case 1: tile_rows<BITS, S, ACT, 1>(W, xs, xsum, t, y); break;
+    case 2: tile_rows<BITS, S, ACT, 2>(W, xs, xsum, t, y); break;
+    default: tile_rows<BITS, S, ACT, 4>(W, xs, xsum, t, y); break;
+  }
+}
+
+// Fills xs (x times 2^-shift of each row's unit position, see decode) and xsum (x summed per
+// group) for all M rows.
+template <int BITS>
+void prepare_x(const Weights& W, int64_t M, const float* x, float* xs, float* xsum) {
+  using L = Layout<BITS>;
+  const int64_t K = W.K, G = W.G;
+  float x_scale[L::VPU];
+  for (int i = 0; i < L::VPU; ++i) x_scale[i] = L::x_scale(i);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    for (int64_t u = 0; u < K / L::VPU; ++u)
+      for (int i = 0; i < L::VPU; ++i) xs[m * K + u * L::VPU + i] = xm[u * L::VPU + i] * x_scale[i];
+    float* sums = xsum + m * G;
+    if (W.gstart) {
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = W.gstart[g]; k < W.gstart[g + 1]; ++k) s += xm[k];
+        sums[g] = s;
+      }
+    } else {
+      std::fill(sums, sums + G, 0.0f);
+      for (int64_t k = 0; k < K; ++k) sums[W.g_idx[k]] += xm[k];
+    }
   }
 }
 
 template <int BITS, typename S>
 void gemv(const Weights& W, int64_t M, const float* x, float* y, int nthreads) {
-  using L = Layout<BITS>;
   const int64_t K = W.K, N = W.N, G = W.G;
+  // Per calling thread and reused across calls; OpenMP workers reach these through the pointers
+  // taken here (a thread_local named inside the parallel region would be the worker's own).
   thread_local std::vector<float> buf;
+  thread_local std::vector<Task> tasks;
   buf.resize(static_cast<size_t>(M * (K + G)));
   float* xs = buf.data();
   float* xsum = xs + M * K;
-  float scale[L::VPU];
-  for (int i = 0; i < L::VPU; ++i) scale[i] = L::x_scale(i);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) xs[m * K + k] = x[m * K + k] * scale[k % L::VPU];
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.0f;
-      for (int64_t k = W.gstart[g]; k < W.gstart[g + 1]; ++k) s += x[m * K + k];
-      xsum[m * G + g] = s;
-    }
-  }
-  std::vector<Task> tasks;
+  prepare_x<BITS>(W, M, x, xs, xsum);
+  tasks.clear();
   for (int64_t m0 = 0; m0 < M;) {
-    const int mt = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+    const int64_t left = M - m0;
+    const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const int nbv = wide_nbv<BITS>(mt);
     int64_t n0 = 0;
     for (; n0 + 8 * nbv <= N; n0 += 8 * nbv) tasks.push_back({m0, n0, mt, nbv});
     for (; n0 < N; n0 += 8) tasks.push_back({m0, n0, mt, 1});
     m0 += mt;
   }
+  const Task* task = tasks.data();
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const bool act = W.gstart == nullptr;
+  // Waking the second thread costs more than it saves on the smallest products.
+  if (M * K * N < MIN_PARALLEL_MACS) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t i = 0; i < n_tasks; ++i) run_task<BITS, S>(W, xs, xsum, tasks[i], y);
+  for (int64_t i = 0; i < n_tasks; ++i) {
+    if (act) run_task<BITS, S, true>(W, xs, xsum, task[i], y);
+    else run_task<BITS, S, false>(W, xs, xsum, task[i], y);
+  }
 }
 
-// w[k, n] = s[g, n] * (q[k, n] - z[g, n]) in fp32, one rounding like the torch reference.
-template <int BITS, typename S>
-void dequant(const Weights& W, float* out, int nthreads) {
+// w[k, n] = s[g, n] * (q[k, n] - z[g, n]) in fp32 with one rounding, bit-identical to the torch
+// reference. With contiguous groups a unit shares one group; act-order (ACT) looks up each row.
+template <int BITS, typename S, bool ACT>
+void dequant_rows(const Weights& W, float* out, int nthreads) {
   using L = Layout<BITS>;
   const int64_t N = W.N, n_units = W.K / L::VPU;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t u = 0; u < n_units; ++u) {
-    const int64_t g = std::upper_bound(W.gstart, W.gstart + W.G + 1, static_cast<int32_t>(u * L::VPU)) - W.gstart - 1;
     const int32_t* row = W.qweight + u * L::WPU * N;
+    const int32_t* groups = W.g_idx + u * L::VPU;
     float* dst = out + u * L::VPU * N;
     for (int64_t n = 0; n < N; n += 8) {
       __m256i w[L::WPU];
       for (int j = 0; j < L::WPU; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * N + n));
-      const __m256 s = load_scales<S>(W.scales, g * N + n);
-      const __m256 z = load_zeros(W.zeros + g * N + n);
+      const int64_t unit_at = groups[0] * N + n;
+      const __m256 s = load_scales<S>(W.scales, unit_at), z = load_zeros(W.zeros + unit_at);
       static_for<L::VPU>([&](auto I) __attribute__((always_inline)) {
         const __m256 q = _mm256_mul_ps(decode<BITS, I()>(w), _mm256_set1_ps(L::x_scale(I())));
-        _mm256_storeu_ps(dst + I() * N + n, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        if constexpr (ACT) {
+          const int64_t at = groups[I()] * N + n;
+          const __m256 wq = _mm256_sub_ps(q, load_zeros(W.zeros + at));
+          _mm256_storeu_ps(dst + I() * N + n, _mm256_mul_ps(wq, load_scales<S>(W.scales, at)));
+        } else {
+          _mm256_storeu_ps(dst + I() * N + n, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        }
       });
     }
   }
+}
+
+template <int BITS, typename S>
+void dequant(const Weights& W, float* out, int nthreads) {
+  if (W.gstart) dequant_rows<BITS, S, false>(W, out, nthreads);
+  else dequant_rows<BITS, S, true>(W, out, nthreads);
 }
 
 template <template <int, typename> class Fn, typename... A>
@@ -232,16 +339,70 @@ struct DequantFn {
   static void run(const Weights& W, float* out, int nt) { dequant<BITS, S>(W, out, nt); }
 };
 
+// Python entry points. Arguments are plain ints (addresses from Tensor.data_ptr()) so that a
+// call costs well under a microsecond; kernels/cpu.py checks shapes, dtypes and contiguity.
+
+const Weights* weights_arg(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want) {
+  if (nargs != want) {
+    PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+    return nullptr;
+  }
+  if (!PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != static_cast<Py_ssize_t>(sizeof(Weights))) {
+    PyErr_SetString(PyExc_TypeError, "first argument must be the packed weight parameters");
+    return nullptr;
+  }
+  return reinterpret_cast<const Weights*>(PyBytes_AS_STRING(args[0]));
+}
+
+PyObject* done(int rc) {
+  if (rc) {
+    PyErr_SetString(PyExc_ValueError, "unsupported bit width");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// gemv(params: bytes, m: int, x: int, y: int, nthreads: int): y [m, N] = x [m, K] @ W + bias,
+// all fp32 and contiguous.
+PyObject* py_gemv(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  const Weights* W = weights_arg(args, nargs, 5);
+  if (W == nullptr) return nullptr;
+  const int64_t M = PyLong_AsLongLong(args[1]);
+  const auto* x = static_cast<const float*>(PyLong_AsVoidPtr(args[2]));
+  auto* y = static_cast<float*>(PyLong_AsVoidPtr(args[3]));
+  const int nthreads = static_cast<int>(PyLong_AsLong(args[4]));
+  if (PyErr_Occurred()) return nullptr;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = dispatch<GemvFn>(*W, M, x, y, nthreads);
+  Py_END_ALLOW_THREADS;
+  return done(rc);
+}
+
+// dequant(params: bytes, out: int, nthreads: int): out [K, N] fp32 contiguous = dequant(W).
+PyObject* py_dequant(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  const Weights* W = weights_arg(args, nargs, 3);
+  if (W == nullptr) return nullptr;
+  auto* out = static_cast<float*>(PyLong_AsVoidPtr(args[1]));
+  const int nthreads = static_cast<int>(PyLong_AsLong(args[2]));
+  if (PyErr_Occurred()) return nullptr;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = dispatch<DequantFn>(*W, out, nthreads);
+  Py_END_ALLOW_THREADS;
+  return done(rc);
+}
+
+PyMethodDef methods[] = {
+    {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gemv)), METH_FASTCALL, "y = x @ W + bias"},
+    {"dequant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_dequant)), METH_FASTCALL,
+     "fp32 [K, N] weight"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_llmq_cpu", "llmq CPU kernels", -1, methods, nullptr, nullptr, nullptr,
+                      nullptr};
+
 }  // namespace
 
-extern "C" {
-
-// y [M, N] = x [M, K] @ dequant(W) + bias, all fp32 and contiguous. Returns 0, or 1 for bad bits.
-int llmq_gemv(const Weights* W, int64_t M, const float* x, float* y, int nthreads) {
-  return dispatch<GemvFn>(*W, M, x, y, nthreads);
-}
-
-// out [K, N] fp32 = dequant(W). Returns 0, or 1 for bad bits.
-int llmq_dequant(const Weights* W, float* out, int nthreads) { return dispatch<DequantFn>(*W, out, nthreads); }
-
-}
+PyMODINIT_FUNC PyInit__llmq_cpu() { return PyModule_Create(&module); }

@@ -50,7 +50,12 @@ def find_params(
 
 
 def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
-    scale = ((xmax - xmin) / maxq).clamp(FP16_TINY, FP16_MAX).half().float()
+    scale = ((xmax - xmin) / maxq).clamp(FP16_TINY, FP16_MAX)
+    # Round up to fp16 (what the checkpoint stores): rounding down would clip the range ends
+    # by more than half a step.
+    half = scale.half()
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    scale = half.float()
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -1,0 +1,200 @@
+"""Compiled CPU path for ``y = x @ dequant(W) + b`` on GPTQ v1 buffers (AVX2, both cores).
+
+Decode (``M <= GEMV_MAX_M`` rows) runs a fused GEMV straight from the packed int32 ``qweight``:
+no full-precision weight is ever materialized, and 4-bit weights move 8x fewer bytes than
+fp32 ones. Larger ``M`` (prefill) dequantizes to a transient fp32 ``[K, N]`` weight in C and
+multiplies with torch's fp32 GEMM, which then dominates; that path is bit-identical to
+:func:`llmq.kernels.reference.quant_matmul_torch` for fp32 inputs.
+
+Preparation happens once per weight and keeps only small tensors besides the GPTQ buffers
+themselves: zero points unpacked to uint8 ``[G, N]``, per-group row offsets ``[G + 1]``, fp32
+copies of the bias (and of the scales when they are neither fp16 nor fp32).
+
+Coverage: every bit width (2, 3, 4, 8), symmetric or asymmetric zeros, any group size (a
+shorter last group included), bias, and any ``g_idx``. When groups are contiguous runs of whole
+packing units (``k // group_size`` with ``group_size`` a multiple of ``32 / bits``, 32 for 3 bits)
+the GEMV applies scales once per group; otherwise (act-order) it scales row by row, about 1.5x
+slower. ``N`` not a multiple of 8, non-CPU tensors, and inputs that need autograd go to the torch
+reference.
+"""
+
+from __future__ import annotations
+
+import struct
+from types import ModuleType
+
+import torch
+
+from llmq.packing import SUPPORTED_BITS, pack_unit, unpack_qzeros
+
+from . import cpu_build
+from .reference import quant_matmul_torch
+
+# Above this many rows the fp32 GEMM on a dequantized weight beats the fused GEMV here
+# (see scripts/bench_cpu_kernels.py).
+GEMV_MAX_M = 16
+
+# Matches ``struct Weights`` in csrc/cpu_quant.cpp: six pointers, K, N, G, bits, scales_fp32.
+_PARAMS = struct.Struct("=6Q3q2i")
+_STATE_ATTR = "_llmq_cpu_state"
+
+
+def cpu_available() -> bool:
+    """Whether the compiled kernels run here (builds them on first call; warns once if not)."""
+    return cpu_build.load() is not None
+
+
+class CpuQuantState:
+    """One GPTQ weight prepared for the compiled kernels; pass it to :func:`quant_matmul_prepared`.
+
+    Holds the tensors whose addresses ``params`` (the packed ``struct Weights``) points at, so
+    they stay alive with it.
+    """
+
+    __slots__ = ("in_features", "out_features", "bits", "bias", "params", "ext", "_tensors")
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: torch.Tensor | None, params: bytes,
+                 ext: ModuleType, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.bias = bias
+        self.params = params
+        self.ext = ext
+        self._tensors = tensors
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter; identity must do
+        return None
+
+
+def _stamp(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+           bias: torch.Tensor | None, bits: int) -> tuple:
+    """Storage and version counters of the inputs, to notice in-place updates."""
+    return (qweight.data_ptr(), bits, _version(qweight), _version(qzeros), _version(scales), _version(g_idx),
+            _version(bias))
+
+
+def _contiguous_groups(g_idx: torch.Tensor, groups: int, unit: int) -> torch.Tensor | None:
+    """Row offsets ``[groups + 1]`` when every group is one run of whole packing units, else None
+    (act-order)."""
+    if g_idx.numel() > 1 and not bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return None
+    gstart = torch.zeros(groups + 1, dtype=torch.int64)
+    gstart[1:] = torch.bincount(g_idx.long(), minlength=groups).cumsum(0)
+    if bool((gstart % unit).any()):
+        return None
+    return gstart.to(torch.int32)
+
+
+def _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight: bool) -> CpuQuantState | None:
+    ext = cpu_build.load()
+    if ext is None or bits not in SUPPORTED_BITS:
+        return None
+    tensors = (qweight, qzeros, scales, g_idx) + ((bias,) if bias is not None else ())
+    if any(t.device.type != "cpu" for t in tensors) or qweight.dtype != torch.int32 or qweight.dim() != 2:
+        return None
+    unit, words = pack_unit(bits)
+    k, n = g_idx.numel(), qweight.shape[1]
+    groups = scales.shape[0] if scales.dim() == 2 else -1
+    if (n % 8 or n % unit or k % unit or qweight.shape[0] != k // unit * words or scales.shape != (groups, n)
+            or qzeros.shape != (groups, n * bits // 32) or (bias is not None and bias.numel() != n)):
+        return None
+    g32 = g_idx.to(torch.int32).contiguous()
+    if k and (int(g32.min()) < 0 or int(g32.max()) >= groups):
+        return None
+    qw = qweight.contiguous()
+    zeros = unpack_qzeros(qzeros, bits).to(torch.uint8).contiguous()
+    scales_fp32 = scales.dtype != torch.float16
+    scales_k = (scales.float() if scales_fp32 else scales).contiguous()
+    gstart = _contiguous_groups(g32, groups, unit)
+    bias32 = bias.float().contiguous() if bias is not None else None
+    params = _PARAMS.pack(qw.data_ptr(), zeros.data_ptr(), scales_k.data_ptr(), g32.data_ptr(),
+                          gstart.data_ptr() if gstart is not None else 0,
+                          bias32.data_ptr() if bias32 is not None else 0,
+                          k, n, groups, bits, int(scales_fp32))
+    kept = (zeros, scales_k, g32) + tuple(t for t in (gstart, bias32) if t is not None)
+    # The cached state lives on qweight itself, so it holds qweight only if it had to copy it
+    # (a reference back would be a cycle that only the garbage collector frees).
+    kept += (qw,) if hold_qweight or qw is not qweight else ()
+    return CpuQuantState(k, n, bits, bias32, params, ext, kept)
+
+
+def prepare_cpu(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> CpuQuantState | None:
+    """Prepare GPTQ v1 buffers for :func:`quant_matmul_prepared`; ``None`` when unsupported.
+
+    ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``, ``scales``
+    ``[G, N]``, ``g_idx`` int ``[K]``, ``bias`` ``[N]``, all on CPU. The state keeps references
+    to (not copies of) ``qweight``, ``scales`` and ``g_idx``: prepare again after modifying them.
+    Returns ``None`` when the kernels are unavailable or the layout is not covered (then use
+    the torch reference).
+    """
+    return _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight=True)
+
+
+def quant_matmul_prepared(x: torch.Tensor, state: CpuQuantState) -> torch.Tensor:
+    """``x`` ``[..., K]`` @ the prepared ``[K, N]`` weight + bias, as ``[..., N]`` in ``x``'s dtype.
+
+    Computes in fp32 (bf16/fp16 inputs are converted in and out). ``x`` must be on CPU.
+    """
+    k, n = state.in_features, state.out_features
+    if x.shape[-1] != k or not x.is_cpu:
+        raise ValueError(f"expected a CPU input [..., {k}], got {tuple(x.shape)} on {x.device}")
+    x32 = x if x.dtype == torch.float32 else x.float()
+    if not x32.is_contiguous():
+        x32 = x32.contiguous()
+    m = x32.numel() // k if k else 0
+    # Decode is a few microseconds of kernel, so this path avoids every avoidable tensor op.
+    if m <= GEMV_MAX_M:
+        y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+        state.ext.gemv(state.params, m, x32.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    else:
+        w = torch.empty(k, n, dtype=torch.float32)
+        state.ext.dequant(state.params, w.data_ptr(), torch.get_num_threads())
+        y = x32 @ w
+        if state.bias is not None:
+            y += state.bias
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def quant_matmul_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as :func:`llmq.kernels.reference.quant_matmul_torch`, on the compiled path.
+
+    ``x`` ``[..., K]`` (fp32, bf16 or fp16), ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32
+    ``[G, N*bits/32]``, ``scales`` ``[G, N]``, ``g_idx`` ``[K]``, ``bias`` ``[N]``; returns
+    ``[..., N]`` in ``x``'s dtype. The prepared state is cached on ``qweight`` and rebuilt when
+    any buffer is replaced or modified in place. Falls back to the torch reference for layouts
+    the kernels do not cover, for non-CPU tensors and when autograd needs the graph.
+    """
+    if not (x.is_cpu and qweight.is_cpu) or (x.requires_grad and torch.is_grad_enabled()):
+        return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
+    stamp = _stamp(qweight, qzeros, scales, g_idx, bias, bits)
+    cached = getattr(qweight, _STATE_ATTR, None)
+    # Identity by ``is``: ``==`` on tensors compares elements.
+    if (cached is None or cached[0] != stamp or cached[1] is not qzeros or cached[2] is not scales
+            or cached[3] is not g_idx or cached[4] is not bias):
+        state = _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight=False)
+        cached = (stamp, qzeros, scales, g_idx, bias, state)
+        setattr(qweight, _STATE_ATTR, cached)
+    state = cached[5]
+    if state is None:
+        return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
+    return quant_matmul_prepared(x, state)

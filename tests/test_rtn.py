@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from llmq.config import QuantConfig, check_group_size
+from llmq.quantizers.grid import num_groups
+from llmq.quantizers.rtn import rtn_quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 128, 48])
+@pytest.mark.parametrize("sym", [True, False])
+def test_error_within_half_step(bits, group_size, sym):
+    torch.manual_seed(bits + group_size)
+    w = torch.randn(16, 576) * 0.05
+    qw = rtn_quantize(w, bits, group_size, sym)
+    assert qw.scales.shape == (num_groups(576, group_size), 16)
+    assert int(qw.q.min()) >= 0 and int(qw.q.max()) < 2**bits
+    step = qw.scales[qw.g_idx.long()].t()  # [out, in]
+    err = (qw.dequantize() - w).abs()
+    assert bool((err <= step / 2 * (1 + 1e-3) + 1e-7).all())
+
+
+def test_shorter_last_group():
+    w = torch.randn(8, 576)
+    qw = rtn_quantize(w, 4, 128, False)
+    assert qw.scales.shape[0] == 5
+    assert int((qw.g_idx == 4).sum()) == 64
+
+
+def test_mse_grid_lowers_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    w[:, 0] *= 8  # outliers make the plain min/max grid wasteful
+    plain = (rtn_quantize(w, 3, 64, False).dequantize() - w).pow(2).sum()
+    mse = (rtn_quantize(w, 3, 64, False, mse=True).dequantize() - w).pow(2).sum()
+    assert mse < plain
+
+
+def test_zero_point_zero_survives_pack():
+    w = torch.rand(8, 64) + 0.01  # all positive: asymmetric zero point is 0
+    qw = rtn_quantize(w, 4, 32, False)
+    assert int(qw.zeros.min()) == 0
+    from llmq import packing
+
+    t = qw.pack()
+    w2 = packing.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, dtype=torch.float32).t()
+    assert torch.allclose(w2, qw.dequantize(), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "x", True])
+def test_group_size_validation(bad):
+    with pytest.raises(ValueError, match="group size"):
+        check_group_size(bad)
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16, 4.0])
+def test_bits_validation(bits):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        QuantConfig(bits=bits)
+
+
+def test_config_round_trip():
+    c = QuantConfig(bits=3, group_size=64, sym=False, method="gptq", desc_act=True, meta={"calibration": {"n": 1}})
+    d = c.to_dict()
+    assert d["quant_method"] == "gptq" and d["checkpoint_format"] == "gptq" and d["pack_dtype"] == "int32"
+    assert QuantConfig.from_dict(d).to_dict() == d
