@@ -242,29 +242,102 @@ def _split_runs(pid_k, n_runs, BR: tl.constexpr, SPLIT_K: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _extract(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of each packing run whose words are ``w0``, ``w1``, ``w2`` (uint32 ``[BR, BN]``; ``w1``
+    and ``w2`` only read at 3 bits): word and shift are compile-time constants here."""
+    WORD: tl.constexpr = (j * BITS) // 32
+    SHIFT: tl.constexpr = (j * BITS) % 32
+    if WORD == 0:
+        v = w0 >> SHIFT
+    elif WORD == 1:
+        v = w1 >> SHIFT
+    else:
+        v = w2 >> SHIFT
+    if SHIFT + BITS > 32:
+        if WORD == 0:
+            v = v | (w1 << (32 - SHIFT))
+        else:
+            v = v | (w2 << (32 - SHIFT))
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _x_at(x_ptr, stride_xk, perm_ptr, k, mask, HAS_PERM: tl.constexpr):
+    """fp32 ``x[k]`` (``x[perm[k]]`` after :func:`prepare_act_order`), 0 where masked."""
+    if HAS_PERM:
+        k = tl.load(perm_ptr + k, mask=mask, other=0)
+    return tl.load(x_ptr + k * stride_xk, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr,
+               r0, run_end, offs_n, mask_n, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr,
+               BR: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr):
+    """``x[k] * w[k, n]`` summed over the ``VPR`` rows of each run ``r0 .. r0+BR``: fp32 ``[BR, BN]``.
+
+    The packed words are loaded once as ``[BR, BN]`` tiles and unpacked one code per run at a time,
+    so nothing of size ``BLOCK_K * BLOCK_N`` is ever held in registers."""
+    runs = r0 + tl.arange(0, BR)
+    mask_r = runs < run_end
+    mask_rn = mask_r[:, None] & mask_n[None, :]
+    base = qw_ptr + (runs * WPR)[:, None] * stride_qw + offs_n[None, :]
+    w0 = tl.load(base, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    if WPR == 3:
+        w1 = tl.load(base + stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
+    k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
+    mask_k = k < run_end * VPR
+    g = tl.load(g_ptr + k, mask=mask_k, other=0)
+    g_lo = tl.min(tl.where(mask_k, g, 2147483647))
+    g_hi = tl.max(tl.where(mask_k, g, -1))
+    if g_lo == g_hi:
+        # One group: sum x * code first, then apply the tile's scale and zero once per column:
+        # sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k), two FP ops per weight.
+        xq = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BR], dtype=tl.float32)
+        for j in tl.static_range(VPR):
+            x = _x_at(x_ptr, stride_xk, perm_ptr, runs * VPR + j, mask_r, HAS_PERM)
+            xq += x[:, None] * (_biased(_extract(w0, w1, w2, j, BITS)) - MAGIC_F)
+            xs += x
+        s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z_row = _biased_zero(_stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS), BITS) - MAGIC_F
+        part = s_row[None, :] * (xq - xs[:, None] * z_row[None, :])
+    else:
+        part = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(VPR):
+            kj = runs * VPR + j
+            x = _x_at(x_ptr, stride_xk, perm_ptr, kj, mask_r, HAS_PERM)
+            gj = tl.load(g_ptr + kj, mask=mask_r, other=0)[:, None]
+            s = tl.load(s_ptr + gj * stride_s + offs_n[None, :], mask=mask_rn, other=0).to(tl.float32)
+            zb = _biased_zero(_stream_at(qz_ptr + gj * stride_qz, offs_n[None, :], mask_rn, BITS), BITS)
+            part += x[:, None] * ((_biased(_extract(w0, w1, w2, j, BITS)) - zb) * s)
+    return part
+
+
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS"])
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
                  N, K, stride_xk, stride_qw, stride_qz, stride_s,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """One row of ``x``: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. Products accumulate element-wise in an
-    fp32 ``[BLOCK_K, BLOCK_N]`` tile and are reduced over K once at the end, not per iteration."""
+    """One row of ``x``: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. Partial sums stay an fp32 ``[runs, BLOCK_N]``
+    tile across the K loop (no cross-thread reduction per iteration) and are reduced once at the end."""
     BR: tl.constexpr = BLOCK_K // VPR
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     start, end = _split_runs(pid_k, K // VPR, BR, SPLIT_K)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
-        w, mask_k, xk = _weight_tile(r0, end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
-                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM)
-        x = tl.load(x_ptr + xk * stride_xk, mask=mask_k, other=0).to(tl.float32)
-        acc += tl.sum(tl.sum(x[:, :, None] * w, axis=1), axis=0)
+        acc += _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
+                          perm_ptr, r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, HAS_PERM)
     row = tl.arange(0, 1)
-    _splitk_finish(acc[None, :], row, row < 1, offs_n, mask_n, 1, N, pid_n, pid_k, bias_ptr, out_ptr, ws_ptr,
-                   counter_ptr, HAS_BIAS, SPLIT_K)
+    _splitk_finish(tl.sum(acc, axis=0)[None, :], row, row < 1, offs_n, mask_n, 1, N, pid_n, pid_k, bias_ptr,
+                   out_ptr, ws_ptr, counter_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.autotune(configs=SPLITK_CONFIGS, key=["N", "K", "BITS", "BLOCK_M"])

@@ -72,7 +72,7 @@ def _check(y, x, w, b):
     x64 = x.double()
     ref = x64 @ w + (b if b is not None else 0)
     bound = x64.abs() @ w.abs() + x64.abs().sum(-1, keepdim=True) * w.abs().amax(0)
-    tol = 2e-6 * bound + 1e-6
+    tol = 5e-7 * bound + 1e-6
     if y.dtype != torch.float32:
         tol = tol + ref.abs() * 2.0 ** -(8 if y.dtype == torch.bfloat16 else 11)
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -196,7 +196,6 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
             warnings.simplefilter("always")
             assert not cpu.cpu_available()
             assert torch.equal(cpu.quant_matmul_cpu(x, **packed), quant_matmul_torch(x, **packed))
-        assert [str(w.message) for w in caught if "llmq CPU kernels" in str(w.message)] != []
-        assert len([w for w in caught if "llmq CPU kernels" in str(w.message)]) == 1
+        assert len([w for w in caught if "llmq CPU kernels unavailable" in str(w.message)]) == 1
     finally:
         cpu_build.load.cache_clear()
