@@ -84,9 +84,8 @@ class ShardWriter:
         if self._data is None:
             self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
         self._data.write(data)
-        self._header[name] = {
-            "dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + len(data)]
-        }
+        self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._offset, self._offset + len(data)]}
         self._offset += len(data)
         self.total_bytes += len(data)
 

@@ -1,4 +1,4 @@
-"""``llmq quantize | eval | inspect``."""
+"""``llmq quantize | eval | inspect | chat``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from llmq.chat import add_chat_parser, cmd_chat
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MODEL_HELP = "local checkpoint folder, hub id, or a bundled name (smollm2-135m, bert-minilm)"
@@ -32,7 +34,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
-    p.add_argument("--calib", default="bundled", help="bundled | text file(s), comma-separated | hf:NAME[:CONFIG]:SPLIT:FIELD")
+    p.add_argument("--calib", default="bundled",
+                   help="bundled | text file(s), comma-separated | hf:NAME[:CONFIG]:SPLIT:FIELD")
     p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where blocks are solved (default: cuda if present, else cpu)")
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    add_chat_parser(sub)
     return parser
 
 
@@ -102,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {report.out}: {config.describe()}, {len(report.quantized)} layers quantized, "
           f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight, "
           f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB")
-    for name, why in report.skipped.items():
+    for why in report.skipped.values():
         print(f"left unquantized: {why}", file=sys.stderr)
     result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": config.to_dict(),
                               "quantize_seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
@@ -180,7 +184,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"    {layer}")
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

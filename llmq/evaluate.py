@@ -264,7 +264,8 @@ def evaluate_encoder(model: nn.Module, baseline: nn.Module, tokenizer, nsentence
     k = min(10, len(sentences) - 1)
     top_base = _neighbours(base, k)
     top_quant = _neighbours(quant, k)
-    overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top_base, top_quant)])
+    pairs = zip(top_base.tolist(), top_quant.tolist(), strict=True)
+    overlap = torch.tensor([len(set(a) & set(b)) / k for a, b in pairs])
     result = {
         "sentences": len(sentences),
         "corpus": "bundled corpus (held-out documents)",

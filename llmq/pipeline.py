@@ -280,6 +280,20 @@ def _input_groups(block: nn.Module, names: list[str], sample: tuple) -> list[lis
     return groups
 
 
+def _hessian_hooks(block: nn.Module, hessians: dict, last: str) -> list:
+    """Hooks that feed each group's input to its Hessian and end the forward at ``last``."""
+
+    def hook(name: str):
+        def pre_hook(_m: nn.Module, args: tuple) -> None:
+            if name in hessians:
+                hessians[name].add_batch(args[0].detach())
+            if name == last:
+                raise _StopForward
+        return pre_hook
+
+    return [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in dict.fromkeys([*hessians, last])]
+
+
 def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig
                 ) -> tuple[dict[str, tuple[QuantizedWeight, float]], list[tuple]]:
     """Solve every planned linear of ``block`` with GPTQ; return solutions and the block's outputs.
@@ -295,19 +309,7 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
     for stage in stages:
         stage_groups = [g for g in groups if g[0] in stage]
         hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0]) for g in stage_groups}
-        last = stage[-1]
-
-        def accumulate(_m: nn.Module, args: tuple, name: str) -> None:
-            if name in hessians:
-                hessians[name].add_batch(args[0].detach())
-            if name == last:
-                raise _StopForward
-
-        hooks = [block.get_submodule(g[0]).register_forward_pre_hook(
-            lambda m, a, n=g[0]: accumulate(m, a, n)) for g in stage_groups]
-        if last not in hessians:
-            hooks.append(block.get_submodule(last).register_forward_pre_hook(
-                lambda m, a: accumulate(m, a, last)))
+        hooks = _hessian_hooks(block, hessians, stage[-1])
         try:
             with torch.no_grad():
                 for args, kwargs in inputs:

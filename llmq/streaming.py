@@ -58,7 +58,8 @@ class ShardReader:
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._where.get(k) != f]
             if missing:
-                raise CorruptCheckpointError(f"shard index lists {len(missing)} tensors not in its shards, e.g. {missing[0]}")
+                raise CorruptCheckpointError(
+                    f"shard index lists {len(missing)} tensors not in its shards, e.g. {missing[0]}")
 
     @staticmethod
     def _open(path: Path) -> tuple[int, dict]:
