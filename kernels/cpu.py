@@ -1,20 +1,21 @@
 """Compiled CPU path for ``y = x @ dequant(W) + b`` on GPTQ v1 buffers (AVX2, both cores).
 
-Decode (``M <= GEMV_MAX_M`` rows) runs a fused GEMV straight from the packed int32 ``qweight``:
-no full-precision weight is ever materialized, and 4-bit weights move 8x fewer bytes than
-fp32 ones. Larger ``M`` (prefill) dequantizes to a transient fp32 ``[K, N]`` weight in C and
-multiplies with torch's fp32 GEMM, which then dominates; that path is bit-identical to
-:func:`llmq.kernels.reference.quant_matmul_torch` for fp32 inputs.
+Up to ``GEMV_MAX_M`` rows (decode, short prompts) a fused kernel multiplies straight from the
+packed int32 ``qweight``: no full-precision weight is ever materialized, 4-bit weights move 8x
+fewer bytes than fp32 ones, and row tiles of 4 keep it level with torch's fp32 GEMM. More rows
+(prefill) dequantize to a transient fp32 weight in C, in row chunks of ``DEQUANT_CHUNK_BYTES``,
+and use torch's fp32 GEMM; with one chunk (layers up to 16 MiB in fp32) that path is
+bit-identical to :func:`llmq.kernels.reference.quant_matmul_torch` for fp32 inputs.
 
 Preparation happens once per weight and keeps only small tensors besides the GPTQ buffers
-themselves: zero points unpacked to uint8 ``[G, N]``, per-group row offsets ``[G + 1]``, fp32
-copies of the bias (and of the scales when they are neither fp16 nor fp32).
+themselves: zero points unpacked to uint8 ``[G, N]``, per-group row offsets ``[G + 1]``, an fp32
+copy of the bias, and an fp32 copy of the scales ``[G, N]`` for act-order or non-fp16 scales.
 
 Coverage: every bit width (2, 3, 4, 8), symmetric or asymmetric zeros, any group size (a
 shorter last group included), bias, and any ``g_idx``. When groups are contiguous runs of whole
 packing units (``k // group_size`` with ``group_size`` a multiple of ``32 / bits``, 32 for 3 bits)
 the GEMV applies scales once per group; otherwise (act-order) it scales row by row, about 1.5x
-slower. ``N`` not a multiple of 8, non-CPU tensors, and inputs that need autograd go to the torch
+slower at one row. ``N`` not a multiple of 8, non-CPU tensors, and inputs that need autograd go to the torch
 reference.
 """
 
@@ -30,13 +31,17 @@ from llmq.packing import SUPPORTED_BITS, pack_unit, unpack_qzeros
 from . import cpu_build
 from .reference import quant_matmul_torch
 
-# Above this many rows the fp32 GEMM on a dequantized weight beats the fused GEMV here
-# (see scripts/bench_cpu_kernels.py).
-GEMV_MAX_M = 16
+# Above this many rows torch's fp32 GEMM on a dequantized weight catches up with the fused
+# kernel (measured on a 2-core EPYC, see scripts/bench_cpu_kernels.py).
+GEMV_MAX_M = 64
+# Transient fp32 weight per dequantize-and-GEMM step. Bounded so that large layers do not
+# allocate (and page-fault in) a full fp32 copy on every call.
+DEQUANT_CHUNK_BYTES = 16 << 20
 
 # Matches ``struct Weights`` in csrc/cpu_quant.cpp: six pointers, K, N, G, bits, scales_fp32.
 _PARAMS = struct.Struct("=6Q3q2i")
 _STATE_ATTR = "_llmq_cpu_state"
+_F32 = torch.float32
 
 
 def cpu_available() -> bool:
@@ -62,20 +67,16 @@ class CpuQuantState:
         self._tensors = tensors
 
 
-def _version(t: torch.Tensor | None) -> int | None:
-    if t is None:
-        return None
-    try:
-        return t._version
-    except RuntimeError:  # inference-mode tensors have no version counter; identity must do
-        return None
-
-
 def _stamp(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
            bias: torch.Tensor | None, bits: int) -> tuple:
     """Storage and version counters of the inputs, to notice in-place updates."""
-    return (qweight.data_ptr(), bits, _version(qweight), _version(qzeros), _version(scales), _version(g_idx),
-            _version(bias))
+    if qweight.is_inference():  # no version counters (checked first: the exception costs ~7 us)
+        return (qweight.data_ptr(), bits)
+    try:
+        return (qweight.data_ptr(), bits, qweight._version, qzeros._version, scales._version, g_idx._version,
+                None if bias is None else bias._version)
+    except RuntimeError:  # inference-mode tensors have no version counter: identity must do
+        return (qweight.data_ptr(), bits)
 
 
 def _contiguous_groups(g_idx: torch.Tensor, groups: int, unit: int) -> torch.Tensor | None:
@@ -100,17 +101,18 @@ def _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight: bool) -> 
     unit, words = pack_unit(bits)
     k, n = g_idx.numel(), qweight.shape[1]
     groups = scales.shape[0] if scales.dim() == 2 else -1
-    if (n % 8 or n % unit or k % unit or qweight.shape[0] != k // unit * words or scales.shape != (groups, n)
+    if (not k or n % 8 or n % unit or k % unit or qweight.shape[0] != k // unit * words or scales.shape != (groups, n)
             or qzeros.shape != (groups, n * bits // 32) or (bias is not None and bias.numel() != n)):
         return None
     g32 = g_idx.to(torch.int32).contiguous()
-    if k and (int(g32.min()) < 0 or int(g32.max()) >= groups):
+    if int(g32.min()) < 0 or int(g32.max()) >= groups:
         return None
     qw = qweight.contiguous()
     zeros = unpack_qzeros(qzeros, bits).to(torch.uint8).contiguous()
-    scales_fp32 = scales.dtype != torch.float16
-    scales_k = (scales.float() if scales_fp32 else scales).contiguous()
     gstart = _contiguous_groups(g32, groups, unit)
+    # Act-order reads a scale per row and weight vector: fp32 saves the conversion there.
+    scales_fp32 = scales.dtype != torch.float16 or gstart is None
+    scales_k = (scales.float() if scales_fp32 else scales).contiguous()
     bias32 = bias.float().contiguous() if bias is not None else None
     params = _PARAMS.pack(qw.data_ptr(), zeros.data_ptr(), scales_k.data_ptr(), g32.data_ptr(),
                           gstart.data_ptr() if gstart is not None else 0,
@@ -147,24 +149,45 @@ def quant_matmul_prepared(x: torch.Tensor, state: CpuQuantState) -> torch.Tensor
 
     Computes in fp32 (bf16/fp16 inputs are converted in and out). ``x`` must be on CPU.
     """
-    k, n = state.in_features, state.out_features
+    k = state.in_features
+    # Decode spends only a few microseconds in the kernel, so its common case (contiguous fp32
+    # rows) takes the shortest path: every tensor op here costs about a microsecond.
+    if x.dtype is _F32 and x.is_contiguous() and x.is_cpu and x.shape[-1] == k:
+        m = x.numel() // k
+        if m <= GEMV_MAX_M:
+            y = torch.empty(*x.shape[:-1], state.out_features, dtype=_F32)
+            state.ext.gemv(state.params, m, x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            return y
     if x.shape[-1] != k or not x.is_cpu:
         raise ValueError(f"expected a CPU input [..., {k}], got {tuple(x.shape)} on {x.device}")
-    x32 = x if x.dtype == torch.float32 else x.float()
-    if not x32.is_contiguous():
-        x32 = x32.contiguous()
-    m = x32.numel() // k if k else 0
-    # Decode is a few microseconds of kernel, so this path avoids every avoidable tensor op.
+    x32 = x.to(_F32).contiguous()
+    m = x32.numel() // k
     if m <= GEMV_MAX_M:
-        y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+        y = torch.empty(*x.shape[:-1], state.out_features, dtype=_F32)
         state.ext.gemv(state.params, m, x32.data_ptr(), y.data_ptr(), torch.get_num_threads())
     else:
-        w = torch.empty(k, n, dtype=torch.float32)
-        state.ext.dequant(state.params, w.data_ptr(), torch.get_num_threads())
-        y = x32 @ w
-        if state.bias is not None:
-            y += state.bias
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+        y = _dequant_matmul(x32.view(m, k), state).view(*x.shape[:-1], state.out_features)
+    return y.to(x.dtype)
+
+
+def _dequant_matmul(x: torch.Tensor, state: CpuQuantState) -> torch.Tensor:
+    """``x`` ``[M, K]`` fp32 @ the weight dequantized to fp32 in row chunks of at most
+    ``DEQUANT_CHUNK_BYTES``, + bias. One chunk (the usual case) is the reference's exact arithmetic.
+    """
+    k, n = state.in_features, state.out_features
+    unit = pack_unit(state.bits)[0]
+    rows = min(k, max(unit, DEQUANT_CHUNK_BYTES // (4 * n) // unit * unit))
+    w = torch.empty(rows, n, dtype=_F32)
+    threads = torch.get_num_threads()
+    y = None
+    for k0 in range(0, k, rows):
+        k1 = min(k, k0 + rows)
+        chunk = w[: k1 - k0]
+        state.ext.dequant(state.params, chunk.data_ptr(), k0, k1, threads)
+        y = x[:, k0:k1] @ chunk if y is None else y.addmm_(x[:, k0:k1], chunk)
+    if state.bias is not None:
+        y += state.bias
+    return y
 
 
 def quant_matmul_cpu(

@@ -18,7 +18,9 @@ rows once so that act-order weights take the fast path as well.
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 
 import torch
 import triton
@@ -88,6 +90,13 @@ MIN_SPLIT_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMV_CONFIGS + SPLITK_CONFI
 
 
 @triton.jit
+def _n_mask(offs_n, N, N_ALIGN: tl.constexpr):
+    """``offs_n < N``, declared constant over aligned runs of ``N_ALIGN`` columns (``N_ALIGN`` divides
+    ``N`` and the block), which lets Triton vectorize the masked loads along N."""
+    return tl.max_constancy(offs_n < N, N_ALIGN)
+
+
+@triton.jit
 def _stream_at(row_ptrs, idx, mask, BITS: tl.constexpr):
     """Value ``idx`` of the ``BITS``-wide little-endian stream of contiguous int32 words at ``row_ptrs``."""
     bit = idx * BITS
@@ -140,31 +149,36 @@ def _biased_zero(stored, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS: tl.constexpr):
+def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS: tl.constexpr,
+             GATHER: tl.constexpr):
     """fp32 weights ``[BR, VPR, BN]``: ``scales[g, n] * (codes - zero[g, n])``, ``g`` ``[BR, VPR]`` the
-    rows' groups. The products are exact in fp32 (an fp16/bf16 scale times an integer below 256)."""
-    g_lo = tl.min(tl.where(mask_k, g, 2147483647))
-    g_hi = tl.max(tl.where(mask_k, g, -1))
-    # Branch-local names differ: Triton requires a name assigned in both branches to keep one type.
-    if g_lo == g_hi:
-        # All rows of the tile in one group: one row of scales and zeros serves the whole tile.
-        s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z_row = _stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS)
-        w = (_biased(codes) - _biased_zero(z_row, BITS)[None, None, :]) * s_row[None, None, :]
-    else:
+    rows' groups. The products are exact in fp32 (an fp16/bf16 scale times an integer below 256).
+
+    ``GATHER`` loads scale and zero per row (any ``g_idx``); otherwise one row of scales and zeros per
+    group present in the tile is applied with a select: one group per tile for sorted ``g_idx``
+    when the tile fits in a group, two where it straddles, and still correct (slow) for any ``g_idx``."""
+    qb = _biased(codes)
+    if GATHER:
         g3 = g[:, :, None]
         n3 = offs_n[None, None, :]
         m3 = mask_k[:, :, None] & mask_n[None, None, :]
-        s_all = tl.load(s_ptr + g3 * stride_s + n3, mask=m3, other=0).to(tl.float32)
-        z_all = _stream_at(qz_ptr + g3 * stride_qz, n3, m3, BITS)
-        w = (_biased(codes) - _biased_zero(z_all, BITS)) * s_all
+        s = tl.load(s_ptr + g3 * stride_s + n3, mask=m3, other=0).to(tl.float32)
+        w = (qb - _biased_zero(_stream_at(qz_ptr + g3 * stride_qz, n3, m3, BITS), BITS)) * s
+    else:
+        g_lo = tl.min(tl.where(mask_k, g, 2147483647))
+        g_hi = tl.max(tl.where(mask_k, g, -1))
+        w = tl.zeros_like(qb)
+        for gg in range(g_lo, g_hi + 1):
+            s_row = tl.load(s_ptr + gg * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
+            zb_row = _biased_zero(_stream_at(qz_ptr + gg * stride_qz, offs_n, mask_n, BITS), BITS)
+            w = tl.where(g[:, :, None] == gg, (qb - zb_row[None, None, :]) * s_row[None, None, :], w)
     return w
 
 
 @triton.jit
 def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
                  perm_ptr, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, BR: tl.constexpr,
-                 HAS_PERM: tl.constexpr):
+                 HAS_PERM: tl.constexpr, GATHER: tl.constexpr):
     """Dequantized fp32 weights ``[BR, VPR, BN]`` of runs ``r0 .. r0+BR`` (clipped at ``run_end``), their
     row mask ``[BR, VPR]`` and the matching columns of ``x`` ``[BR, VPR]`` (``perm[k]`` after
     :func:`prepare_act_order`, else ``k``)."""
@@ -174,7 +188,7 @@ def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_
     g = tl.load(g_ptr + k, mask=mask_k, other=0)
     mask_rn = (runs < run_end)[:, None] & mask_n[None, :]
     codes = _codes(qw_ptr, stride_qw, runs, offs_n, mask_rn, BITS, VPR, WPR)
-    w = _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS)
+    w = _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS, GATHER)
     if HAS_PERM:
         xk = tl.load(perm_ptr + k, mask=mask_k, other=0)
     else:
@@ -263,6 +277,19 @@ def _extract(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _extract_at(w0, w1, w2, j, BITS: tl.constexpr):
+    """:func:`_extract` for a runtime ``j``: word picked and shifted at run time."""
+    bit = j * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    v = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
+    if 32 % BITS != 0:
+        hi = tl.where(word == 0, w1, w2) << ((32 - shift) % 32)
+        v = v | tl.where(shift > 32 - BITS, hi, 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
 def _x_at(x_ptr, stride_xk, perm_ptr, k, mask, HAS_PERM: tl.constexpr):
     """fp32 ``x[k]`` (``x[perm[k]]`` after :func:`prepare_act_order`), 0 where masked."""
     if HAS_PERM:
@@ -271,13 +298,31 @@ def _x_at(x_ptr, stride_xk, perm_ptr, k, mask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1, w2, runs,
+                 mask_r, offs_n, mask_rn, BITS: tl.constexpr, VPR: tl.constexpr, BR: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr):
+    """:func:`_gemv_tile` with scale and zero gathered per row (rows of several groups). A runtime loop
+    over the codes keeps the per-row scale and zero tiles few in registers."""
+    part = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
+    for j in range(VPR):
+        kj = runs * VPR + j
+        x = _x_at(x_ptr, stride_xk, perm_ptr, kj, mask_r, HAS_PERM)
+        gj = tl.load(g_ptr + kj, mask=mask_r, other=0)[:, None]
+        s = tl.load(s_ptr + gj * stride_s + offs_n[None, :], mask=mask_rn, other=0).to(tl.float32)
+        zb = _biased_zero(_stream_at(qz_ptr + gj * stride_qz, offs_n[None, :], mask_rn, BITS), BITS)
+        part += x[:, None] * ((_biased(_extract_at(w0, w1, w2, j, BITS)) - zb) * s)
+    return part
+
+
+@triton.jit
 def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr,
                r0, run_end, offs_n, mask_n, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr,
-               BR: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr):
+               BR: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr):
     """``x[k] * w[k, n]`` summed over the ``VPR`` rows of each run ``r0 .. r0+BR``: fp32 ``[BR, BN]``.
 
     The packed words are loaded once as ``[BR, BN]`` tiles and unpacked one code per run at a time,
-    so nothing of size ``BLOCK_K * BLOCK_N`` is ever held in registers."""
+    so nothing of size ``BLOCK_K * BLOCK_N`` is held in registers. A tile whose rows share one group
+    takes the cheap path; otherwise (always with ``GATHER``) scale and zero are gathered per row."""
     runs = r0 + tl.arange(0, BR)
     mask_r = runs < run_end
     mask_rn = mask_r[:, None] & mask_n[None, :]
@@ -288,72 +333,70 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
     if WPR == 3:
         w1 = tl.load(base + stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
         w2 = tl.load(base + 2 * stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
-    k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
-    mask_k = k < run_end * VPR
-    g = tl.load(g_ptr + k, mask=mask_k, other=0)
-    g_lo = tl.min(tl.where(mask_k, g, 2147483647))
-    g_hi = tl.max(tl.where(mask_k, g, -1))
-    if g_lo == g_hi:
-        # One group: sum x * code first, then apply the tile's scale and zero once per column:
-        # sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k), two FP ops per weight.
-        xq = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BR], dtype=tl.float32)
-        for j in tl.static_range(VPR):
-            x = _x_at(x_ptr, stride_xk, perm_ptr, runs * VPR + j, mask_r, HAS_PERM)
-            xq += x[:, None] * (_biased(_extract(w0, w1, w2, j, BITS)) - MAGIC_F)
-            xs += x
-        s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z_row = _biased_zero(_stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS), BITS) - MAGIC_F
-        part = s_row[None, :] * (xq - xs[:, None] * z_row[None, :])
+    if GATHER:
+        part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1, w2,
+                            runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N, HAS_PERM)
     else:
-        part = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(VPR):
-            kj = runs * VPR + j
-            x = _x_at(x_ptr, stride_xk, perm_ptr, kj, mask_r, HAS_PERM)
-            gj = tl.load(g_ptr + kj, mask=mask_r, other=0)[:, None]
-            s = tl.load(s_ptr + gj * stride_s + offs_n[None, :], mask=mask_rn, other=0).to(tl.float32)
-            zb = _biased_zero(_stream_at(qz_ptr + gj * stride_qz, offs_n[None, :], mask_rn, BITS), BITS)
-            part += x[:, None] * ((_biased(_extract(w0, w1, w2, j, BITS)) - zb) * s)
+        k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
+        mask_k = k < run_end * VPR
+        g = tl.load(g_ptr + k, mask=mask_k, other=0)
+        g_lo = tl.min(tl.where(mask_k, g, 2147483647))
+        if g_lo == tl.max(tl.where(mask_k, g, -1)):
+            # One group: sum x * code first, then apply the group's scale and zero once per column,
+            # sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k): two FP ops per weight.
+            xq = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
+            xs = tl.zeros([BR], dtype=tl.float32)
+            for j in tl.static_range(VPR):
+                x = _x_at(x_ptr, stride_xk, perm_ptr, runs * VPR + j, mask_r, HAS_PERM)
+                xq += x[:, None] * (_biased(_extract(w0, w1, w2, j, BITS)) - MAGIC_F)
+                xs += x
+            s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
+            z_row = _biased_zero(_stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS), BITS) - MAGIC_F
+            part = s_row[None, :] * (xq - xs[:, None] * z_row[None, :])
+        else:
+            part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1,
+                                w2, runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N, HAS_PERM)
     return part
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS"])
+@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS", "GATHER"])
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
                  N, K, stride_xk, stride_qw, stride_qz, stride_s,
-                 BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row of ``x``: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. Partial sums stay an fp32 ``[runs, BLOCK_N]``
     tile across the K loop (no cross-thread reduction per iteration) and are reduced once at the end."""
     BR: tl.constexpr = BLOCK_K // VPR
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _n_mask(offs_n, N, N_ALIGN)
     start, end = _split_runs(pid_k, K // VPR, BR, SPLIT_K)
     acc = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
         acc += _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
-                          perm_ptr, r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, HAS_PERM)
+                          perm_ptr, r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, HAS_PERM, GATHER)
     row = tl.arange(0, 1)
     _splitk_finish(tl.sum(acc, axis=0)[None, :], row, row < 1, offs_n, mask_n, 1, N, pid_n, pid_k, bias_ptr,
                    out_ptr, ws_ptr, counter_ptr, HAS_BIAS, SPLIT_K)
 
 
-@triton.autotune(configs=SPLITK_CONFIGS, key=["N", "K", "BITS", "BLOCK_M"])
+@triton.autotune(configs=SPLITK_CONFIGS, key=["N", "K", "BITS", "GATHER", "BLOCK_M"])
 @triton.jit
 def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
                    M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s,
-                   BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                   BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Few rows of ``x`` with ``tl.dot``: grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``."""
     BR: tl.constexpr = BLOCK_K // VPR
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _n_mask(offs_n, N, N_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -361,7 +404,7 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
         w, mask_k, xk = _weight_tile(r0, end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
-                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM)
+                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
         x = tl.load(x_rows + xk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0)
@@ -371,13 +414,13 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_
                    counter_ptr, HAS_BIAS, SPLIT_K)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["m_bucket", "N", "K", "BITS"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["m_bucket", "N", "K", "BITS", "GATHER"])
 @triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr,
                  M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s, m_bucket,
-                 BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Tiled GEMM, grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``; ``m_bucket`` (the next power of two
     of ``M``) only keys the autotuner so that each prompt length does not retune."""
     BR: tl.constexpr = BLOCK_K // VPR
@@ -393,13 +436,13 @@ def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_pt
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _n_mask(offs_n, N, N_ALIGN)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     n_runs = K // VPR
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, n_runs, BR):
         w, mask_k, xk = _weight_tile(r0, n_runs, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
-                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM)
+                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
         x = tl.load(x_rows + xk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0)
@@ -409,14 +452,14 @@ def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_pt
 
 @triton.jit
 def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, stride_qw, stride_qz, stride_s,
-                    BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
+                    GATHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Full weight ``out`` ``[K, N]`` in its dtype; grid ``(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))``."""
     BR: tl.constexpr = BLOCK_K // VPR
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _n_mask(offs_n, N, N_ALIGN)
     w, mask_k, k = _weight_tile(tl.program_id(0) * BR, K // VPR, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr,
-                                stride_qz, s_ptr, stride_s, g_ptr, g_ptr, BITS, VPR, WPR, BR, False)
+                                stride_qz, s_ptr, stride_s, g_ptr, g_ptr, BITS, VPR, WPR, BR, False, GATHER)
     ptrs = out_ptr + k.to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, :, None] & mask_n[None, None, :])
 
@@ -436,6 +479,22 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+_SORTED: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _groups_sorted(g_idx: torch.Tensor) -> bool:
+    """Whether ``g_idx`` never decreases (no act-order, or after :func:`prepare_act_order`), which picks
+    the kernels without per-row gathers. Checking costs a device sync, so the answer is cached per
+    tensor and in-place version; a stale answer would only cost speed, as both variants are exact."""
+    hit = _SORTED.get(id(g_idx))
+    if hit is not None and hit[0]() is g_idx and hit[1] == g_idx._version:
+        return hit[2]
+    flag = bool((g_idx[1:] >= g_idx[:-1]).all())
+    key = id(g_idx)
+    _SORTED[key] = (weakref.ref(g_idx, lambda _: _SORTED.pop(key, None)), g_idx._version, flag)
+    return flag
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -469,11 +528,12 @@ def dequantize_triton(
         out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     elif out.shape != (k, n) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {(k, n)}")
+    gather = not _groups_sorted(g_idx)
     qzeros, scales, g_idx = qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
     grid = (triton.cdiv(k, DEQUANT_BLOCK_K), triton.cdiv(n, DEQUANT_BLOCK_N))
     _dequant_kernel[grid](qweight, qzeros, scales, g_idx, out, n, k, qweight.stride(0), qzeros.stride(0),
-                          scales.stride(0), BITS=bits, VPR=vpr, WPR=wpr, BLOCK_N=DEQUANT_BLOCK_N,
-                          BLOCK_K=DEQUANT_BLOCK_K)
+                          scales.stride(0), BITS=bits, VPR=vpr, WPR=wpr, N_ALIGN=math.gcd(n, 16), GATHER=gather,
+                          BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K)
     return out
 
 
@@ -550,11 +610,13 @@ def quant_matmul_triton(
             return torch.mm(x2, w, out=out2).view(out.shape)
         return torch.addmm(bias.to(x.dtype), x2, w, out=out2).view(out.shape)
 
+    gather = not _groups_sorted(g_idx)
     qzeros, scales, g_idx = qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
     has_perm = perm is not None
     perm = perm.to(torch.int32).contiguous() if has_perm else g_idx
     bias_arg = bias.contiguous() if bias is not None else out2
-    common = dict(BITS=bits, VPR=vpr, WPR=wpr, HAS_BIAS=bias is not None, HAS_PERM=has_perm)
+    common = dict(BITS=bits, VPR=vpr, WPR=wpr, N_ALIGN=math.gcd(n, 16), HAS_BIAS=bias is not None,
+                  HAS_PERM=has_perm, GATHER=gather)
     args = (x2, qweight, qzeros, scales, g_idx, perm, bias_arg, out2)
     strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0))
     if path == "gemm":

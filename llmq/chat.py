@@ -172,9 +172,10 @@ class _Streamer:
             self.shown = text
 
     def stats(self, prompt_tokens: int, interrupted: bool) -> ReplyStats:
-        first, last = (self.times[1], self.times[-1]) if len(self.times) > 1 else (0.0, 0.0)
-        return ReplyStats(prompt_tokens, len(self.ids), first - self.times[0] if first else 0.0,
-                          last - first, interrupted)
+        if len(self.times) < 2:  # stopped before the first token
+            return ReplyStats(prompt_tokens, 0, interrupted=interrupted)
+        start, first, last = self.times[0], self.times[1], self.times[-1]
+        return ReplyStats(prompt_tokens, len(self.ids), first - start, last - first, interrupted)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -456,6 +457,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default: float32 on CPU, the checkpoint's on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)")
 
 
 def add_chat_parser(sub: argparse._SubParsersAction) -> None:
@@ -500,6 +503,10 @@ def run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_chat_model(args.model, args.device, DTYPES.get(args.dtype))

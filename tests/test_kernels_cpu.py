@@ -13,10 +13,10 @@ import zlib
 
 import pytest
 import torch
-
-from llmq import packing
 from llmq.kernels import cpu, cpu_build
 from llmq.kernels.reference import quant_matmul_torch
+
+from llmq import packing
 
 # N per width: a multiple of the qzeros packing run and of 8 but not of 32, except 3 bits (needs 32).
 N_FOR = {2: 112, 3: 96, 4: 104, 8: 104}
@@ -120,6 +120,16 @@ def test_prefill_is_bit_identical_to_torch(bits, act_order):
     packed, _, _ = _layer(gen, bits, 576, N_FOR[bits], 128, act_order, False, bias=True)
     x = torch.randn(3, cpu.GEMV_MAX_M, 576, generator=gen)
     assert torch.equal(cpu.quant_matmul_cpu(x, **packed), quant_matmul_torch(x, **packed))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_chunked_dequantize(monkeypatch, act_order):
+    """Layers above DEQUANT_CHUNK_BYTES are dequantized and multiplied in row chunks (the last shorter)."""
+    gen = _gen(f"chunked-{act_order}")
+    packed, w, b = _layer(gen, 3, 576, 96, 64, act_order, False, bias=True)
+    monkeypatch.setattr(cpu, "DEQUANT_CHUNK_BYTES", 4 * 96 * 150)  # 150 rows: chunks of 128, the last 64
+    x = torch.randn(cpu.GEMV_MAX_M + 3, 576, generator=gen)
+    _check(cpu.quant_matmul_cpu(x, **packed), x, w, b)
 
 
 def test_thread_count_does_not_change_results():

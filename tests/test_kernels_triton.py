@@ -80,8 +80,9 @@ def _run(x, layer, bits, bias=None, **kw):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+# fp16 with bias and bf16 without: the other two pairings are in the tests further down.
+@pytest.mark.parametrize(("dtype", "bias"), [(torch.float16, True), (torch.bfloat16, False)],
+                         ids=["fp16-bias", "bf16-nobias"])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("path", list(PATH_ROWS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -94,6 +95,29 @@ def test_matches_float64_reference(bits, path, group, bias, dtype):
     x = torch.randn(PATH_ROWS[path], k, generator=gen).to(dtype).to(DEVICE)
     out = _run(x, layer, bits, b, path=path)
     assert _rel_err(out, _reference(x, w, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("path", list(PATH_ROWS))
+@pytest.mark.parametrize("bits", [3, 4])
+def test_both_group_variants_on_any_g_idx(bits, path, monkeypatch):
+    """The kernels picked for sorted ``g_idx`` (a select per group in the tile) and for act-order (per-row
+    gathers) are both exact for any ``g_idx``: force the other one. bf16 with bias, fp16 without."""
+    for group, dtype, bias in (("g48", torch.bfloat16, True), ("g48act", torch.float16, False)):
+        gen = _gen(f"variant-{bits}-{path}-{group}")
+        k, n = SHAPES[bits]
+        group_size, act_order = GROUPS[group]
+        layer, w, b = _layer(gen, bits, group_size, act_order, dtype, k, n, bias)
+        monkeypatch.setattr(tg, "_groups_sorted", lambda _, sorted_=act_order: sorted_)
+        x = torch.randn(PATH_ROWS[path], k, generator=gen).to(dtype).to(DEVICE)
+        out = _run(x, layer, bits, b, path=path)
+        assert _rel_err(out, _reference(x, w, b)) < TOL[dtype]
+
+
+def test_groups_sorted_is_cached_per_version():
+    g_idx = torch.tensor([0, 0, 1, 1], dtype=torch.int32)
+    assert tg._groups_sorted(g_idx)
+    g_idx[0] = 2
+    assert not tg._groups_sorted(g_idx)
 
 
 @pytest.mark.parametrize("path", list(PATH_ROWS))

@@ -10,7 +10,11 @@
 // sign bit is shifted down instead, and 3-bit values that straddle two words are spliced.
 //
 // Zero points and scales are applied once per group: sum_k x_k s (q_k - z) = s (sum_k x_k q_k
-// - z sum_k x_k), so the inner loop is AND, convert and FMA per 8 weights.
+// - z sum_k x_k), so the inner loop is AND, convert and FMA per 8 weights. Act-order g_idx (rows
+// of different groups interleaved) multiplies each row's scale into the decoded weights instead.
+//
+// Work is split over output column tiles (and row tiles when M > 1) with OpenMP, linked against
+// the runtime torch already uses so that both share one thread pool.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -39,12 +44,10 @@ struct Weights {
 
 #define LLMQ_INLINE inline __attribute__((always_inline))
 
-#ifndef ACC_SETS
-#define ACC_SETS 2
-#endif
-#ifndef MIN_PARALLEL_MACS
-#define MIN_PARALLEL_MACS (1 << 17)
-#endif
+// Up to this many accumulator sets per tile, see accumulate().
+constexpr int kAccSets = 2;
+// Below this many multiply-adds one thread beats two: waking the second costs more than it saves.
+constexpr int64_t kMinParallelMacs = 1 << 18;
 
 template <typename F, int... I>
 LLMQ_INLINE void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
@@ -193,23 +196,25 @@ struct Task {
   int mt, nbv;
 };
 
-// Register budgets (16 ymm): one row takes 4 column vectors, tiles of 2 or 4 rows take 2 (more
-// rows per tile measured slower); 3-bit keeps three words per column vector live, so it takes 2.
+// Register budgets (16 ymm): a single row takes tiles of 4 column vectors (2 for 3-bit, which
+// keeps three words per vector live); row tiles of 2 or 4 take 2 (more rows measured slower).
 template <int BITS>
-constexpr int wide_nbv(int mt) {
-  return mt == 1 && BITS != 3 ? 4 : 2;
+constexpr int row_nbv() {
+  return BITS == 3 ? 2 : 4;
 }
 
 template <int BITS, typename S, bool ACT, int MT, int NBV>
 LLMQ_INLINE void tile(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
-  constexpr int AS = std::max(1, std::min(ACC_SETS, 8 / (MT * NBV)));
+  constexpr int AS = std::max(1, std::min(kAccSets, 8 / (MT * NBV)));
   gemv_tile<BITS, S, MT, NBV, AS, ACT>(W, xs, xsum, t.m0, t.n0, y);
 }
 
 template <int BITS, typename S, bool ACT, int MT>
 LLMQ_INLINE void tile_rows(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
-  constexpr int NBV = wide_nbv<BITS>(MT);
-  if (t.nbv == NBV) tile<BITS, S, ACT, MT, NBV>(W, xs, xsum, t, y);
+  if constexpr (MT == 1 && row_nbv<BITS>() == 4) {
+    if (t.nbv == 4) return tile<BITS, S, ACT, 1, 4>(W, xs, xsum, t, y);
+  }
+  if (t.nbv == 2) tile<BITS, S, ACT, MT, 2>(W, xs, xsum, t, y);
   else tile<BITS, S, ACT, MT, 1>(W, xs, xsum, t, y);
 }
 
@@ -261,20 +266,22 @@ void gemv(const Weights& W, int64_t M, const float* x, float* y, int nthreads) {
   float* xsum = xs + M * K;
   prepare_x<BITS>(W, M, x, xs, xsum);
   tasks.clear();
-  for (int64_t m0 = 0; m0 < M;) {
-    const int64_t left = M - m0;
-    const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    const int nbv = wide_nbv<BITS>(mt);
-    int64_t n0 = 0;
-    for (; n0 + 8 * nbv <= N; n0 += 8 * nbv) tasks.push_back({m0, n0, mt, nbv});
-    for (; n0 < N; n0 += 8) tasks.push_back({m0, n0, mt, 1});
-    m0 += mt;
+  // Column blocks outermost: the row tiles of one block follow each other on the same thread
+  // and find its weights in cache. Several rows share 16-column blocks, one row takes 32.
+  const int64_t width = 8 * (M == 1 ? row_nbv<BITS>() : 2);
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t cols = N - n0 >= width ? width : 8;
+    for (int64_t m0 = 0; m0 < M;) {
+      const int mt = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+      tasks.push_back({m0, n0, mt, static_cast<int>(cols / 8)});
+      m0 += mt;
+    }
+    n0 += cols;
   }
   const Task* task = tasks.data();
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const bool act = W.gstart == nullptr;
-  // Waking the second thread costs more than it saves on the smallest products.
-  if (M * K * N < MIN_PARALLEL_MACS) nthreads = 1;
+  if (M * K * N < kMinParallelMacs) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t i = 0; i < n_tasks; ++i) {
     if (act) run_task<BITS, S, true>(W, xs, xsum, task[i], y);
@@ -282,17 +289,18 @@ void gemv(const Weights& W, int64_t M, const float* x, float* y, int nthreads) {
   }
 }
 
-// w[k, n] = s[g, n] * (q[k, n] - z[g, n]) in fp32 with one rounding, bit-identical to the torch
-// reference. With contiguous groups a unit shares one group; act-order (ACT) looks up each row.
+// Rows [k0, k1) (multiples of the packing unit) of w[k, n] = s[g, n] * (q[k, n] - z[g, n]) into
+// out [k1 - k0, N], fp32 with one rounding like the torch reference. With contiguous groups a unit
+// shares one group; act-order (ACT) looks up each row.
 template <int BITS, typename S, bool ACT>
-void dequant_rows(const Weights& W, float* out, int nthreads) {
+void dequant_rows(const Weights& W, float* out, int64_t k0, int64_t k1, int nthreads) {
   using L = Layout<BITS>;
-  const int64_t N = W.N, n_units = W.K / L::VPU;
+  const int64_t N = W.N, u0 = k0 / L::VPU, u1 = k1 / L::VPU;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t u = 0; u < n_units; ++u) {
+  for (int64_t u = u0; u < u1; ++u) {
     const int32_t* row = W.qweight + u * L::WPU * N;
     const int32_t* groups = W.g_idx + u * L::VPU;
-    float* dst = out + u * L::VPU * N;
+    float* dst = out + (u - u0) * L::VPU * N;
     for (int64_t n = 0; n < N; n += 8) {
       __m256i w[L::WPU];
       for (int j = 0; j < L::WPU; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * N + n));
@@ -313,9 +321,9 @@ void dequant_rows(const Weights& W, float* out, int nthreads) {
 }
 
 template <int BITS, typename S>
-void dequant(const Weights& W, float* out, int nthreads) {
-  if (W.gstart) dequant_rows<BITS, S, false>(W, out, nthreads);
-  else dequant_rows<BITS, S, true>(W, out, nthreads);
+void dequant(const Weights& W, float* out, int64_t k0, int64_t k1, int nthreads) {
+  if (W.gstart) dequant_rows<BITS, S, false>(W, out, k0, k1, nthreads);
+  else dequant_rows<BITS, S, true>(W, out, k0, k1, nthreads);
 }
 
 template <template <int, typename> class Fn, typename... A>
@@ -336,7 +344,7 @@ struct GemvFn {
 };
 template <int BITS, typename S>
 struct DequantFn {
-  static void run(const Weights& W, float* out, int nt) { dequant<BITS, S>(W, out, nt); }
+  static void run(const Weights& W, float* out, int64_t k0, int64_t k1, int nt) { dequant<BITS, S>(W, out, k0, k1, nt); }
 };
 
 // Python entry points. Arguments are plain ints (addresses from Tensor.data_ptr()) so that a
@@ -379,16 +387,23 @@ PyObject* py_gemv(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return done(rc);
 }
 
-// dequant(params: bytes, out: int, nthreads: int): out [K, N] fp32 contiguous = dequant(W).
+// dequant(params: bytes, out: int, k0: int, k1: int, nthreads: int): out [k1 - k0, N] fp32
+// contiguous = rows k0..k1 of dequant(W); k0 and k1 multiples of the packing unit.
 PyObject* py_dequant(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  const Weights* W = weights_arg(args, nargs, 3);
+  const Weights* W = weights_arg(args, nargs, 5);
   if (W == nullptr) return nullptr;
   auto* out = static_cast<float*>(PyLong_AsVoidPtr(args[1]));
-  const int nthreads = static_cast<int>(PyLong_AsLong(args[2]));
+  const int64_t k0 = PyLong_AsLongLong(args[2]), k1 = PyLong_AsLongLong(args[3]);
+  const int nthreads = static_cast<int>(PyLong_AsLong(args[4]));
   if (PyErr_Occurred()) return nullptr;
+  const int64_t unit = 32 / std::gcd(32, static_cast<int>(W->bits));
+  if (k0 < 0 || k1 > W->K || k0 > k1 || k0 % unit || k1 % unit) {
+    PyErr_SetString(PyExc_ValueError, "row range outside the weight or not on packing units");
+    return nullptr;
+  }
   int rc;
   Py_BEGIN_ALLOW_THREADS;
-  rc = dispatch<DequantFn>(*W, out, nthreads);
+  rc = dispatch<DequantFn>(*W, out, k0, k1, nthreads);
   Py_END_ALLOW_THREADS;
   return done(rc);
 }

@@ -1,0 +1,162 @@
+"""Time the compiled CPU kernels against fp32/bf16 ``F.linear`` and torch's packed int4/int8 matmuls.
+
+Prints two markdown tables and writes them as JSON (default ``evals/results/bench_cpu_kernels.json``):
+
+1. Per shape and row count ``M``: fp32 and bf16 ``F.linear``, ``aten._weight_int4pack_mm_for_cpu``
+   (group 128, or 64 where K is not a multiple of 128) and ``aten._weight_int8pack_mm`` with bf16
+   activations (their fast path), and ``llmq.kernels.cpu.quant_matmul_prepared`` with fp32
+   activations for int4 g128 and int8 per-channel, including its Python call path.
+2. Decode through SmolLM2-135M's 210 linear layers (30 blocks of q, k, v, o, gate, up, down) at
+   ``M = 1`` with distinct weights per layer, so they stream from memory as in generation.
+
+Times are medians after a warm-up call; run it on an otherwise idle machine (a busy core stalls
+every 2-thread parallel region for a scheduler slice, milliseconds). Usage:
+``python scripts/bench_cpu_kernels.py [--quick] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from llmq.kernels import cpu
+
+# (K, N): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 7B-sized square one.
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096)]
+ROWS = [1, 4, 16, 128, 512]
+SMOLLM2_LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+SMOLLM2_BLOCKS = 30
+BF16_MAX_MACS = 5e8  # bf16 F.linear is ~60x slower than fp32 here; skip the hopeless sizes
+
+
+def median_ms(fn: Callable[[], object], budget_s: float = 0.3, max_reps: int = 500) -> float:
+    """Median wall time of ``fn`` in ms over enough calls to fill ``budget_s`` (at least 3)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(max(3, min(max_reps, int(budget_s / max(first, 1e-6))))):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def random_gptq(k: int, n: int, bits: int, group_size: int) -> dict:
+    """GPTQ v1 buffers with uniformly random codes (any bit pattern is a valid packed weight)."""
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    words = torch.randint(-(2**31), 2**31, (k * bits // 32, n), dtype=torch.int64).to(torch.int32)
+    zero = 2 ** (bits - 1) - 1  # v1 stores zero - 1: symmetric zero point 2**(bits-1)
+    one_word = sum(zero << (bits * i) for i in range(32 // bits))
+    qzeros = torch.full((groups, n * bits // 32), one_word - (2**32 if one_word >= 2**31 else 0), dtype=torch.int32)
+    scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
+    g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
+    return dict(qweight=words, qzeros=qzeros, scales=scales, g_idx=g_idx, bits=bits)
+
+
+def bench_shape(k: int, n: int, m: int) -> dict:
+    x = torch.randn(m, k)
+    xb = x.bfloat16()
+    w = torch.randn(n, k)
+    wb = w.bfloat16()
+    row = {"K": k, "N": n, "M": m}
+    row["fp32_ms"] = median_ms(lambda: F.linear(x, w))
+    row["bf16_ms"] = median_ms(lambda: F.linear(xb, wb)) if m * k * n <= BF16_MAX_MACS else None
+    gs = 128 if k % 128 == 0 else 64
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+    sz = torch.rand(k // gs, n, 2).bfloat16()
+    row["torch_int4pack_group"] = gs
+    row["torch_int4pack_bf16_ms"] = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, gs, sz))
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n).bfloat16()
+    row["torch_int8pack_bf16_ms"] = median_ms(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8))
+    for name, bits, group_size in (("llmq_int4_g128", 4, 128), ("llmq_int8_pc", 8, -1)):
+        state = cpu.prepare_cpu(**random_gptq(k, n, bits, group_size))
+        row[f"{name}_ms"] = median_ms(lambda state=state: cpu.quant_matmul_prepared(x, state))
+        row[f"{name}_speedup"] = row["fp32_ms"] / row[f"{name}_ms"]
+    return row
+
+
+def _time_fp32_stack(layers: list[tuple[int, int]], x: dict[int, torch.Tensor], budget_s: float) -> tuple[float, float]:
+    weights = [torch.randn(n, k) for k, n in layers]
+    ms = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights], budget_s=budget_s)
+    return ms, sum(w.numel() * 4 for w in weights) / 2**20
+
+
+def bench_decode(blocks: int, tokens: int) -> dict:
+    """Per-token time through every linear of SmolLM2-135M at M = 1, fp32 vs int4 g128 vs int8."""
+    layers = SMOLLM2_LAYER * blocks
+    x = {k: torch.randn(1, k) for k in {576, 1536}}
+    result = {"blocks": blocks, "linears": len(layers)}
+    result["fp32_ms"], result["fp32_weight_mb"] = _time_fp32_stack(layers, x, budget_s=tokens * 0.03)
+    for name, bits, group_size in (("llmq_int4_g128", 4, 128), ("llmq_int8_pc", 8, -1)):
+        buffers = [random_gptq(k, n, bits, group_size) for k, n in layers]
+        states = [(cpu.prepare_cpu(**b), k) for b, (k, _) in zip(buffers, layers, strict=True)]
+        result[f"{name}_ms"] = median_ms(lambda states=states: [cpu.quant_matmul_prepared(x[k], s) for s, k in states],
+                                         budget_s=tokens * 0.01)
+        result[f"{name}_weight_mb"] = sum(b["qweight"].numel() * 4 for b in buffers) / 2**20
+        result[f"{name}_speedup"] = result["fp32_ms"] / result[f"{name}_ms"]
+    return result
+
+
+def fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, M in {1, 128}")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("evals/results/bench_cpu_kernels.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not cpu.cpu_available():
+        raise SystemExit("llmq CPU kernels are unavailable here (see the warning above)")
+    torch.manual_seed(0)
+    shapes = SHAPES[:4] if args.quick else SHAPES
+    rows_m = [1, 128] if args.quick else ROWS
+    load_before = os.getloadavg()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("\n| K×N | M | fp32 linear ms | bf16 linear ms | torch int4pack ms (bf16 x) | torch int8pack ms (bf16 x) "
+          "| llmq int4 g128 ms | llmq int8 pc ms | int4 vs fp32 | int8 vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = []
+    for k, n in shapes:
+        for m in rows_m:
+            r = bench_shape(k, n, m)
+            table.append(r)
+            group = "" if r["torch_int4pack_group"] == 128 else f" (g{r['torch_int4pack_group']})"
+            print(f"| {k}×{n} | {m} | {fmt(r['fp32_ms'])} | {fmt(r['bf16_ms'])} | "
+                  f"{fmt(r['torch_int4pack_bf16_ms'])}{group} | {fmt(r['torch_int8pack_bf16_ms'])} | "
+                  f"{fmt(r['llmq_int4_g128_ms'])} | {fmt(r['llmq_int8_pc_ms'])} | "
+                  f"{r['llmq_int4_g128_speedup']:.2f}× | {r['llmq_int8_pc_speedup']:.2f}× |", flush=True)
+
+    decode = bench_decode(SMOLLM2_BLOCKS, tokens=5 if args.quick else 20)
+    print(f"\nDecode, {decode['linears']} SmolLM2-135M linears per token (M = 1, weights streamed):\n")
+    print("| weights | MB | ms per token | vs fp32 |")
+    print("|---|---|---|---|")
+    print(f"| fp32 | {decode['fp32_weight_mb']:.0f} | {decode['fp32_ms']:.2f} | 1.00× |")
+    for name, label in (("llmq_int4_g128", "int4 g128"), ("llmq_int8_pc", "int8 per-channel")):
+        print(f"| {label} | {decode[f'{name}_weight_mb']:.0f} | {decode[f'{name}_ms']:.2f} | "
+              f"{decode[f'{name}_speedup']:.2f}× |")
+
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "gemv_max_m": cpu.GEMV_MAX_M, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "shapes": table, "decode": decode}, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
