@@ -1,8 +1,10 @@
 """``llmq.kernels``: one entry point for ``y = x @ dequant(W) + b`` that picks the implementation.
 
-``LLMQ_KERNEL`` forces a backend: ``torch`` (reference), ``triton``; default ``auto`` picks Triton
-for CUDA inputs when it imports, else torch. Triton stays optional: its module is imported on
-first use only (forcing it on a CPU tensor needs ``TRITON_INTERPRET=1``, which is how tests run it).
+``LLMQ_KERNEL`` forces a backend: ``torch`` (reference), ``triton``, ``cpu`` (the compiled C++
+kernels of :mod:`llmq.kernels.cpu`); default ``auto`` picks Triton for CUDA inputs when it imports,
+the compiled CPU kernels for CPU inputs when they build, else torch. Triton stays optional: its
+module is imported on first use only (forcing it on a CPU tensor needs ``TRITON_INTERPRET=1``,
+which is how tests run it). ``cpu`` falls back to the reference for layouts it does not cover.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import torch
 from llmq.kernels.reference import quant_matmul_torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @functools.cache
@@ -33,7 +35,13 @@ def backend_for(x: torch.Tensor) -> str:
         raise ValueError(f"LLMQ_KERNEL must be one of {BACKENDS}, got {forced!r}")
     if forced != "auto":
         return forced
-    return "triton" if x.is_cuda and triton_available() else "torch"
+    if x.is_cuda:
+        return "triton" if triton_available() else "torch"
+    if x.is_cpu:
+        from llmq.kernels.cpu import cpu_available
+
+        return "cpu" if cpu_available() else "torch"
+    return "torch"
 
 
 def quant_matmul(
@@ -47,8 +55,13 @@ def quant_matmul(
 ) -> torch.Tensor:
     """``x`` ``[..., in]`` @ dequant(``qweight`` int32 ``[in*bits/32, out]``, v1 ``qzeros``
     ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``) + ``bias``."""
-    if backend_for(x) == "triton":
-        from llmq.kernels.triton_gemm import quant_matmul_triton
+    backend = backend_for(x)
+    if backend == "triton":
+        from llmq.kernels.triton_gemm import quant_matmul_op
 
-        return quant_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
+        return quant_matmul_op(x, qweight, qzeros, scales, g_idx, bits, bias)
+    if backend == "cpu":
+        from llmq.kernels.cpu import quant_matmul_cpu
+
+        return quant_matmul_cpu(x, qweight, qzeros, scales, g_idx, bits, bias)
     return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)

@@ -15,8 +15,12 @@ Coverage: every bit width (2, 3, 4, 8), symmetric or asymmetric zeros, any group
 shorter last group included), bias, and any ``g_idx``. When groups are contiguous runs of whole
 packing units (``k // group_size`` with ``group_size`` a multiple of ``32 / bits``, 32 for 3 bits)
 the GEMV applies scales once per group; otherwise (act-order) it scales row by row, about 1.5x
-slower at one row. ``N`` not a multiple of 8, non-CPU tensors, and inputs that need autograd go to the torch
-reference.
+slower at one row. ``N`` not a multiple of 8, non-CPU tensors, and inputs that need autograd go
+to the torch reference.
+
+Threads: ``torch.get_num_threads()`` of torch's own OpenMP pool; products under 2**18
+multiply-adds run on one thread, and so do all calls for a while after parallel regions keep
+stalling behind another process's use of a core (see ``parallel_for`` in the C++ source).
 """
 
 from __future__ import annotations

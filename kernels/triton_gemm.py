@@ -10,10 +10,11 @@ Four launch paths, picked by the number of rows ``M`` of ``x`` (see ``kernels/NO
 
 Every kernel reads the packed weight one int32 word at a time along ``N`` (coalesced) and
 unpacks it in registers as a little-endian bit stream, so 3-bit values that straddle two words
-go through the same code as 2, 4 and 8 bits. Scales and zeros are read once per tile when the
-tile's rows share one group (``g_idx`` is loaded per row to find out), otherwise per row, which
-keeps act-order ``g_idx`` correct without any preparation; :func:`prepare_act_order` sorts the
-rows once so that act-order weights take the fast path as well.
+go through the same code as 2, 4 and 8 bits. ``g_idx`` is read per row. Two compiled variants
+handle the groups, picked on the host by whether ``g_idx`` is sorted (checked once per tensor):
+sorted (no act-order) applies one row of scales and zeros per group present in a K-tile; act-order
+gathers scale and zero per row. Both are exact for any ``g_idx``. :func:`prepare_act_order` sorts an
+act-order weight's rows once so that it takes the sorted variant, ``x`` being read through ``perm``.
 """
 
 from __future__ import annotations
@@ -64,16 +65,17 @@ else:
         (128, 128, 2, 4, 3), (128, 128, 4, 4, 3), (128, 128, 8, 4, 3), (64, 256, 4, 4, 3),
         (64, 256, 8, 4, 3), (128, 256, 4, 8, 3), (256, 128, 2, 8, 3), (256, 128, 4, 8, 3),
     ]
+    # At most 64 weight elements per thread per K-tile (BLOCK_K * BLOCK_N / (32 * num_warps)), and
+    # no 128x128 tile: those spill registers on sm_90 (the compile scan in NOTES.md).
     _SPLITK_ROWS = [
-        (64, 64, 16, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 64, 8, 4, 4),
-        (128, 128, 2, 4, 3), (128, 128, 4, 4, 3), (128, 128, 8, 4, 3), (64, 256, 4, 4, 2),
-        (128, 256, 2, 8, 2), (256, 64, 4, 8, 3),
+        (64, 64, 8, 4, 4), (64, 64, 16, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (64, 128, 16, 4, 3),
+        (128, 64, 4, 4, 4), (128, 64, 8, 4, 4), (128, 64, 16, 4, 4), (256, 64, 4, 8, 3), (64, 256, 4, 8, 2),
     ]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the usual Triton GEMM tiles.
+    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): Triton GEMM tiles; the usual
+    # 128x256 tiles spill once the dequantization shares their registers (sm_90 scan in NOTES.md).
     _GEMM_ROWS = [
-        (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 32, 8, 4, 4),
-        (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 256, 32, 8, 4, 4), (64, 64, 64, 8, 4, 4),
-        (32, 128, 64, 8, 4, 4), (32, 64, 128, 8, 4, 3),
+        (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4), (32, 128, 64, 8, 4, 4), (256, 128, 32, 8, 8, 3),
     ]
     DEQUANT_BLOCK_K, DEQUANT_BLOCK_N = 64, 128
 
@@ -251,11 +253,6 @@ def _split_runs(pid_k, n_runs, BR: tl.constexpr, SPLIT_K: tl.constexpr):
     return start, tl.minimum(start + per_split, n_runs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _extract(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
     """Code ``j`` of each packing run whose words are ``w0``, ``w1``, ``w2`` (uint32 ``[BR, BN]``; ``w1``
@@ -357,6 +354,11 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
             part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1,
                                 w2, runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N, HAS_PERM)
     return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS", "GATHER"])
@@ -637,3 +639,19 @@ def quant_matmul_triton(
         _splitk_kernel[grid](*args, ws, counters, m, n, k, x2.stride(0), x2.stride(1), *strides,
                              BLOCK_M=block_m, **common)
     return out
+
+
+@torch.library.custom_op(
+    "llmq::quant_matmul_triton", mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, Tensor? bias) -> Tensor",
+)
+def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quant_matmul_triton` as the torch op ``llmq::quant_matmul_triton``, which ``torch.compile``
+    keeps whole (no graph break at the host-side checks) and CUDA graphs capture like any op."""
+    return quant_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+
+@quant_matmul_op.register_fake
+def _quant_matmul_fake(x, qweight, qzeros, scales, g_idx, bits, bias):
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])

@@ -139,7 +139,6 @@ class _Streamer:
         self.times: list[float] = []
         self.ids: list[int] = []
         self.shown = ""
-        self.chunks = 0
 
     def put(self, value: torch.Tensor) -> None:
         self.times.append(time.perf_counter())
@@ -166,7 +165,6 @@ class _Streamer:
             if self.out is not None:
                 self.out.write(text[len(self.shown):])
                 self.out.flush()
-            self.chunks += 1
             self.shown = text
         elif final:
             self.shown = text

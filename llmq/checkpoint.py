@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from llmq import models, streaming
 from llmq.config import QuantConfig
@@ -204,6 +204,8 @@ def load_quantized(
     if leftover:
         raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
     model.config.quantization_config = qconfig.to_dict()
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()
 
 

@@ -9,8 +9,9 @@ Prints two markdown tables and writes them as JSON (default ``evals/results/benc
 2. Decode through SmolLM2-135M's 210 linear layers (30 blocks of q, k, v, o, gate, up, down) at
    ``M = 1`` with distinct weights per layer, so they stream from memory as in generation.
 
-Times are medians after a warm-up call; run it on an otherwise idle machine (a busy core stalls
-every 2-thread parallel region for a scheduler slice, milliseconds). Usage:
+Times are medians (the JSON also keeps minima) after a warm-up call, the variants of a row called
+in interleaved rounds; still, run it on an otherwise idle machine: a core busy with another
+process stalls torch's 2-thread regions for a scheduler slice (milliseconds). Usage:
 ``python scripts/bench_cpu_kernels.py [--quick] [--threads N]``.
 """
 
@@ -37,17 +38,21 @@ SMOLLM2_BLOCKS = 30
 BF16_MAX_MACS = 5e8  # bf16 F.linear is ~60x slower than fp32 here; skip the hopeless sizes
 
 
-def median_ms(fn: Callable[[], object], budget_s: float = 0.3, max_reps: int = 500) -> float:
-    """Median wall time of ``fn`` in ms over enough calls to fill ``budget_s`` (at least 3)."""
+def time_ms(fns: dict[str, Callable[[], object]], budget_s: float = 0.5, max_rounds: int = 400) -> dict:
+    """Median and min wall time in ms of each function, called in interleaved rounds after a warm-up
+    so that all of them see the same background load; enough rounds to fill ``budget_s`` (at least 5).
+    """
     start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(max(3, min(max_reps, int(budget_s / max(first, 1e-6))))):
-        start = time.perf_counter()
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    rounds = max(5, min(max_rounds, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
 def random_gptq(k: int, n: int, bits: int, group_size: int) -> dict:
@@ -67,44 +72,61 @@ def bench_shape(k: int, n: int, m: int) -> dict:
     xb = x.bfloat16()
     w = torch.randn(n, k)
     wb = w.bfloat16()
-    row = {"K": k, "N": n, "M": m}
-    row["fp32_ms"] = median_ms(lambda: F.linear(x, w))
-    row["bf16_ms"] = median_ms(lambda: F.linear(xb, wb)) if m * k * n <= BF16_MAX_MACS else None
     gs = 128 if k % 128 == 0 else 64
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
     sz = torch.rand(k // gs, n, 2).bfloat16()
-    row["torch_int4pack_group"] = gs
-    row["torch_int4pack_bf16_ms"] = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, gs, sz))
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s8 = torch.rand(n).bfloat16()
-    row["torch_int8pack_bf16_ms"] = median_ms(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8))
-    for name, bits, group_size in (("llmq_int4_g128", 4, 128), ("llmq_int8_pc", 8, -1)):
-        state = cpu.prepare_cpu(**random_gptq(k, n, bits, group_size))
-        row[f"{name}_ms"] = median_ms(lambda state=state: cpu.quant_matmul_prepared(x, state))
+    int4 = cpu.prepare_cpu(**random_gptq(k, n, 4, 128))
+    int8 = cpu.prepare_cpu(**random_gptq(k, n, 8, -1))
+    fns = {
+        "fp32": lambda: F.linear(x, w),
+        "bf16": lambda: F.linear(xb, wb),
+        "torch_int4pack_bf16": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, gs, sz),
+        "torch_int8pack_bf16": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8),
+        "llmq_int4_g128": lambda: cpu.quant_matmul_prepared(x, int4),
+        "llmq_int8_pc": lambda: cpu.quant_matmul_prepared(x, int8),
+    }
+    if m * k * n > BF16_MAX_MACS:
+        del fns["bf16"]
+    row: dict = {"K": k, "N": n, "M": m, "torch_int4pack_group": gs, "bf16_ms": None}
+    for name, (median, fastest) in time_ms(fns).items():
+        row[f"{name}_ms"], row[f"{name}_min_ms"] = median, fastest
+    for name in ("llmq_int4_g128", "llmq_int8_pc"):
         row[f"{name}_speedup"] = row["fp32_ms"] / row[f"{name}_ms"]
     return row
 
 
-def _time_fp32_stack(layers: list[tuple[int, int]], x: dict[int, torch.Tensor], budget_s: float) -> tuple[float, float]:
-    weights = [torch.randn(n, k) for k, n in layers]
-    ms = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights], budget_s=budget_s)
-    return ms, sum(w.numel() * 4 for w in weights) / 2**20
-
-
 def bench_decode(blocks: int, tokens: int) -> dict:
-    """Per-token time through every linear of SmolLM2-135M at M = 1, fp32 vs int4 g128 vs int8."""
+    """Per-token time through every linear of SmolLM2-135M at M = 1, fp32 vs int4 g128 vs int8.
+
+    About 0.5 GB of weights in all, far beyond the caches, so each token streams them from memory.
+    """
     layers = SMOLLM2_LAYER * blocks
     x = {k: torch.randn(1, k) for k in {576, 1536}}
-    result = {"blocks": blocks, "linears": len(layers)}
-    result["fp32_ms"], result["fp32_weight_mb"] = _time_fp32_stack(layers, x, budget_s=tokens * 0.03)
-    for name, bits, group_size in (("llmq_int4_g128", 4, 128), ("llmq_int8_pc", 8, -1)):
-        buffers = [random_gptq(k, n, bits, group_size) for k, n in layers]
-        states = [(cpu.prepare_cpu(**b), k) for b, (k, _) in zip(buffers, layers, strict=True)]
-        result[f"{name}_ms"] = median_ms(lambda states=states: [cpu.quant_matmul_prepared(x[k], s) for s, k in states],
-                                         budget_s=tokens * 0.01)
-        result[f"{name}_weight_mb"] = sum(b["qweight"].numel() * 4 for b in buffers) / 2**20
+    fp32 = [torch.randn(n, k) for k, n in layers]
+    quantized = {name: [(cpu.prepare_cpu(**random_gptq(k, n, bits, group_size)), k) for k, n in layers]
+                 for name, bits, group_size in (("llmq_int4_g128", 4, 128), ("llmq_int8_pc", 8, -1))}
+    params = sum(w.numel() for w in fp32)
+    result: dict = {"blocks": blocks, "linears": len(layers), "fp32_weight_mb": params * 4 / 2**20,
+                    "llmq_int4_g128_weight_mb": params / 2 / 2**20, "llmq_int8_pc_weight_mb": params / 2**20}
+    fns = {"fp32": lambda: [F.linear(x[w.shape[1]], w) for w in fp32]}
+    for name, states in quantized.items():
+        fns[name] = lambda states=states: [cpu.quant_matmul_prepared(x[k], s) for s, k in states]
+    for name, (median, fastest) in time_ms(fns, budget_s=tokens * 0.06).items():
+        result[f"{name}_ms"], result[f"{name}_min_ms"] = median, fastest
+    for name in quantized:
         result[f"{name}_speedup"] = result["fp32_ms"] / result[f"{name}_ms"]
     return result
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def fmt(v: float | None) -> str:
@@ -126,7 +148,7 @@ def main() -> None:
     rows_m = [1, 128] if args.quick else ROWS
     load_before = os.getloadavg()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     print("\n| K×N | M | fp32 linear ms | bf16 linear ms | torch int4pack ms (bf16 x) | torch int8pack ms (bf16 x) "
           "| llmq int4 g128 ms | llmq int8 pc ms | int4 vs fp32 | int8 vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -143,15 +165,15 @@ def main() -> None:
 
     decode = bench_decode(SMOLLM2_BLOCKS, tokens=5 if args.quick else 20)
     print(f"\nDecode, {decode['linears']} SmolLM2-135M linears per token (M = 1, weights streamed):\n")
-    print("| weights | MB | ms per token | vs fp32 |")
+    print("| weights | packed weight MB | ms per token | vs fp32 |")
     print("|---|---|---|---|")
     print(f"| fp32 | {decode['fp32_weight_mb']:.0f} | {decode['fp32_ms']:.2f} | 1.00× |")
     for name, label in (("llmq_int4_g128", "int4 g128"), ("llmq_int8_pc", "int8 per-channel")):
         print(f"| {label} | {decode[f'{name}_weight_mb']:.0f} | {decode[f'{name}_ms']:.2f} | "
               f"{decode[f'{name}_speedup']:.2f}× |")
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "gemv_max_m": cpu.GEMV_MAX_M, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "shapes": table, "decode": decode}, indent=1) + "\n")

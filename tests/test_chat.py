@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llmq import QuantConfig
+from llmq import QuantConfig, QuantLinear
 from llmq.assets import resolve_model
 from llmq.chat import (
     PLAIN_STOP,
@@ -33,7 +33,7 @@ from llmq.chat import (
 from llmq.pipeline import quantize
 
 QUESTION = "What is the capital of France?"
-NEW_TOKENS = 4  # each decode step dequantizes every layer with the reference kernel: seconds on 2 cores
+NEW_TOKENS = 8  # small: the reference kernel dequantizes every layer at each decode step
 TIMEOUT = 240
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # readline's bracketed-paste switches
 
@@ -248,3 +248,30 @@ def test_streamer_holds_back_and_cuts_stop_string(tokenizer):
     assert "".join(out.writes) == streamer.shown == " Paris is nice."
     assert all("\n" not in s for s in seen)
     assert len(streamer.times) >= 2
+
+
+PROMPTS = ("The history of the Roman Empire", "def fibonacci(n):\n    ", "Water boils at")
+
+
+@pytest.mark.slow
+def test_cpu_fast_path_greedy_equals_torch_reference(loaded, tokenizer, monkeypatch):
+    """The compiled CPU kernels and the torch reference give the same greedy tokens on fixed prompts."""
+    from llmq.kernels import backend_for, cpu_build
+    from llmq.kernels.cpu import cpu_available
+
+    if cpu_build.cpu_supported() is not None:
+        pytest.skip(f"no compiled CPU kernels here: {cpu_build.cpu_supported()}")
+    assert cpu_available(), "this CPU supports the compiled kernels but they did not build (see the warning)"
+    model, _ = loaded
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    runs = {}
+    for backend in ("cpu", "torch"):
+        monkeypatch.setenv("LLMQ_KERNEL", backend)
+        assert backend_for(torch.zeros(1)) == backend
+        runs[backend] = []
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16)
+            runs[backend].append(out[0, ids.shape[1]:].tolist())
+    assert all(len(r) == 16 for r in runs["cpu"])
+    assert runs["cpu"] == runs["torch"]

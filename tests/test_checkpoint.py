@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import calibration_ids, save_tiny
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from llmq import QuantConfig, QuantLinear, models
 from llmq.checkpoint import NotQuantizedError, OutputExistsError, load_quantized
@@ -72,6 +72,15 @@ def test_tied_embeddings_stay_tied(tiny_models, tmp_path):
     model = load_quantized(tmp_path / "q")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert "lm_head.weight" not in load_file(tmp_path / "q" / "model.safetensors")
+
+
+def test_generation_config_travels(tiny_models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    GenerationConfig(do_sample=True, temperature=0.3, top_k=7, max_new_tokens=11).save_pretrained(src)
+    quantize(src, QuantConfig(bits=4, group_size=32), tmp_path / "q", progress=False)
+    gen = load_quantized(tmp_path / "q").generation_config
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.max_new_tokens) == (True, 0.3, 7, 11)
 
 
 def test_sharded_output_and_index(tiny_models, tmp_path):

@@ -230,7 +230,13 @@ def test_empty_batch_and_bad_arguments():
 def test_backend_dispatch(monkeypatch):
     monkeypatch.delenv("LLMQ_KERNEL", raising=False)
     x = torch.randn(1, 8)
+    from llmq.kernels.cpu import cpu_available
+
+    assert kernels.backend_for(x) == ("cpu" if cpu_available() else "torch")
+    monkeypatch.setenv("LLMQ_KERNEL", "torch")
     assert kernels.backend_for(x) == "torch"
+    monkeypatch.setenv("LLMQ_KERNEL", "cpu")
+    assert kernels.backend_for(x) == "cpu"
     monkeypatch.setenv("LLMQ_KERNEL", "Triton")
     assert kernels.backend_for(x) == "triton"
     monkeypatch.setenv("LLMQ_KERNEL", "cuda")
@@ -248,3 +254,13 @@ def test_quantlinear_forward_through_triton(monkeypatch):
     expected = layer(x)
     monkeypatch.setenv("LLMQ_KERNEL", "triton")
     assert _rel_err(layer(x), expected.double().cpu()) < TOL[torch.float16]
+
+
+def test_torch_op_schema_and_fake():
+    """``llmq::quant_matmul_triton`` passes torch's custom-op checks (schema, fake tensor, dispatch)."""
+    gen = _gen("opcheck")
+    k, n = SHAPES[4]
+    layer, _, b = _layer(gen, 4, 64, False, torch.float16, k, n, bias=True)
+    x = torch.randn(2, 3, k, generator=gen).half().to(DEVICE)
+    torch.library.opcheck(tg.quant_matmul_op, (x, *layer.values(), 4, b.to(DEVICE)),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -14,13 +14,16 @@
 // of different groups interleaved) multiplies each row's scale into the decoded weights instead.
 //
 // Work is split over output column tiles (and row tiles when M > 1) with OpenMP, linked against
-// the runtime torch already uses so that both share one thread pool.
+// the runtime torch already uses so that both share one thread pool; see parallel_for for how
+// it copes with a core taken by another process.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <numeric>
 #include <type_traits>
@@ -46,8 +49,50 @@ struct Weights {
 
 // Up to this many accumulator sets per tile, see accumulate().
 constexpr int kAccSets = 2;
-// Below this many multiply-adds one thread beats two: waking the second costs more than it saves.
-constexpr int64_t kMinParallelMacs = 1 << 18;
+// Packed rows (units) per pass over the column blocks for one row, see gemv_range.
+constexpr int64_t kChunkUnits = 8;
+// Below this much work (multiply-adds, or weights dequantized) one thread beats two: waking the
+// second costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 18;
+// A parallel region slower than kStallNs + work / 4 ns (1 ms more than several times what the
+// work takes on one thread) waited for a preempted thread. Two such stalls within kStallWindowNs
+// mean another process holds a core (a lone one is a hiccup): the next calls then run on one
+// thread for a back-off that doubles from kFirstBackoffNs to kMaxBackoffNs while stalls go on.
+constexpr int64_t kStallNs = 1'000'000, kStallWindowNs = 50'000'000;
+constexpr int64_t kFirstBackoffNs = 250'000'000, kMaxBackoffNs = 8'000'000'000;
+
+std::atomic<int64_t> serial_until{0};
+std::atomic<int64_t> last_stall{-kStallWindowNs};
+std::atomic<int64_t> backoff{kFirstBackoffNs};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// body(i) for i in [0, n), on up to nthreads threads of the OpenMP pool torch uses.
+//
+// An OpenMP region ends in a barrier, so when another process holds a core the region waits a
+// scheduler slice (milliseconds) for the preempted thread: ruinous for kernels of microseconds
+// on a shared 2-core machine. Repeated overruns send later calls to one thread for a while.
+template <typename F>
+void parallel_for(int64_t n, int nthreads, int64_t work, const F& body) {
+  const int64_t start = now_ns();
+  if (nthreads < 2 || work < kMinParallelWork || start < serial_until.load(std::memory_order_relaxed)) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i = 0; i < n; ++i) body(i);
+  const int64_t end = now_ns();
+  if (end - start <= kStallNs + work / 4) {
+    backoff.store(kFirstBackoffNs, std::memory_order_relaxed);
+  } else if (end - last_stall.exchange(end, std::memory_order_relaxed) < kStallWindowNs) {
+    const int64_t wait = backoff.load(std::memory_order_relaxed);
+    serial_until.store(end + wait, std::memory_order_relaxed);
+    backoff.store(std::min(2 * wait, kMaxBackoffNs), std::memory_order_relaxed);
+  }
+}
 
 template <typename F, int... I>
 LLMQ_INLINE void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
@@ -145,56 +190,41 @@ LLMQ_INLINE void reduce(__m256 (&acc)[AS][MT][NBV]) {
       for (int v = 0; v < NBV; ++v) acc[0][m][v] = _mm256_add_ps(acc[0][m][v], acc[a][m][v]);
 }
 
-// Rows m0..m0+MT and columns n0..n0+8*NBV of y.
+// Units [u0, u1) (one run, see gemv_range) for rows m0..m0+MT and columns n0..n0+8*NBV.
+// Plain groups sum x q over the group's runs in `raw` (first run stores, later ones add); the
+// last run applies scale and zero point into y. Act-order runs (scales already applied) add
+// straight into y.
 // xs: activations pre-scaled per unit position [M, K]; xsum: per-group sums of x [M, G].
 template <int BITS, typename S, int MT, int NBV, int AS, bool ACT>
-void gemv_tile(const Weights& W, const float* xs, const float* xsum, int64_t m0, int64_t n0, float* y) {
-  using L = Layout<BITS>;
+void chunk_tile(const Weights& W, const float* xs, const float* xsum, int64_t m0, int64_t n0, int64_t g, int64_t u0,
+                int64_t u1, bool first, bool last, float* raw, float* y) {
   const int64_t N = W.N, G = W.G;
-  __m256 out[MT][NBV];
-  for (int v = 0; v < NBV; ++v) {
-    const __m256 b = W.bias ? _mm256_loadu_ps(W.bias + n0 + 8 * v) : _mm256_setzero_ps();
-    for (int m = 0; m < MT; ++m) out[m][v] = b;
-  }
   __m256 acc[AS][MT][NBV];
-  if constexpr (ACT) {
-    // sum_k x_k s_gk (q_k - z_gk) = sum_k (x_k s_gk) q_k - sum_g s_g z_g sum_{k in g} x_k
-    zero(acc);
-    accumulate<BITS, S, MT, NBV, AS, ACT>(W, xs, m0, n0, 0, W.K / L::VPU, acc);
-    reduce(acc);
-    for (int64_t g = 0; g < G; ++g)
-      for (int v = 0; v < NBV; ++v) {
-        const __m256 sz = _mm256_mul_ps(load_scales<S>(W.scales, g * N + n0 + 8 * v),
-                                        load_zeros(W.zeros + g * N + n0 + 8 * v));
-        for (int m = 0; m < MT; ++m)
-          out[m][v] = _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), out[m][v]);
+  zero(acc);
+  accumulate<BITS, S, MT, NBV, AS, ACT>(W, xs, m0, n0, u0, u1, acc);
+  reduce(acc);
+  for (int v = 0; v < NBV; ++v) {
+    const int64_t at = m0 * N + n0 + 8 * v;
+    if constexpr (ACT) {
+      for (int m = 0; m < MT; ++m)
+        _mm256_storeu_ps(y + at + m * N, _mm256_add_ps(_mm256_loadu_ps(y + at + m * N), acc[0][m][v]));
+    } else {
+      if (!first)
+        for (int m = 0; m < MT; ++m) acc[0][m][v] = _mm256_add_ps(acc[0][m][v], _mm256_loadu_ps(raw + at + m * N));
+      if (!last) {
+        for (int m = 0; m < MT; ++m) _mm256_storeu_ps(raw + at + m * N, acc[0][m][v]);
+        continue;
       }
-    for (int m = 0; m < MT; ++m)
-      for (int v = 0; v < NBV; ++v) out[m][v] = _mm256_add_ps(out[m][v], acc[0][m][v]);
-  } else {
-    // Per group: s (sum_k x_k q_k - z sum_k x_k)
-    for (int64_t g = 0; g < G; ++g) {
-      zero(acc);
-      accumulate<BITS, S, MT, NBV, AS, ACT>(W, xs, m0, n0, W.gstart[g] / L::VPU, W.gstart[g + 1] / L::VPU, acc);
-      reduce(acc);
-      for (int v = 0; v < NBV; ++v) {
-        const __m256 s = load_scales<S>(W.scales, g * N + n0 + 8 * v);
-        const __m256 z = load_zeros(W.zeros + g * N + n0 + 8 * v);
-        for (int m = 0; m < MT; ++m) {
-          const __m256 t = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), acc[0][m][v]);
-          out[m][v] = _mm256_fmadd_ps(s, t, out[m][v]);
-        }
+      // s (sum_k x_k q_k - z sum_k x_k) for group g
+      const __m256 s = load_scales<S>(W.scales, g * N + n0 + 8 * v);
+      const __m256 z = load_zeros(W.zeros + g * N + n0 + 8 * v);
+      for (int m = 0; m < MT; ++m) {
+        const __m256 t = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xsum + (m0 + m) * G + g), acc[0][m][v]);
+        _mm256_storeu_ps(y + at + m * N, _mm256_fmadd_ps(s, t, _mm256_loadu_ps(y + at + m * N)));
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NBV; ++v) _mm256_storeu_ps(y + (m0 + m) * N + n0 + 8 * v, out[m][v]);
 }
-
-struct Task {
-  int64_t m0, n0;
-  int mt, nbv;
-};
 
 // Register budgets (16 ymm): a single row takes tiles of 4 column vectors (2 for 3-bit, which
 // keeps three words per vector live); row tiles of 2 or 4 take 2 (more rows measured slower).
@@ -203,27 +233,77 @@ constexpr int row_nbv() {
   return BITS == 3 ? 2 : 4;
 }
 
+// What one pass of gemv_range works on: units [u0, u1) of group g (or of act-order rows).
+struct Chunk {
+  int64_t g, u0, u1;
+  bool first, last;
+};
+
 template <int BITS, typename S, bool ACT, int MT, int NBV>
-LLMQ_INLINE void tile(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
+LLMQ_INLINE void tile(const Weights& W, const float* xs, const float* xsum, int64_t m0, int64_t n0, const Chunk& c,
+                      float* raw, float* y) {
   constexpr int AS = std::max(1, std::min(kAccSets, 8 / (MT * NBV)));
-  gemv_tile<BITS, S, MT, NBV, AS, ACT>(W, xs, xsum, t.m0, t.n0, y);
+  chunk_tile<BITS, S, MT, NBV, AS, ACT>(W, xs, xsum, m0, n0, c.g, c.u0, c.u1, c.first, c.last, raw, y);
 }
 
 template <int BITS, typename S, bool ACT, int MT>
-LLMQ_INLINE void tile_rows(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
+LLMQ_INLINE void tile_cols(const Weights& W, const float* xs, const float* xsum, int64_t m0, int64_t n0, int nbv,
+                           const Chunk& c, float* raw, float* y) {
   if constexpr (MT == 1 && row_nbv<BITS>() == 4) {
-    if (t.nbv == 4) return tile<BITS, S, ACT, 1, 4>(W, xs, xsum, t, y);
+    if (nbv == 4) return tile<BITS, S, ACT, 1, 4>(W, xs, xsum, m0, n0, c, raw, y);
   }
-  if (t.nbv == 2) tile<BITS, S, ACT, MT, 2>(W, xs, xsum, t, y);
-  else tile<BITS, S, ACT, MT, 1>(W, xs, xsum, t, y);
+  if (nbv == 2) tile<BITS, S, ACT, MT, 2>(W, xs, xsum, m0, n0, c, raw, y);
+  else tile<BITS, S, ACT, MT, 1>(W, xs, xsum, m0, n0, c, raw, y);
 }
 
+// Columns [nb, ne) of all M rows of y: runs of packed rows outermost, then column blocks, then row
+// tiles. For one row (decode, weights streamed from memory) a run is kChunkUnits packed rows,
+// read as a few parallel sequential streams that the prefetchers follow; one column block down
+// all K rows jumps a whole qweight row on every load and streams at half the speed, though it
+// is up to 25% faster from cache. Several rows reuse the weights, so there a run is a whole
+// group, whose weights stay in L1 across the row tiles. raw holds per-group sums across runs,
+// [M, N] like y.
 template <int BITS, typename S, bool ACT>
-void run_task(const Weights& W, const float* xs, const float* xsum, const Task& t, float* y) {
-  switch (t.mt) {
-    case 1: tile_rows<BITS, S, ACT, 1>(W, xs, xsum, t, y); break;
-    case 2: tile_rows<BITS, S, ACT, 2>(W, xs, xsum, t, y); break;
-    default: tile_rows<BITS, S, ACT, 4>(W, xs, xsum, t, y); break;
+void gemv_range(const Weights& W, const float* xs, const float* xsum, int64_t M, int64_t nb, int64_t ne, float* raw,
+                float* y) {
+  using L = Layout<BITS>;
+  const int64_t N = W.N, G = W.G, units = W.K / L::VPU;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = nb; n < ne; ++n) y[m * N + n] = W.bias ? W.bias[n] : 0.0f;
+  const int64_t width = 8 * (M == 1 ? row_nbv<BITS>() : 2);
+  for (int64_t g = 0; g < (ACT ? 1 : G); ++g) {
+    const int64_t g0 = ACT ? 0 : W.gstart[g] / L::VPU, g1 = ACT ? units : W.gstart[g + 1] / L::VPU;
+    const int64_t step = M == 1 ? kChunkUnits : std::max<int64_t>(1, g1 - g0);
+    for (int64_t u0 = g0; u0 < g1; u0 += step) {
+      const Chunk c{g, u0, std::min(g1, u0 + step), u0 == g0, u0 + step >= g1};
+      for (int64_t n0 = nb; n0 < ne;) {
+        const int nbv = static_cast<int>((ne - n0 >= width ? width : 8) / 8);
+        for (int64_t m0 = 0; m0 < M;) {
+          if (M - m0 >= 4) {
+            tile_cols<BITS, S, ACT, 4>(W, xs, xsum, m0, n0, nbv, c, raw, y);
+            m0 += 4;
+          } else if (M - m0 >= 2) {
+            tile_cols<BITS, S, ACT, 2>(W, xs, xsum, m0, n0, nbv, c, raw, y);
+            m0 += 2;
+          } else {
+            tile_cols<BITS, S, ACT, 1>(W, xs, xsum, m0, n0, nbv, c, raw, y);
+            m0 += 1;
+          }
+        }
+        n0 += 8 * nbv;
+      }
+    }
+  }
+  if constexpr (ACT) {
+    // sum_k x_k s_gk (q_k - z_gk) = sum_k (x_k s_gk) q_k - sum_g s_g z_g sum_{k in g} x_k
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t n = nb; n < ne; n += 8) {
+        const __m256 sz = _mm256_mul_ps(load_scales<S>(W.scales, g * N + n), load_zeros(W.zeros + g * N + n));
+        for (int64_t m = 0; m < M; ++m) {
+          float* out = y + m * N + n;
+          _mm256_storeu_ps(out, _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(xsum + m * G + g), _mm256_loadu_ps(out)));
+        }
+      }
   }
 }
 
@@ -257,36 +337,22 @@ void prepare_x(const Weights& W, int64_t M, const float* x, float* xs, float* xs
 template <int BITS, typename S>
 void gemv(const Weights& W, int64_t M, const float* x, float* y, int nthreads) {
   const int64_t K = W.K, N = W.N, G = W.G;
-  // Per calling thread and reused across calls; OpenMP workers reach these through the pointers
+  // Per calling thread and reused across calls; OpenMP workers reach it through the pointers
   // taken here (a thread_local named inside the parallel region would be the worker's own).
   thread_local std::vector<float> buf;
-  thread_local std::vector<Task> tasks;
-  buf.resize(static_cast<size_t>(M * (K + G)));
+  buf.resize(static_cast<size_t>(M * (K + G + N)));
   float* xs = buf.data();
   float* xsum = xs + M * K;
+  float* raw = xsum + M * G;
   prepare_x<BITS>(W, M, x, xs, xsum);
-  tasks.clear();
-  // Column blocks outermost: the row tiles of one block follow each other on the same thread
-  // and find its weights in cache. Several rows share 16-column blocks, one row takes 32.
-  const int64_t width = 8 * (M == 1 ? row_nbv<BITS>() : 2);
-  for (int64_t n0 = 0; n0 < N;) {
-    const int64_t cols = N - n0 >= width ? width : 8;
-    for (int64_t m0 = 0; m0 < M;) {
-      const int mt = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
-      tasks.push_back({m0, n0, mt, static_cast<int>(cols / 8)});
-      m0 += mt;
-    }
-    n0 += cols;
-  }
-  const Task* task = tasks.data();
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const bool act = W.gstart == nullptr;
-  if (M * K * N < kMinParallelMacs) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t i = 0; i < n_tasks; ++i) {
-    if (act) run_task<BITS, S, true>(W, xs, xsum, task[i], y);
-    else run_task<BITS, S, false>(W, xs, xsum, task[i], y);
-  }
+  // One range of whole 32-column blocks per thread.
+  const int64_t blocks = (N + 31) / 32, ranges = std::max<int64_t>(1, std::min<int64_t>(nthreads, blocks));
+  auto range = [&](int64_t r) {
+    const int64_t nb = r * blocks / ranges * 32, ne = std::min(N, (r + 1) * blocks / ranges * 32);
+    if (W.gstart) gemv_range<BITS, S, false>(W, xs, xsum, M, nb, ne, raw, y);
+    else gemv_range<BITS, S, true>(W, xs, xsum, M, nb, ne, raw, y);
+  };
+  parallel_for(ranges, nthreads, M * K * N, range);
 }
 
 // Rows [k0, k1) (multiples of the packing unit) of w[k, n] = s[g, n] * (q[k, n] - z[g, n]) into
@@ -295,9 +361,9 @@ void gemv(const Weights& W, int64_t M, const float* x, float* y, int nthreads) {
 template <int BITS, typename S, bool ACT>
 void dequant_rows(const Weights& W, float* out, int64_t k0, int64_t k1, int nthreads) {
   using L = Layout<BITS>;
-  const int64_t N = W.N, u0 = k0 / L::VPU, u1 = k1 / L::VPU;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t u = u0; u < u1; ++u) {
+  const int64_t N = W.N, u0 = k0 / L::VPU;
+  parallel_for(k1 / L::VPU - u0, nthreads, (k1 - k0) * N, [&](int64_t i) {
+    const int64_t u = u0 + i;
     const int32_t* row = W.qweight + u * L::WPU * N;
     const int32_t* groups = W.g_idx + u * L::VPU;
     float* dst = out + (u - u0) * L::VPU * N;
@@ -317,7 +383,7 @@ void dequant_rows(const Weights& W, float* out, int64_t k0, int64_t k1, int nthr
         }
       });
     }
-  }
+  });
 }
 
 template <int BITS, typename S>
