@@ -7,6 +7,9 @@ Writes `evals/results/smollm2_wikitext.json` and prints a markdown table.
 
     python evals/smollm2_wikitext.py                  # every configuration, 40 windows
     python evals/smollm2_wikitext.py --only rtn-int8-pc rtn-int4-g128-asym --windows 4
+
+Runs of configurations not re-run are kept from an existing JSON with the same corpus, sequence
+length and windows (the baseline is recomputed and must agree).
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ CONFIGS = {
     "rtn-int4-g128-sym": "--method rtn --bits 4 --group-size 128 --sym",
     "rtn-int4-g32-asym": "--method rtn --bits 4 --group-size 32 --asym",
     "rtn-int3-g128-asym": "--method rtn --bits 3 --group-size 128 --asym",
-    "gptq-int4-g128-asym": "--method gptq --bits 4 --group-size 128 --asym",
+    "gptq-int4-g128-asym": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act",
     "gptq-int4-g128-asym-actorder": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
     "gptq-int4-g128-sym-actorder": "--method gptq --bits 4 --group-size 128 --sym --desc-act",
     "gptq-int3-g128-asym-actorder": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+    # The same without weighting the first (attention-sink) token of each calibration sample.
+    "gptq-int4-g128-asym-ftw1": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act --first-token-weight 1",
+    "gptq-int4-g128-asym-actorder-ftw1": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                         "--first-token-weight 1",
+    "gptq-int4-g128-sym-actorder-ftw1": "--method gptq --bits 4 --group-size 128 --sym --desc-act "
+                                        "--first-token-weight 1",
+    "gptq-int3-g128-asym-actorder-ftw1": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                         "--first-token-weight 1",
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -77,13 +88,22 @@ def main() -> None:
     results = compare_lms(candidates, tokenizer, "wikitext2", args.seqlen, args.windows, baseline=load_model(base_path))
 
     first = next(iter(results.values()))
+    merged = {name: {**runs[name], "eval": results[name].to_dict()} for name in names}
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
+    if previous and (previous["corpus"], previous["seqlen"], previous["windows"]) == (first.corpus, first.seqlen,
+                                                                                     first.windows):
+        if abs(previous["baseline_perplexity"] - first.baseline_perplexity) > 1e-6 * first.baseline_perplexity:
+            raise SystemExit(f"baseline perplexity changed ({previous['baseline_perplexity']} -> "
+                             f"{first.baseline_perplexity}): re-run every configuration")
+        merged = {**{k: v for k, v in previous["runs"].items() if k not in merged}, **merged}
+        names = list(merged)
     table = {
         "model": "SmolLM2-135M (dequantized from Q4_1)",
         "corpus": first.corpus, "seqlen": first.seqlen, "windows": first.windows, "tokens": first.tokens,
         "baseline_perplexity": first.baseline_perplexity,
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
         "llmq": __version__,
-        "runs": {name: {**runs[name], "eval": results[name].to_dict()} for name in names},
+        "runs": merged,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(table, indent=2))
@@ -96,9 +116,10 @@ def main() -> None:
     print(f"| unquantized (fp32) | {first.baseline_perplexity:.3f} | | | | "
           f"{sum(p.stat().st_size for p in base_path.glob('*.safetensors')) / 1e6:.1f} | 32 | | |")
     for name in names:
-        r, run = results[name], runs[name]
-        print(f"| {name} | {r.perplexity:.3f} | {100 * (r.perplexity / r.baseline_perplexity - 1):+.2f}% "
-              f"| {r.kl_divergence:.4f} | {r.top1_agreement:.2f}% | {run['size_on_disk_bytes'] / 1e6:.1f} "
+        run = merged[name]
+        r = run["eval"]
+        print(f"| {name} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / r['baseline_perplexity'] - 1):+.2f}% "
+              f"| {r['kl_divergence']:.4f} | {r['top1_agreement']:.2f}% | {run['size_on_disk_bytes'] / 1e6:.1f} "
               f"| {run['bits_per_weight']:.3f} | {run['quantize_seconds']:.1f} | {run['peak_rss_mb']:.0f} |")
 
 

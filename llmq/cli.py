@@ -27,7 +27,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
     p.add_argument("--mse", action="store_true", help="shrink each group's range where that lowers the error")
-    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order: solve columns by decreasing Hessian")
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order: solve columns by decreasing Hessian diagonal (default: on for GPTQ)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before solving")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: solve attention inputs, attention output, MLP inputs, MLP output in turn")
@@ -39,6 +40,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where blocks are solved (default: cuda if present, else cpu)")
+    p.add_argument("--first-token-weight", type=float, default=None,
+                   help="GPTQ: how many tokens each calibration sample's first position counts for "
+                        "(attention sink; default 8 for decoders, 1 for encoders)")
+    p.add_argument("--calib-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="precision of GPTQ's calibration forwards (auto: bfloat16 where the hardware is fast at it)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of unquantized tensors (default: bfloat16 for bf16 checkpoints, else float16)")
     p.add_argument("--skip-unpackable", action="store_true",
@@ -99,7 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     report = quantize(args.model, config, args.out, calib_source=args.calib, nsamples=args.nsamples,
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_size * 1024**3))
+                      max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
+                      first_token_weight=args.first_token_weight)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)

@@ -34,7 +34,7 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = True
     method: str = "rtn"
-    desc_act: bool = False
+    desc_act: bool | None = None  # None: on for GPTQ (without it GPTQ int4 g128 lost to RTN on SmolLM2), off for RTN
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
@@ -50,6 +50,8 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if self.desc_act is None:
+            self.desc_act = self.method == "gptq"
         if self.desc_act and self.method != "gptq":
             raise ValueError("act-order (desc_act) needs --method gptq")
 

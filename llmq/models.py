@@ -26,6 +26,8 @@ BLOCK_PATHS = {
     "opt": "model.decoder.layers",
     "bert": "encoder.layer",
 }
+# Bidirectional encoders (no causal first-token attention sink to protect during calibration).
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2"})
 
 
 class UnsupportedModelError(ValueError):

@@ -210,3 +210,20 @@ def test_cuda_matches_cpu(problem):
     assert gpu.q.is_cuda and gpu.scales.is_cuda and gpu.g_idx.is_cuda
     expected = hessian_error(w, cpu.dequantize(), h)
     assert hessian_error(w, gpu.dequantize().cpu(), h) == pytest.approx(expected, rel=1e-2)
+
+
+def test_first_token_weight_counts_first_positions_w_times():
+    """``add_batch(x, w)`` equals adding each sample's first token w times (H is a weighted mean)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 6, generator=g)
+    weighted = GPTQ(6)
+    weighted.add_batch(x, first_token_weight=4)
+    repeated = GPTQ(6)
+    repeated.add_batch(torch.cat([x.reshape(-1, 6)] + [x[:, 0]] * 3))
+    torch.testing.assert_close(weighted.H, repeated.H)
+    assert weighted.nsamples == repeated.nsamples == 15 + 9
+    plain = GPTQ(6)
+    plain.add_batch(x)
+    assert not torch.allclose(plain.H, weighted.H)
+    with pytest.raises(ValueError, match="first_token_weight"):
+        plain.add_batch(x, first_token_weight=0)

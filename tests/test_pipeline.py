@@ -76,6 +76,32 @@ def test_gptq_reconstructs_better_than_rtn_in_pipeline(tmp_path):
     assert errs["gptq"] < errs["rtn"]
 
 
+def test_bf16_calibration_matches_fp32(tmp_path):
+    """Calibration forwards in bfloat16 solve nearly the same problem as in float32, write float32
+    norms untouched, and are recorded in the checkpoint's meta."""
+    import json
+
+    src = save_tiny("llama", tmp_path / "src", num_hidden_layers=2)
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        reports[dtype] = quantize(src, QuantConfig(method="gptq", bits=4, group_size=32), tmp_path / dtype,
+                                  calibration=calibration_ids(n=16, seqlen=32), calib_dtype=dtype,
+                                  out_dtype=torch.float32, progress=False)
+        meta = json.loads((tmp_path / dtype / "config.json").read_text())["quantization_config"]["meta"]
+        assert meta["calib_dtype"] == dtype
+        assert meta["first_token_weight"] == pipeline.FIRST_TOKEN_WEIGHT
+    errs32, errs16 = reports["float32"].block_errors, reports["bfloat16"].block_errors
+    assert errs32 != errs16  # the forwards did run in bfloat16
+    assert all(abs(a - b) <= 0.05 * a for a, b in zip(errs32, errs16, strict=True)), (errs32, errs16)
+    original = load_file(src / "model.safetensors")
+    written = load_file(tmp_path / "bfloat16" / "model.safetensors")
+    norms = [k for k in written if "layernorm" in k]
+    assert norms and all(torch.equal(written[k], original[k]) for k in norms)
+    with pytest.raises(ValueError, match="calib dtype"):
+        quantize(src, QuantConfig(method="gptq"), tmp_path / "bad", calibration=calibration_ids(),
+                 calib_dtype="int8", progress=False)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_bert_encoder_quantizes_and_evaluates(tmp_path, method):
     from transformers import BertTokenizerFast
@@ -88,6 +114,8 @@ def test_bert_encoder_quantizes_and_evaluates(tmp_path, method):
     quantize(src, QuantConfig(method=method, bits=8, group_size=-1), tmp_path / "q",
              calibration=calibration_ids(n=8, seqlen=32), progress=False)
     model = load_quantized(tmp_path / "q")
+    if method == "gptq":  # no causal attention sink: the first token counts once
+        assert model.config.quantization_config["meta"]["first_token_weight"] == 1.0
     assert isinstance(model, AutoModelForMaskedLM._model_mapping[type(model.config)])
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, QuantLinear)
     assert not isinstance(model.bert.pooler, QuantLinear) if model.bert.pooler is not None else True

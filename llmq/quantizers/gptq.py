@@ -58,23 +58,44 @@ class GPTQ:
         self.nsamples = 0
         self.info: GPTQInfo | None = None
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Fold inputs ``x`` ``[..., in_features]`` (only valid tokens) into the running ``H``."""
+    def add_batch(self, x: torch.Tensor, first_token_weight: float = 1.0) -> None:
+        """Fold inputs ``x`` ``[..., in_features]`` (only valid tokens) into the running ``H``.
+
+        With ``first_token_weight`` w != 1 and ``x`` ``[batch, seq, in_features]``, each sample's
+        first position counts w times in ``H = 2/n Σ xxᵀ`` (its row is scaled by √w): the first
+        token of a sequence carries the attention sink that every later token attends to, so its
+        outputs matter far more than one token's share.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got shape {tuple(x.shape)}")
+        if first_token_weight <= 0:
+            raise ValueError(f"first_token_weight must be positive, got {first_token_weight}")
         if self.H is None:
             if self.device is None:
                 self.device = x.device
             self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
-        x = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)
-        m = x.shape[0]
-        if m == 0:
+        x = x.detach().to(self.device)
+        if x.dtype != torch.bfloat16:
+            x = x.float()
+        extra = 0.0
+        if first_token_weight != 1 and x.dim() == 3 and x.shape[1] > 0:
+            x = x.clone()
+            x[:, 0] *= math.sqrt(first_token_weight)
+            extra = (first_token_weight - 1) * x.shape[0]
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] == 0:
             return
+        m = x.shape[0] + extra
         # Running mean, so H stays O(1) however many tokens stream through.
         self.H *= self.nsamples / (self.nsamples + m)
         self.nsamples += m
         x = x * math.sqrt(2 / self.nsamples)
-        self.H.addmm_(x.t(), x)
+        if x.dtype == torch.float32:
+            self.H.addmm_(x.t(), x)
+        else:
+            # bf16 inputs (calibration forwards in bf16): the product runs at bf16 speed with
+            # fp32 accumulation inside the matmul; each batch's sum is rounded once and added in fp32.
+            self.H += (x.t() @ x).float()
 
     def solve(
         self,

@@ -1,0 +1,100 @@
+"""all-MiniLM-L6-v2 (the bundled BERT encoder): methods x bits, embedding fidelity.
+
+Each configuration is quantized in a fresh subprocess (`llmq quantize`, so wall time and peak
+RSS are that run's own), then every checkpoint is compared with the unquantized encoder on the
+same held-out sentences of the bundled corpus (documents never used for calibration): mean and
+minimum cosine similarity of the mean-pooled sentence embeddings, top-1 nearest-neighbour
+agreement and top-10 neighbour overlap. Writes `evals/results/minilm_encoder.json` and prints a
+markdown table.
+
+    python evals/minilm_encoder.py                      # every configuration, 2000 sentences
+    python evals/minilm_encoder.py --only rtn-int8-pc gptq-int4-g128 --sentences 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from llmq import __version__
+from llmq.assets import cache_dir, resolve_model
+from llmq.checkpoint import load_model
+from llmq.evaluate import evaluate_encoder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from smollm2_wikitext import cpu_name  # noqa: E402
+
+# name: llmq quantize arguments (MiniLM's widths are 384 and 1536: group 128 divides both)
+CONFIGS = {
+    "rtn-int8-pc": "--method rtn --bits 8 --group-size -1 --sym",
+    "gptq-int8-pc": "--method gptq --bits 8 --group-size -1 --sym",
+    "rtn-int4-g128": "--method rtn --bits 4 --group-size 128 --asym",
+    "gptq-int4-g128": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
+    "rtn-int3-g128": "--method rtn --bits 3 --group-size 128 --asym",
+    "gptq-int3-g128": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run (default: all)")
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=256, help="MiniLM was trained on sequences up to 256")
+    ap.add_argument("--workdir", default=str(cache_dir() / "evals" / "minilm"))
+    ap.add_argument("--requantize", action="store_true", help="quantize again even if a checkpoint exists")
+    ap.add_argument("--json", default=str(RESULTS / "minilm_encoder.json"))
+    args = ap.parse_args()
+
+    base_path = resolve_model("bert-minilm")
+    names = args.only or list(CONFIGS)
+    work = Path(args.workdir)
+    runs = {}
+    for name in names:
+        out, report = work / name, work / f"{name}.json"
+        if args.requantize or not report.exists():
+            cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", str(base_path), "--out", str(out),
+                   "--overwrite", "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen),
+                   "--json", str(report), *CONFIGS[name].split()]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        runs[name] = json.loads(report.read_text())
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    baseline = load_model(base_path)
+    results = {}
+    for name in names:
+        print(f"evaluating {name}", flush=True)
+        results[name] = evaluate_encoder(load_model(work / name), baseline, tokenizer, args.sentences)
+
+    table = {
+        "model": "all-MiniLM-L6-v2 (bundled)",
+        "sentences": args.sentences,
+        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
+        "llmq": __version__,
+        "runs": {name: {**runs[name], "eval": results[name]} for name in names},
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(table, indent=2))
+
+    print(f"\nall-MiniLM-L6-v2, {args.sentences} held-out sentences of the bundled corpus, {table['machine']['cpu']}")
+    print("| configuration | cosine mean | cosine min | top-1 agree | top-10 overlap | size (MB) | bits/weight "
+          "| quantize (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        r, run = results[name], runs[name]
+        top10 = next(v for k, v in r.items() if k.startswith("top") and k.endswith("_overlap"))
+        print(f"| {name} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {100 * r['top1_agreement']:.1f}% "
+              f"| {100 * top10:.1f}% | {run['size_on_disk_bytes'] / 1e6:.1f} | {run['bits_per_weight']:.3f} "
+              f"| {run['quantize_seconds']:.1f} | {run['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
