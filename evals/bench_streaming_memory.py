@@ -1,12 +1,13 @@
 """Peak memory of `llmq quantize` against the size of the checkpoint it reads.
 
 Builds a Llama-architecture checkpoint with random weights from a config (nothing downloaded;
-default: TinyLlama-1.1B's shape, 2.2 GB in bf16, saved in 500 MB shards), then quantizes it in
+default: 22 layers of width 2048 and MLP 8192, 1.5B parameters, 3.0 GB in bf16, saved in 500 MB
+shards), then quantizes it in
 fresh subprocesses with RTN and with GPTQ (few calibration samples: this measures memory, not
 quality) and records each run's wall time and peak RSS next to the checkpoint's size. Streaming
 means the peak is one block plus the calibration activations plus the runtime, not the model.
 
-    python evals/bench_streaming_memory.py                       # 1.1B shape, RTN and GPTQ
+    python evals/bench_streaming_memory.py                       # 1.5B, RTN and GPTQ
     python evals/bench_streaming_memory.py --layers 4 --methods rtn   # quick check
 
 Prints a markdown table and writes `evals/results/streaming_memory.json`.
@@ -60,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--methods", nargs="*", choices=sorted(METHODS), default=list(METHODS))
     ap.add_argument("--workdir", default=str(cache_dir() / "evals" / "streaming"))
     ap.add_argument("--json", default=str(RESULTS / "streaming_memory.json"))

@@ -78,16 +78,17 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor (any device; stored contiguous on disk)."""
         t = tensor.detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        if self._data is not None and self._offset and self._offset + len(data) > self.max_shard_bytes:
+        nbytes = t.numel() * t.element_size()
+        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
             self._close_shard()
         if self._data is None:
             self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
-        self._data.write(data)
+        if nbytes:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
         self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self._offset, self._offset + len(data)]}
-        self._offset += len(data)
-        self.total_bytes += len(data)
+                              "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+        self.total_bytes += nbytes
 
     def _close_shard(self) -> None:
         data_path = Path(self._data.name)

@@ -115,7 +115,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB")
     for why in report.skipped.values():
         print(f"left unquantized: {why}", file=sys.stderr)
-    result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": config.to_dict(),
+    result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": report.config.to_dict(),
                               "quantize_seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
                               "size_on_disk_bytes": info["size_on_disk_bytes"],
                               "bits_per_weight": info["bits_per_weight"], "skipped": report.skipped}

@@ -11,6 +11,11 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+try:  # transformers 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
 # Where the repeated blocks live, by model type. Architectures not listed are still handled
 # when they hold exactly one ModuleList of `num_hidden_layers` blocks.
 BLOCK_PATHS = {
@@ -51,7 +56,8 @@ def model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
 def build_skeleton(config: transformers.PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary tables are real)."""
     cls = model_class(config)
-    with init_empty_weights(include_buffers=False):
+    # Random init of meta tensors is pure overhead (a third of a small model's load time).
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = cls._from_config(config, dtype=dtype)
     return model.eval()
 

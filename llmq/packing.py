@@ -16,6 +16,7 @@ import math
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+CHUNK_ELEMENTS = 1 << 21  # working-set bound of pack() and QuantizedWeight.dequantize()
 
 
 def check_bits(bits: int) -> None:
@@ -51,20 +52,29 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     n_values, n_words = pack_unit(bits)
     if values.dim() != 2:
         raise ValueError(f"pack expects a 2-D tensor, got shape {tuple(values.shape)}")
-    v = values.movedim(dim, 0).to(torch.int64)
-    length = v.shape[0]
+    values = values.movedim(dim, 0)
+    length = values.shape[0]
     if length % n_values:
         raise ValueError(f"cannot pack {length} values at {bits} bits: need a multiple of {n_values}")
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):
         raise ValueError(f"values out of range for {bits}-bit packing")
-    v = v.reshape(length // n_values, n_values, -1)
+    # Column chunks bound the int64 working copies (a few MiB each, whatever the matrix size).
+    step = max(1, CHUNK_ELEMENTS // max(length, 1))
+    chunks = [_pack_runs(values[:, c:c + step], bits, n_values, n_words) for c in range(0, values.shape[1], step)]
+    packed = torch.cat(chunks, dim=1) if chunks else _pack_runs(values, bits, n_values, n_words)
+    return packed.movedim(0, dim).contiguous()
+
+
+def _pack_runs(values: torch.Tensor, bits: int, n_values: int, n_words: int) -> torch.Tensor:
+    """``values`` ``[K, N]`` (K a multiple of ``n_values``) packed along K into int32 ``[K * bits / 32, N]``."""
+    v = values.to(torch.int64).reshape(values.shape[0] // n_values, n_values, -1)
     words = torch.zeros(v.shape[0], n_words, v.shape[2], dtype=torch.int64, device=v.device)
     for k in range(n_values):
         word, shift = divmod(k * bits, 32)
         words[:, word] |= (v[:, k] << shift) & 0xFFFFFFFF
         if shift + bits > 32:  # 3-bit values straddle into the next word
             words[:, word + 1] |= v[:, k] >> (32 - shift)
-    return _to_int32(words.reshape(-1, v.shape[2])).movedim(0, dim).contiguous()
+    return _to_int32(words.reshape(-1, v.shape[2]))
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:

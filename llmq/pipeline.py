@@ -6,9 +6,11 @@ whole model is never materialized.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +108,12 @@ def quantize(
     reader = streaming.ShardReader(src)
     out_dtype = out_dtype or _default_out_dtype(reader.dtype())
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    compute_dtype = torch.float32
     fwd_dtype = resolve_calib_dtype(calib_dtype, device)
     if first_token_weight is None:
         first_token_weight = 1.0 if hf_config.model_type in models.ENCODER_TYPES else FIRST_TOKEN_WEIGHT
     if first_token_weight <= 0:
         raise ValueError(f"first token weight must be positive, got {first_token_weight}")
-    skeleton = models.build_skeleton(hf_config, dtype=compute_dtype)
+    skeleton = models.build_skeleton(hf_config, dtype=torch.float32)
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, reader)
     plan, skipped = _plan(layout, config)
@@ -143,35 +144,32 @@ def quantize(
         for i in bar:
             block = layout.blocks[i]
             prefix = layout.block_prefix(i)
-            streaming.materialize(block, prefix, keys, device, compute_dtype)
+            original = functools.partial(_original_weight, block, prefix, keys)
+
             if config.method == "gptq":
-                solved, inputs = _gptq_block(block, plan[i], inputs, config, fwd_dtype, first_token_weight)
-            else:
-                solved = {name: (rtn_quantize(models.linear_weight(m, m.weight), config.bits, config.group_size,
+                # GPTQ's forwards run in fwd_dtype; the solver reads float32 weights from the shards.
+                streaming.materialize(block, prefix, keys, device, fwd_dtype)
+                solved, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight)
+            else:  # RTN needs no forward: weights come straight from the shards
+                solved = {name: (rtn_quantize(original(name).to(device), config.bits, config.group_size,
                                               config.sym, config.mse), None)
-                          for name, m in block_linears_subset(block, plan[i]).items()}
+                          for name in plan[i]}
             errors = []
             for name, (qw, rel_err) in solved.items():
-                module = block.get_submodule(name)
-                w = models.linear_weight(module, module.weight).float()
                 if rel_err is None:
+                    w = original(name).to(device)
                     rel_err = float((qw.dequantize().to(w.device) - w).norm() / w.norm().clamp_min(1e-12))
                 errors.append(rel_err)
                 for tname, t in qw.pack().items():
                     writer.add(f"{prefix}{name}.{tname}", t)
-                if module.bias is not None:
-                    writer.add(f"{prefix}{name}.bias", module.bias.to(torch.float16))
-                written.update(f"{prefix}{name}.{p}" for p in ("weight", "bias"))
+                written.add(f"{prefix}{name}.weight")
                 report.quantized.append(prefix + name)
-            for pname, p in list(block.named_parameters()) + list(block.named_buffers()):
-                full = prefix + pname
-                if full not in written and keys.source(full) is not None:
-                    writer.add(full, p.to(out_dtype) if p.is_floating_point() else p)
-                    written.add(full)
             report.block_errors.append(sum(errors) / max(len(errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
             streaming.to_meta(block)
-        _copy_untouched(skeleton, keys, writer, written, out_dtype)
+            _copy_untouched(block, prefix, keys, writer, written, out_dtype, bias_dtype=torch.float16,
+                            quantized=set(solved))
+        _copy_untouched(skeleton, "", keys, writer, written, out_dtype)
         writer.close()
         checkpoint.write_config(hf_config, config, tmp, out_dtype)
         checkpoint.copy_side_files(src, tmp)
@@ -180,9 +178,10 @@ def quantize(
     return report
 
 
-def block_linears_subset(block: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """The linears of ``block`` named in ``names``, in that order."""
-    return {n: block.get_submodule(n) for n in names}
+def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str) -> torch.Tensor:
+    """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), float32 ``[out, in]``."""
+    module = block.get_submodule(name)
+    return models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight"))).float()
 
 
 def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
@@ -205,18 +204,24 @@ def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], 
     return plan, skipped
 
 
-def _copy_untouched(skeleton: nn.Module, keys: streaming.KeyMap, writer: checkpoint.ShardWriter,
-                    written: set[str], out_dtype: torch.dtype) -> None:
-    """Embeddings, final norm, head, ...: every remaining checkpoint tensor, one at a time."""
-    names = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in skeleton.named_buffers()]
+def _copy_untouched(module: nn.Module, prefix: str, keys: streaming.KeyMap, writer: checkpoint.ShardWriter,
+                    written: set[str], out_dtype: torch.dtype, bias_dtype: torch.dtype | None = None,
+                    quantized: set[str] = frozenset()) -> None:
+    """Every checkpoint tensor of ``module`` (named ``prefix``) not yet written, one at a time,
+    straight from the shards: norms, embeddings, the head; biases of the ``quantized`` linears
+    in ``bias_dtype`` (GPTQ checkpoints keep them in fp16)."""
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers()]
     for name in names:
-        key = keys.source(name)
-        if name in written or key is None:
+        full = prefix + name
+        key = keys.source(full)
+        if full in written or key is None:
             continue
         t = keys.reader.get(key)
-        writer.add(name, t.to(out_dtype) if t.is_floating_point() else t)
-        written.add(name)
+        owner, _, leaf = name.rpartition(".")
+        dtype = bias_dtype if leaf == "bias" and owner in quantized else out_dtype
+        writer.add(full, t.to(dtype) if t.is_floating_point() else t)
+        written.add(full)
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -304,15 +309,123 @@ def _capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: stre
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+def _run_block(block: nn.Module, inputs: list[tuple], memo: ForwardMemo | None = None) -> list[tuple]:
     """Run every captured batch through ``block``; return the next block's ``(args, kwargs)``."""
     outputs = []
     with torch.no_grad():
-        for args, kwargs in inputs:
+        for b, (args, kwargs) in enumerate(inputs):
+            if memo is not None:
+                memo.start(b, args[0])
             out = block(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             outputs.append(((hidden, *args[1:]), kwargs))
     return outputs
+
+
+class ForwardMemo:
+    """Replays what earlier passes over one block already computed.
+
+    A block's forward is deterministic: what a call inside it returns depends only on the
+    block's input and on the modules that ran before and during that call. Once none of those
+    is a linear still waiting to be solved, the call returns the same value in every later pass
+    over the same batch, so its first such value is kept and replayed. With true-sequential
+    passes this skips the attention (its linears and ``scaled_dot_product_attention``) in every
+    pass after the one that solves its output projection. Memoized calls: the block's direct
+    children that hold a linear being solved and whose output is no larger than the block's
+    input, and ``scaled_dot_product_attention``; so the memo holds a few activation-sized
+    tensors per batch at most.
+
+    Use as a context manager around the passes; ``start(b, hidden)`` before the forward of batch
+    ``b`` (``hidden``: the block's input), ``solved(name)`` once linear ``name`` is final.
+    """
+
+    def __init__(self, block: nn.Module, names: list[str]) -> None:
+        self._block = block
+        self._pending = set(names)
+        self._cache: dict[tuple, tuple[Any, list[tuple[torch.Tensor, int]]]] = {}
+        self._batch, self._limit, self._counts, self._seen_pending = 0, 0, {}, False
+        self._nested: list[list[tuple]] = []  # slots stored inside each call in progress
+        self._hooks = [block.get_submodule(n).register_forward_pre_hook(self._linear_called(n)) for n in names]
+        self._children = [(n, c) for n, c in block.named_children()
+                          if any(p == n or p.startswith(f"{n}.") for p in names)]
+        self.storing = True
+        self.replayed = 0
+
+    def _linear_called(self, name: str):
+        def pre_hook(_m: nn.Module, _args: tuple) -> None:
+            self._seen_pending |= name in self._pending
+        return pre_hook
+
+    def start(self, batch: int, hidden: torch.Tensor) -> None:
+        self._batch, self._limit, self._counts, self._seen_pending = batch, hidden.numel(), {}, False
+
+    def solved(self, name: str) -> None:
+        self._pending.discard(name)
+
+    def _call(self, kind: str, first: Any, fn, *args, **kwargs) -> Any:
+        n = self._counts.get(kind, 0)
+        self._counts[kind] = n + 1
+        slot = (self._batch, kind, n, tuple(first.shape) if isinstance(first, torch.Tensor) else None)
+        hit = self._cache.get(slot)
+        # A replayed tensor must not have been modified in place since it was stored.
+        if hit is not None and all(t._version == v for t, v in hit[1]):
+            self.replayed += 1
+            out, inner = hit[0], [slot]
+        else:
+            self._nested.append([])
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                inner = self._nested.pop()
+            tensors = _tensors(out)
+            if (self.storing and not self._seen_pending and tensors
+                    and sum(t.numel() for t in tensors) <= self._limit):
+                self._cache[slot] = (out, [(t, t._version) for t in tensors])
+                for s in inner:  # replaying this call skips the calls inside it: their entries are dead
+                    self._cache.pop(s, None)
+                inner = [slot]
+        if self._nested:
+            self._nested[-1] += inner
+        return out
+
+    def _wrap(self, name: str, child: nn.Module):
+        forward = child.forward
+
+        def memo_forward(*args, **kwargs):
+            return self._call(name, args[0] if args else None, forward, *args, **kwargs)
+        return memo_forward
+
+    def _attention(self, query: torch.Tensor, *args, **kwargs):
+        return self._call("scaled_dot_product_attention", query, self._sdpa, query, *args, **kwargs)
+
+    def __enter__(self) -> ForwardMemo:
+        self._own_forward = {name: child.__dict__.get("forward") for name, child in self._children}
+        for name, child in self._children:
+            child.forward = self._wrap(name, child)
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = self._attention
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.nn.functional.scaled_dot_product_attention = self._sdpa
+        for name, child in self._children:
+            del child.forward
+            if self._own_forward[name] is not None:  # an instance-level forward set by someone else
+                child.forward = self._own_forward[name]
+        for h in self._hooks:
+            h.remove()
+        self._cache.clear()
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
 
 
 def _input_groups(block: nn.Module, names: list[str], sample: tuple) -> list[list[str]]:
@@ -356,54 +469,59 @@ def _hessian_hooks(block: nn.Module, hessians: dict, last: str, first_token_weig
 
 
 def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig,
-                dtype: torch.dtype = torch.float32, first_token_weight: float = 1.0
+                original: Callable[[str], torch.Tensor], first_token_weight: float = 1.0
                 ) -> tuple[dict[str, tuple[QuantizedWeight, float]], list[tuple]]:
     """Solve every planned linear of ``block`` with GPTQ; return solutions and the block's outputs.
 
     With true-sequential, each input group is solved before the next group's Hessian is
-    collected, so later layers see the already-quantized earlier ones. The forwards run in
-    ``dtype`` (the block is cast for them); the solver reads float32 copies of the original
-    weights, and the block comes back in float32 with the solved linears dequantized.
+    collected, so later layers see the already-quantized earlier ones. The forwards run in the
+    block's dtype; the solver works in float32 on ``original(name)``, the checkpoint's weight
+    ``[out, in]``, and each solved linear's dequantized weight replaces it in ``block``.
     """
-    from llmq.quantizers.gptq import GPTQ
-
-    master = {k: v.detach().clone() for k, v in block.state_dict().items()} if dtype != torch.float32 else None
-    block.to(dtype)
     groups = _input_groups(block, names, inputs[0])
     stages = groups if config.true_sequential else [[n for g in groups for n in g]]
     solved: dict[str, tuple[QuantizedWeight, float]] = {}
-    for stage in stages:
-        stage_groups = [g for g in groups if g[0] in stage]
-        hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0]) for g in stage_groups}
-        hooks = _hessian_hooks(block, hessians, stage[-1], first_token_weight)
-        try:
-            with torch.no_grad():
-                for args, kwargs in inputs:
-                    try:
-                        block(*args, **kwargs)
-                    except _StopForward:
-                        pass
-        finally:
-            for h in hooks:
-                h.remove()
-        for group in stage_groups:
-            gptq = hessians[group[0]]
-            for name in group:
-                module = block.get_submodule(name)
-                w = master[f"{name}.weight"] if master is not None else module.weight.detach()
-                w = models.linear_weight(module, w).float()
-                qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                                desc_act=config.desc_act, static_groups=config.static_groups,
-                                damp_percent=config.damp_percent, block_size=config.block_size, mse=config.mse)
-                solved[name] = (qw, gptq.relative_error(w, qw))
-                deq = qw.dequantize().to(module.weight.device, torch.float32)
-                deq = deq.t() if isinstance(module, models.Conv1D) else deq
-                module.weight.data.copy_(deq)
-                if master is not None:
-                    master[f"{name}.weight"].copy_(deq)
-            del gptq
-    outputs = _run_block(block, inputs)
-    if master is not None:
-        block.to(torch.float32)
-        block.load_state_dict(master)
+    with ForwardMemo(block, names) as memo:
+        for stage in stages:
+            stage_groups = [g for g in groups if g[0] in stage]
+            # A group's linears share one input: the pass can stop where the last group's first one is called.
+            _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, original,
+                         first_token_weight, memo, solved)
+        memo.storing = False  # nothing runs after the output pass
+        outputs = _run_block(block, inputs, memo)
     return solved, outputs
+
+
+def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inputs: list[tuple],
+                 config: QuantConfig, original: Callable[[str], torch.Tensor], first_token_weight: float,
+                 memo: ForwardMemo, solved: dict[str, tuple[QuantizedWeight, float]]) -> None:
+    """Collect the Hessians of ``stage_groups`` (one pass, stopped at linear ``last``), then solve
+    each of their linears and put its dequantized weight into ``block``."""
+    from llmq.quantizers.gptq import GPTQ
+
+    hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0]) for g in stage_groups}
+    hooks = _hessian_hooks(block, hessians, last, first_token_weight)
+    try:
+        with torch.no_grad():
+            for b, (args, kwargs) in enumerate(inputs):
+                memo.start(b, args[0])
+                try:
+                    block(*args, **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    for group in stage_groups:
+        gptq = hessians[group[0]]
+        for name in group:
+            module = block.get_submodule(name)
+            w = original(name).to(module.weight.device)
+            qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                            desc_act=config.desc_act, static_groups=config.static_groups,
+                            damp_percent=config.damp_percent, block_size=config.block_size, mse=config.mse)
+            solved[name] = (qw, gptq.relative_error(w, qw))
+            deq = qw.dequantize()
+            module.weight.data.copy_(deq.t() if isinstance(module, models.Conv1D) else deq)
+            memo.solved(name)
+        del gptq

@@ -128,3 +128,42 @@ def test_bert_encoder_quantizes_and_evaluates(tmp_path, method):
     assert cos > 0.99
     ppl_q, ppl_b = pseudo_perplexity(model, tok, sents[:3], False), pseudo_perplexity(base, tok, sents[:3], False)
     assert ppl_q == pytest.approx(ppl_b, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "bert"])
+def test_forward_replay_changes_nothing(tmp_path, monkeypatch, kind):
+    """Replaying solved parts of a block (attention) across true-sequential passes writes the same
+    checkpoint, bit for bit, as recomputing them, and does replay (per batch, in each later pass)."""
+    src = save_tiny(kind, tmp_path / "src")
+    config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
+    calib = calibration_ids(n=8, seqlen=32)
+    replays = []
+    real_exit = pipeline.ForwardMemo.__exit__
+
+    def count(self, *exc):
+        replays.append(self.replayed)
+        real_exit(self, *exc)
+
+    monkeypatch.setattr(pipeline.ForwardMemo, "__exit__", count)
+    linear_calls = []
+
+    def count_linear(module, _args):
+        linear_calls[-1] += isinstance(module, (torch.nn.Linear, models.Conv1D))
+
+    def counted(out):
+        linear_calls.append(0)
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(count_linear)
+        try:
+            quantize(src, config, out, calibration=calib, batch_size=4, progress=False)
+        finally:
+            handle.remove()
+
+    counted(tmp_path / "memo")
+    monkeypatch.setattr(pipeline.ForwardMemo, "_call", lambda self, kind, first, fn, *a, **k: fn(*a, **k))
+    counted(tmp_path / "plain")
+    assert linear_calls[0] < 0.8 * linear_calls[1], linear_calls  # the attention's linears were skipped too
+    # 2 batches per block; after the pass that solves the attention output, 2 later passes and the output pass
+    assert replays[:2] and all(r >= 2 * 2 for r in replays[:2]), replays
+    assert replays[2:] == [0] * len(replays[2:])
+    memo, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("memo", "plain"))
+    assert memo.keys() == plain.keys() and all(torch.equal(memo[k], plain[k]) for k in memo)

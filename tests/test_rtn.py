@@ -64,3 +64,22 @@ def test_config_round_trip():
     d = c.to_dict()
     assert d["quant_method"] == "gptq" and d["checkpoint_format"] == "gptq" and d["pack_dtype"] == "int32"
     assert QuantConfig.from_dict(d).to_dict() == d
+
+
+@pytest.mark.parametrize("group_size", [-1, 128, 48])
+@pytest.mark.parametrize("mse", [False, True])
+def test_chunked_solve_and_dequantize_match_one_piece(monkeypatch, group_size, mse):
+    """Row chunks (which bound the temporaries of large matrices) change nothing, bit for bit."""
+    import llmq.packing
+    import llmq.quantizers.rtn
+
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(7))
+    whole = rtn_quantize(w, 3, group_size, False, mse)
+    deq, packed = whole.dequantize(), whole.pack()
+    for module in (llmq.quantizers.rtn, llmq.packing):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1000)  # 1 row of 576 per chunk
+    chunked = rtn_quantize(w, 3, group_size, False, mse)
+    for name in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    assert torch.equal(chunked.dequantize(), deq)
+    assert all(torch.equal(t, packed[k]) for k, t in chunked.pack().items())

@@ -191,6 +191,7 @@ def gptq_quantize(
     group_at = g_idx[perm].tolist()  # group of each column in solve order
 
     Hinv, damp_used = _inverse_cholesky(H, damp_percent)
+    del H
     Q = torch.zeros_like(W)
     losses = torch.zeros(out_features, device=device)
     for i1 in range(0, cols, block_size):
@@ -234,12 +235,18 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tenso
     for attempt in range(DAMP_RETRIES + 1):
         percent = damp_percent * 10**attempt
         tried.append(percent)
+        # Each intermediate is dropped as soon as the next exists: for a wide layer (8192 inputs)
+        # every [in, in] float32 matrix is 256 MiB, and at most two are alive here besides H.
         damped = H.clone()
         damped.diagonal().add_(percent * mean_diag)
         L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
         if info.item() == 0 and torch.isfinite(U).all():
             return U, percent
     raise HessianError(

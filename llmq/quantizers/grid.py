@@ -97,9 +97,14 @@ class QuantizedWeight:
     bits: int
 
     def dequantize(self) -> torch.Tensor:
-        """Reconstructed weight ``[out, in]`` in float32."""
+        """Reconstructed weight ``[out, in]`` in float32 (built in row chunks: no full-size temporaries)."""
         g = self.g_idx.long()
-        return (self.scales[g].float() * (self.q.t().float() - self.zeros[g].float())).t().contiguous()
+        out = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
+        step = max(1, packing.CHUNK_ELEMENTS // max(self.q.shape[1], 1))
+        for r in range(0, out.shape[0], step):
+            rows = slice(r, r + step)
+            out[rows] = self.scales[:, rows].float().t()[:, g] * (self.q[rows] - self.zeros[:, rows].t()[:, g])
+        return out
 
     def pack(self) -> dict[str, torch.Tensor]:
         """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
