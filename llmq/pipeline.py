@@ -340,7 +340,6 @@ class ForwardMemo:
     """
 
     def __init__(self, block: nn.Module, names: list[str]) -> None:
-        self._block = block
         self._pending = set(names)
         self._cache: dict[tuple, tuple[Any, list[tuple[torch.Tensor, int]]]] = {}
         self._batch, self._limit, self._counts, self._seen_pending = 0, 0, {}, False
