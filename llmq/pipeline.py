@@ -150,15 +150,14 @@ def quantize(
                 # GPTQ's forwards run in fwd_dtype; the solver reads float32 weights from the shards.
                 streaming.materialize(block, prefix, keys, device, fwd_dtype)
                 solved, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight)
-            else:  # RTN needs no forward: weights come straight from the shards
-                solved = {name: (rtn_quantize(original(name).to(device), config.bits, config.group_size,
-                                              config.sym, config.mse), None)
-                          for name in plan[i]}
+            else:  # RTN needs no forward: weights come straight from the shards, each read once
+                solved = {}
+                for name in plan[i]:
+                    w = original(name).to(device)
+                    qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
+                    solved[name] = (qw, float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12)))
             errors = []
             for name, (qw, rel_err) in solved.items():
-                if rel_err is None:
-                    w = original(name).to(device)
-                    rel_err = float((qw.dequantize().to(w.device) - w).norm() / w.norm().clamp_min(1e-12))
                 errors.append(rel_err)
                 for tname, t in qw.pack().items():
                     writer.add(f"{prefix}{name}.{tname}", t)
