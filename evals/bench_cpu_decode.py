@@ -5,7 +5,8 @@ Batch 1, greedy, a fixed prompt, exactly ``--new-tokens`` new tokens (EOS suppre
 warm-up generation, then the median of ``--runs`` timed ones. Prefill and decode speeds come from
 when ``generate`` hands each token to its streamer (``llmq.chat.generate_reply``, the same
 numbers as ``llmq chat``'s ``/stats``). Each configuration runs in a fresh subprocess so that
-load time and peak RSS (``ru_maxrss``: loading and generating) belong to that model alone.
+load time and peak RSS (``ru_maxrss``: loading and generating) belong to that model alone; the
+Python imports every configuration shares (torch, transformers' model code) are timed apart.
 Quantized layers run whatever ``QuantLinear`` calls (``llmq.kernels.quant_matmul``).
 
     python evals/bench_cpu_decode.py                    # all five, ~128 new tokens x 4 generations each
@@ -43,6 +44,7 @@ CONFIGS: dict[str, tuple[QuantConfig | None, str]] = {
     "int4-g128-sym": (QuantConfig(bits=4, group_size=128, sym=True), "float32"),
     "int4-g128-asym": (QuantConfig(bits=4, group_size=128, sym=False), "float32"),
 }
+LOADS = 3  # loads per configuration, each in a fresh process (median reported)
 WARMUP_TOKENS = 8  # enough to touch every code path and grow the allocator once
 PROMPT = (
     "The history of the bicycle begins in the early nineteenth century, when inventors in Europe "
@@ -84,7 +86,8 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: int, threads: int) -> dict[str, Any]:
+def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: int, threads: int,
+           load_only: bool = False) -> dict[str, Any]:
     """Load one checkpoint and time its generations (runs in the subprocess)."""
     from transformers import AutoTokenizer
 
@@ -94,9 +97,20 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     if threads:
         torch.set_num_threads(threads)
 
+    # Python imports (torch, transformers' lazily imported model code, the tokenizer classes) are
+    # the same for every configuration and are not the checkpoint's load: timed apart, first.
+    started = time.perf_counter()
+    from transformers import AutoConfig
+
+    from llmq import models
+
+    models.model_class(AutoConfig.from_pretrained(resolve_model(model)))
+    import_seconds = time.perf_counter() - started
     started = time.perf_counter()
     m, _ = load_chat_model(model, "cpu", getattr(torch, dtype))
     load_seconds = time.perf_counter() - started
+    if load_only:
+        return {"import_seconds": import_seconds, "load_seconds": load_seconds}
     rss_loaded = _rss_mb()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     ids = tokenizer(PROMPT)["input_ids"]
@@ -110,6 +124,7 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     if any(s.new_tokens != new_tokens for s in timed):
         raise RuntimeError(f"a run produced {[s.new_tokens for s in timed]} tokens, not {new_tokens}")
     return {
+        "import_seconds": import_seconds,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -149,12 +164,21 @@ def run_config(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any
     cmd = [sys.executable, __file__, "--worker", str(path), "--dtype", dtype, "--runs", str(args.runs),
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
            "--threads", str(args.threads)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    loads = []
+    for _ in range(LOADS - 1):  # one load is a fraction of a second: the median over fresh processes
+        proc = subprocess.run([*cmd, "--load-only"], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+        loads.append(json.loads(proc.stdout.strip().splitlines()[-1])["load_seconds"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    loads.append(result["load_seconds"])
+    result["load_seconds"], result["load_seconds_runs"] = _median(loads), loads
     qconfig, _ = CONFIGS[name]
     return {"config": name, "quantization": qconfig.describe() if qconfig else "none", "checkpoint": str(path),
             "size_on_disk_mb": _size_mb(path), **result, "wall_seconds": time.perf_counter() - started,
@@ -164,11 +188,12 @@ def run_config(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the results."""
-    lines = ["| config | weights | compute | disk MB | load s | prefill tok/s | decode tok/s | peak RSS MB "
-             "| load avg |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | weights | compute | disk MB | imports s | load s | prefill tok/s | decode tok/s "
+             "| peak RSS MB | load avg |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['quantization']} | {r['compute_dtype']} | {r['size_on_disk_mb']:.0f} | "
-                     f"{r['load_seconds']:.2f} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
+                     f"{r.get('import_seconds', float('nan')):.2f} | {r['load_seconds']:.2f} | "
+                     f"{r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['loadavg_1m_before']:.1f}-{r['loadavg_1m_after']:.1f} |")
     return "\n".join(lines)
 
@@ -187,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "cpu_decode.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.dtype, args.runs, args.new_tokens, args.prompt_tokens,
-                                args.threads)))
+                                args.threads, args.load_only)))
         return 0
     paths = {name: checkpoint_for(name, args.ckpt_dir) for name in args.configs}
     rows = []

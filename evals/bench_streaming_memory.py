@@ -81,9 +81,13 @@ def main() -> None:
         runs[method] = json.loads(report.read_text())
         shutil.rmtree(work / method)
 
+    checkpoint = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                  "dtype": "bfloat16", "bytes": size}
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
+    if previous and previous.get("checkpoint") == checkpoint:  # keep the methods not re-run
+        runs = {**{k: v for k, v in previous["runs"].items() if k not in runs}, **runs}
     table = {
-        "checkpoint": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
-                       "dtype": "bfloat16", "bytes": size},
+        "checkpoint": checkpoint,
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
         "llmq": __version__,
         "runs": runs,

@@ -9,6 +9,8 @@ markdown table.
 
     python evals/minilm_encoder.py                      # every configuration, 2000 sentences
     python evals/minilm_encoder.py --only rtn-int8-pc gptq-int4-g128 --sentences 500
+
+Runs of configurations not re-run are kept from an existing JSON with the same sentence count.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ CONFIGS = {
     "gptq-int4-g128": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
     "rtn-int3-g128": "--method rtn --bits 3 --group-size 128 --asym",
     "gptq-int3-g128": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+    # int4 variants: MSE grid, more calibration samples
+    "gptq-int4-g128-mse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse",
+    "gptq-int4-g128-n512": "--method gptq --bits 4 --group-size 128 --asym --desc-act --nsamples 512",
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,12 +79,16 @@ def main() -> None:
         print(f"evaluating {name}", flush=True)
         results[name] = evaluate_encoder(load_model(work / name), baseline, tokenizer, args.sentences)
 
+    merged = {name: {**runs[name], "eval": results[name]} for name in names}
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
+    if previous and previous.get("sentences") == args.sentences:  # keep the configurations not re-run
+        merged = {**{k: v for k, v in previous["runs"].items() if k not in merged}, **merged}
     table = {
         "model": "all-MiniLM-L6-v2 (bundled)",
         "sentences": args.sentences,
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
         "llmq": __version__,
-        "runs": {name: {**runs[name], "eval": results[name]} for name in names},
+        "runs": merged,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(table, indent=2))
@@ -88,8 +97,8 @@ def main() -> None:
     print("| configuration | cosine mean | cosine min | top-1 agree | top-10 overlap | size (MB) | bits/weight "
           "| quantize (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in names:
-        r, run = results[name], runs[name]
+    for name, run in merged.items():
+        r = run["eval"]
         top10 = next(v for k, v in r.items() if k.startswith("top") and k.endswith("_overlap"))
         print(f"| {name} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {100 * r['top1_agreement']:.1f}% "
               f"| {100 * top10:.1f}% | {run['size_on_disk_bytes'] / 1e6:.1f} | {run['bits_per_weight']:.3f} "

@@ -40,6 +40,9 @@ CONFIGS = {
     "gptq-int4-g128-asym-actorder": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
     "gptq-int4-g128-sym-actorder": "--method gptq --bits 4 --group-size 128 --sym --desc-act",
     "gptq-int3-g128-asym-actorder": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+    # int3 variants: MSE grid search; twice the calibration samples
+    "gptq-int3-g128-asym-actorder-mse": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse",
+    "gptq-int3-g128-asym-actorder-n256": "--method gptq --bits 3 --group-size 128 --asym --desc-act --nsamples 256",
     # The same without weighting the first (attention-sink) token of each calibration sample.
     "gptq-int4-g128-asym-ftw1": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act --first-token-weight 1",
     "gptq-int4-g128-asym-actorder-ftw1": "--method gptq --bits 4 --group-size 128 --asym --desc-act "

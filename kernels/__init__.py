@@ -13,7 +13,7 @@ import functools
 import os
 
 import torch
-from llmq.kernels.reference import quant_matmul_torch
+from llmq.kernels.reference import half_matmul_torch, quant_matmul_torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -65,3 +65,14 @@ def quant_matmul(
 
         return quant_matmul_cpu(x, qweight, qzeros, scales, g_idx, bits, bias)
     return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+
+def half_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[..., in]`` @ ``weight.T`` + ``bias`` for an unquantized ``[out, in]`` weight kept in
+    fp16/bf16 while ``x`` is fp32 (see :class:`llmq.qlinear.HalfLinear`). The compiled CPU kernel
+    on CPU; elsewhere (and for ``LLMQ_KERNEL=torch``) the weight is widened to ``x``'s dtype."""
+    if x.is_cpu and backend_for(x) == "cpu":
+        from llmq.kernels.cpu import half_matmul_cpu
+
+        return half_matmul_cpu(x, weight, bias)
+    return half_matmul_torch(x, weight, bias)

@@ -33,7 +33,7 @@ import torch
 from llmq.packing import SUPPORTED_BITS, pack_unit, unpack_qzeros
 
 from . import cpu_build
-from .reference import quant_matmul_torch
+from .reference import half_matmul_torch, quant_matmul_torch
 
 # Above this many rows torch's fp32 GEMM on a dequantized weight catches up with the fused
 # kernel (measured on a 2-core EPYC, see scripts/bench_cpu_kernels.py).
@@ -225,3 +225,40 @@ def quant_matmul_cpu(
     if state is None:
         return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
     return quant_matmul_prepared(x, state)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def half_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[..., K]`` @ ``weight.T`` + ``bias`` for an fp16 or bf16 ``weight`` ``[N, K]`` that
+    stays in half precision: every weight is widened to fp32 exactly and multiplied in fp32, so
+    the result is fp32 ``linear`` on the widened weight up to summation order.
+
+    Up to ``GEMV_MAX_M`` rows the compiled kernel reads the half-precision weight in place (half
+    the bytes of fp32 per token); more rows widen ``DEQUANT_CHUNK_BYTES`` of output rows at a
+    time for torch's fp32 GEMM. Returns ``x``'s dtype. Other weight dtypes, non-CPU tensors,
+    autograd and a missing extension go to :func:`half_matmul_torch`.
+    """
+    n, k = weight.shape
+    ext = cpu_build.load() if weight.dtype in _HALF else None
+    if (ext is None or not (x.is_cpu and weight.is_cpu) or x.shape[-1] != k or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return half_matmul_torch(x, weight, bias)
+    x32 = x if x.dtype is _F32 and x.is_contiguous() else x.to(_F32).contiguous()
+    m = x32.numel() // k
+    b32 = None if bias is None else bias.to(_F32).contiguous()
+    if m <= GEMV_MAX_M:
+        y = torch.empty(*x.shape[:-1], n, dtype=_F32)
+        ext.gemv_half(weight.data_ptr(), int(weight.dtype is torch.bfloat16), 0 if b32 is None else b32.data_ptr(),
+                      m, k, n, x32.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    else:
+        x2 = x32.view(m, k)
+        rows = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
+        y = torch.empty(m, n, dtype=_F32)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            y[:, n0:n1] = torch.nn.functional.linear(x2, weight[n0:n1].to(_F32),
+                                                     None if b32 is None else b32[n0:n1])
+        y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is _F32 else y.to(x.dtype)

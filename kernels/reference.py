@@ -20,3 +20,9 @@ def quant_matmul_torch(
     w = dequantize(qweight, qzeros, scales, g_idx, bits, dtype=x.dtype)
     y = x @ w
     return y + bias.to(x.dtype) if bias is not None else y
+
+
+def half_matmul_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[..., in]`` @ ``weight.T`` (``[out, in]``, any dtype, widened to ``x``'s) + ``bias``."""
+    b = bias.to(x.dtype) if bias is not None else None
+    return torch.nn.functional.linear(x, weight.to(x.dtype), b)

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from llmq import models, streaming
 from llmq.config import QuantConfig
-from llmq.qlinear import QuantLinear
+from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -90,6 +90,32 @@ class ShardWriter:
         self._offset += nbytes
         self.total_bytes += nbytes
 
+    def add_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive slices along its first dimension (one dtype, the
+        same trailing shape), so that a large tensor is never in memory whole."""
+        shape: list[int] | None = None
+        dtype = start = None
+        for part in chunks:
+            t = part.detach().to("cpu").contiguous()
+            if shape is None:
+                shape, dtype = list(t.shape), t.dtype
+                if self._data is not None and self._offset and self._offset + t.nbytes > self.max_shard_bytes:
+                    self._close_shard()
+                if self._data is None:
+                    self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
+                start = self._offset
+            elif t.dtype != dtype or list(t.shape[1:]) != shape[1:]:
+                raise ValueError(f"chunks of tensor {name} differ in dtype or trailing shape")
+            else:
+                shape[0] += t.shape[0]
+            if t.numel():
+                self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._offset += t.nbytes
+        if shape is None:
+            raise ValueError(f"no data for tensor {name}")
+        self._header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [start, self._offset]}
+        self.total_bytes += self._offset - start
+
     def _close_shard(self) -> None:
         data_path = Path(self._data.name)
         self._data.close()
@@ -161,6 +187,7 @@ def load_quantized(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    half_tables: bool | None = None,
 ) -> nn.Module:
     """Load a GPTQ v1 checkpoint (llmq's or another tool's) as a transformers model with
     ``QuantLinear`` layers, without allocating full-precision weights for them.
@@ -168,6 +195,13 @@ def load_quantized(
     ``dtype`` is the compute dtype of the unquantized tensors and of ``scales`` (default: the
     checkpoint's; float32 on CPU when the checkpoint is half precision, since half-precision
     matmuls are slow on most CPUs). Tied embeddings stay tied.
+
+    ``half_tables``: keep the input embeddings and an unquantized output head in the fp16/bf16
+    they are stored in (as :class:`HalfEmbedding` / :class:`HalfLinear`, widened exactly at use)
+    while computing in fp32. For a small model the head is the largest matrix read per token
+    (SmolLM2's tied 49152 x 576 one, 113 MB in fp32), so this halves its bytes and memory without
+    changing any value it computes. Default: on CPU with fp32 compute when the compiled CPU
+    kernels are available.
     """
     from llmq.assets import resolve_model
 
@@ -183,6 +217,11 @@ def load_quantized(
             dtype = torch.float32
     model = models.build_skeleton(config, dtype=dtype)
     keys = streaming.KeyMap(model, reader)
+    if half_tables is None:
+        from llmq.kernels.cpu import cpu_available
+
+        half_tables = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_available()
+    half = _half_tables(model, keys) if half_tables and dtype == torch.float32 else {}
     for name, module in list(model.named_modules()):
         if not models.is_linear(module):
             continue
@@ -195,19 +234,57 @@ def load_quantized(
         model.set_submodule(name, qlinear)
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise NotQuantizedError(f"{path} has a quantization_config but no quantized tensors (*.qweight)")
+    reader.preload()  # every tensor is kept: read each shard once
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             _load_qlinear(module, name + ".", keys, dtype)
             continue
-        streaming.materialize(module, f"{name}." if name else "", keys, "cpu", dtype, recurse=False, strict=False)
+        streaming.materialize(module, f"{name}." if name else "", keys, "cpu", half.get(name, dtype), recurse=False,
+                              strict=False)
+    reader.release()
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
+    _swap_half_tables(model, half, dtype)
     model.config.quantization_config = qconfig.to_dict()
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()
+
+
+def _half_tables(model: nn.Module, keys: streaming.KeyMap) -> dict[str, torch.dtype]:
+    """Module name -> stored dtype of the input embeddings and the unquantized output head whose
+    checkpoint tensors are fp16/bf16 (a tied head without a tensor of its own follows the
+    embeddings)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, torch.dtype] = {}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    for module, cls in ((inp, nn.Embedding), (out, nn.Linear)):
+        if type(module) is not cls or id(module) not in names:
+            continue
+        key = keys.source(f"{names[id(module)]}.weight")
+        if key is None and module is out and inp is not None and id(inp) in names:
+            key = keys.source(f"{names[id(inp)]}.weight")  # tied to the embeddings
+        if key is not None and keys.reader.info(key)[0] in ("F16", "BF16"):
+            found[names[id(module)]] = streaming.DTYPES[keys.reader.info(key)[0]]
+    return found
+
+
+def _swap_half_tables(model: nn.Module, half: dict[str, torch.dtype], dtype: torch.dtype) -> None:
+    """Replace the modules :func:`_half_tables` chose by their half-precision forms, keeping ties."""
+    replaced: dict[int, torch.Tensor] = {}  # id of an old weight -> the buffer that replaces it
+    for name in sorted(half, key=lambda n: not isinstance(model.get_submodule(n), nn.Embedding)):
+        module = model.get_submodule(name)
+        if module.weight.dtype not in (torch.float16, torch.bfloat16):
+            continue  # e.g. a head tied to fp32 embeddings
+        weight = replaced.get(id(module.weight), module.weight.data)
+        if isinstance(module, nn.Embedding):
+            new: nn.Module = HalfEmbedding(module, weight, dtype)
+        else:
+            new = HalfLinear(weight, None if module.bias is None else module.bias.data)
+        replaced[id(module.weight)] = new.weight
+        model.set_submodule(name, new)
 
 
 def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype) -> None:

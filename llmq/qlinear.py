@@ -67,3 +67,48 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+
+class HalfLinear(nn.Module):
+    """An unquantized linear layer whose ``weight`` ``[out, in]`` stays in the fp16/bf16 it was
+    stored in while activations are fp32: each weight is widened exactly inside the matmul
+    (``llmq.kernels.half_matmul``), so outputs equal fp32 ``linear`` on the widened weight up to
+    summation order, with half the memory and half the bytes read per token.
+
+    For the output head of a GPTQ checkpoint (which stores unquantized tensors in fp16); a tied
+    head shares this ``weight`` with a :class:`HalfEmbedding`. The weight is a buffer, like
+    ``QuantLinear``'s: inference only, and ``model.dtype`` stays the compute dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach() if weight.requires_grad else weight)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.half_matmul(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight_dtype={self.weight.dtype}, bias={self.bias is not None}")
+
+
+class HalfEmbedding(nn.Embedding):
+    """``nn.Embedding`` over an fp16/bf16 table (a buffer) whose looked-up rows are widened,
+    exactly, to ``compute_dtype``: the input side of a tied :class:`HalfLinear` head."""
+
+    def __init__(self, source: nn.Embedding, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        super().__init__(source.num_embeddings, source.embedding_dim, padding_idx=source.padding_idx,
+                         max_norm=source.max_norm, norm_type=source.norm_type,
+                         scale_grad_by_freq=source.scale_grad_by_freq, sparse=source.sparse, device="meta")
+        del self.weight
+        self.register_buffer("weight", weight.detach() if weight.requires_grad else weight)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input).to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight_dtype={self.weight.dtype}, compute_dtype={self.compute_dtype}"

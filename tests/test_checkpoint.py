@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from llmq import QuantConfig, QuantLinear, models
 from llmq.checkpoint import NotQuantizedError, OutputExistsError, load_quantized
 from llmq.pipeline import NothingToQuantizeError, quantize
+from llmq.qlinear import HalfEmbedding, HalfLinear
 from llmq.quantizers.rtn import rtn_quantize
 from llmq.streaming import CorruptCheckpointError
 
@@ -72,6 +73,42 @@ def test_tied_embeddings_stay_tied(tiny_models, tmp_path):
     model = load_quantized(tmp_path / "q")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert "lm_head.weight" not in load_file(tmp_path / "q" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+def test_half_tables_keep_stored_precision_and_values(tiny_models, tmp_path, kind):
+    """The fp16 embeddings and head of a GPTQ checkpoint stay fp16 on load (half the memory),
+    tied ones stay one tensor, and logits and greedy tokens match loading them widened to fp32."""
+    quantize(tiny_models[kind], QuantConfig(bits=4, group_size=32), tmp_path / "q", progress=False)
+    half = load_quantized(tmp_path / "q", half_tables=True)
+    wide = load_quantized(tmp_path / "q", half_tables=False)
+    head, emb = half.get_output_embeddings(), half.get_input_embeddings()
+    assert isinstance(head, HalfLinear) and isinstance(emb, HalfEmbedding)
+    assert head.weight.dtype == emb.weight.dtype == torch.float16 and half.dtype == torch.float32
+    assert type(wide.get_output_embeddings()) is torch.nn.Linear
+    assert wide.get_output_embeddings().weight.dtype == torch.float32
+    if wide.get_output_embeddings().weight is wide.get_input_embeddings().weight:
+        assert head.weight is emb.weight
+    with torch.no_grad():
+        lh, lw = half(_ids()).logits, wide(_ids()).logits
+        assert lh.dtype == torch.float32
+        torch.testing.assert_close(lh, lw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(half(_ids()[:, :1]).logits, wide(_ids()[:, :1]).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(half.generate(_ids()[:1], max_new_tokens=6, do_sample=False),
+                           wide.generate(_ids()[:1], max_new_tokens=6, do_sample=False))
+
+
+def test_half_tables_default(tiny_models, tmp_path):
+    """On by default on CPU with fp32 compute when the compiled kernels build; never for fp32
+    tables or another compute dtype."""
+    from llmq.kernels.cpu import cpu_available
+
+    quantize(tiny_models["llama"], QuantConfig(bits=4, group_size=32), tmp_path / "q", progress=False)
+    assert isinstance(load_quantized(tmp_path / "q").lm_head, HalfLinear) == cpu_available()
+    assert type(load_quantized(tmp_path / "q", dtype=torch.bfloat16).lm_head) is torch.nn.Linear
+    quantize(tiny_models["llama"], QuantConfig(bits=4, group_size=32), tmp_path / "q32", out_dtype=torch.float32,
+             progress=False)
+    assert type(load_quantized(tmp_path / "q32", half_tables=True).lm_head) is torch.nn.Linear
 
 
 def test_generation_config_travels(tiny_models, tmp_path):

@@ -51,10 +51,41 @@ def test_beats_rtn(problem, bits, group_size, sym, order):
     assert hessian_error(w, qw.dequantize(), h) < hessian_error(w, rtn.dequantize(), h)
     groups = 1 if group_size == -1 else -(-IN // group_size)
     assert qw.q.shape == (OUT, IN) and qw.scales.shape == qw.zeros.shape == (groups, OUT)
-    assert qw.q.dtype == qw.zeros.dtype == qw.g_idx.dtype == torch.int32
+    assert qw.q.dtype == torch.uint8 and qw.zeros.dtype == qw.g_idx.dtype == torch.int32
     assert 0 <= int(qw.q.min()) and int(qw.q.max()) < 2**bits
     assert 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) < 2**bits
     assert info.damp_percent == 0.01 and info.dead_columns == 0
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_solve_that_frees_the_hessian_gives_the_same_solution(order):
+    """``free_hessian`` solves on the accumulator itself: the same codes, grids and loss bit for
+    bit, ``H`` released, and a relative error (from the loss) that matches the direct one."""
+    desc_act, static_groups = ORDERS[order]
+    x = _activations(1024)
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(5))
+    kept, freed = GPTQ(IN), GPTQ(IN)
+    for g in (kept, freed):
+        g.add_batch(x)
+    opts = dict(desc_act=desc_act, static_groups=static_groups)
+    a = kept.solve(w, 3, ODD_GROUP, False, **opts)
+    b = freed.solve(w, 3, ODD_GROUP, False, free_hessian=True, **opts)
+    assert freed.H is None and kept.H is not None
+    for name in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert kept.info.loss == freed.info.loss
+    assert freed.info.relative_error == pytest.approx(kept.relative_error(w, a), rel=1e-3)
+    assert kept.info.relative_error == freed.info.relative_error
+    with pytest.raises(ValueError, match="add_batch"):
+        freed.solve(w, 3, ODD_GROUP, False)
+
+
+def test_freed_hessian_still_gets_more_damping():
+    gptq = GPTQ(64)
+    gptq.H, gptq.nsamples = _hessian_with_eigenvalue(0.05), 1
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    qw = gptq.solve(w, 4, 16, True, desc_act=True, free_hessian=True)
+    assert gptq.info.damp_percent == pytest.approx(0.1) and torch.isfinite(qw.dequantize()).all()
 
 
 @pytest.mark.parametrize("group_size", [32, ODD_GROUP, -1])
@@ -227,3 +258,34 @@ def test_first_token_weight_counts_first_positions_w_times():
     assert not torch.allclose(plain.H, weighted.H)
     with pytest.raises(ValueError, match="first_token_weight"):
         plain.add_batch(x, first_token_weight=0)
+
+
+def test_wide_layers_fold_bf16_batches_in_slices(monkeypatch):
+    """Above CHUNKED_HESSIAN_FROM inputs, bf16 batches are added to H in row slices: the same H."""
+    from llmq.quantizers import gptq as gptq_module
+
+    x = _activations(300).to(torch.bfloat16).reshape(3, 100, IN)
+    whole, sliced = GPTQ(IN), GPTQ(IN)
+    whole.add_batch(x, first_token_weight=4)
+    monkeypatch.setattr(gptq_module, "LEAN_FROM", 16)
+    sliced.add_batch(x, first_token_weight=4)
+    torch.testing.assert_close(sliced.H, whole.H, rtol=1e-5, atol=1e-6)
+    assert sliced.nsamples == whole.nsamples
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_lean_factorization_of_wide_layers(problem, monkeypatch, order):
+    """The in-place, column-major factorization used from LEAN_FROM inputs on gives the plain
+    path's solution up to rounding, and still retries with more damping."""
+    from llmq.quantizers import gptq as gptq_module
+
+    w, h = problem
+    desc_act, static_groups = ORDERS[order]
+    plain, plain_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
+    monkeypatch.setattr(gptq_module, "LEAN_FROM", 16)
+    lean, lean_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
+    assert lean_info.loss == pytest.approx(plain_info.loss, rel=1e-4)
+    assert (lean.q != plain.q).float().mean() < 0.01
+    torch.testing.assert_close(lean.dequantize(), plain.dequantize(), rtol=0, atol=float(plain.scales.max()) * 1.01)
+    _, info = gptq_quantize(torch.randn(16, 64), _hessian_with_eigenvalue(0.05), 4, 16, True)
+    assert info.damp_percent == pytest.approx(0.1)

@@ -209,3 +209,54 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
         assert len([w for w in caught if "llmq CPU kernels unavailable" in str(w.message)]) == 1
     finally:
         cpu_build.load.cache_clear()
+
+
+# --- unquantized half-precision weights (HalfLinear: the output head of GPTQ checkpoints) ---
+
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 9, cpu.GEMV_MAX_M, cpu.GEMV_MAX_M + 5])
+def test_half_weight_matmul_matches_float64(wdtype, m):
+    """fp16/bf16 weights widened exactly and multiplied in fp32: within fp32 rounding of the
+    float64 product. K = 77 and N = 45 leave tails after the 8-wide vectors and 8-row tiles."""
+    gen = _gen(f"halfw-{wdtype}-{m}")
+    k, n = 77, 45
+    w = torch.randn(n, k, generator=gen).to(wdtype)
+    b = torch.randn(n, generator=gen) if m % 2 else None
+    x = torch.randn(2, m, k, generator=gen) if m < 8 else torch.randn(m, k, generator=gen)
+    y = cpu.half_matmul_cpu(x, w, b)
+    assert w.dtype == wdtype  # the weight is read in place, not converted
+    _check(y, x, w.double().t(), None if b is None else b.double())
+
+
+def test_half_weight_matmul_chunked_and_threads(monkeypatch):
+    gen = _gen("halfw-chunks")
+    w = torch.randn(300, 64, generator=gen).half()
+    x = torch.randn(cpu.GEMV_MAX_M + 1, 64, generator=gen)
+    monkeypatch.setattr(cpu, "DEQUANT_CHUNK_BYTES", 4 * 64 * 128)  # output rows in chunks of 128, the last 44
+    _check(cpu.half_matmul_cpu(x, w), x, w.double().t(), None)
+    big = torch.randn(4096, 576, generator=gen).half()  # enough work for two threads
+    before = torch.get_num_threads()
+    try:
+        x1 = torch.randn(1, 576, generator=gen)
+        torch.set_num_threads(1)
+        one = cpu.half_matmul_cpu(x1, big)
+        torch.set_num_threads(2)
+        assert torch.equal(one, cpu.half_matmul_cpu(x1, big))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_half_weight_matmul_falls_back():
+    """fp32 weights, autograd and half activations take the torch path or convert correctly."""
+    gen = _gen("halfw-fallback")
+    w = torch.randn(40, 32, generator=gen)
+    x = torch.randn(3, 32, generator=gen)
+    assert torch.equal(cpu.half_matmul_cpu(x, w), torch.nn.functional.linear(x, w))
+    wh = w.half()
+    xg = x.clone().requires_grad_(True)
+    cpu.half_matmul_cpu(xg, wh).sum().backward()
+    assert xg.grad is not None
+    xb = x.bfloat16()
+    y = cpu.half_matmul_cpu(xb, wh)
+    assert y.dtype == torch.bfloat16
+    _check(y, xb, wh.double().t(), None)

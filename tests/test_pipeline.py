@@ -167,3 +167,66 @@ def test_forward_replay_changes_nothing(tmp_path, monkeypatch, kind):
     assert replays[2:] == [0] * len(replays[2:])
     memo, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("memo", "plain"))
     assert memo.keys() == plain.keys() and all(torch.equal(memo[k], plain[k]) for k in memo)
+
+
+def test_shard_chunks_and_chunked_writes_round_trip(tmp_path):
+    """Large untouched tensors are copied in slices: ShardReader.chunks + ShardWriter.add_chunks
+    reproduce the tensors exactly, and preload() views equal per-tensor reads."""
+    from safetensors.torch import save_file
+
+    from llmq.checkpoint import ShardWriter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(1000, 24, generator=gen).to(torch.bfloat16),
+               "odd": torch.randint(0, 100, (7, 3, 5), generator=gen, dtype=torch.int32),
+               "half": torch.randn(3, generator=gen).half(), "scalar": torch.tensor(2.5)}
+    save_file(tensors, src / "model.safetensors")
+    reader = streaming.ShardReader(src)
+    parts = list(reader.chunks("big", max_bytes=24 * 2 * 300))
+    assert [p.shape[0] for p in parts] == [300, 300, 300, 100]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, max_shard_bytes=30_000)
+    for key in tensors:
+        writer.add_chunks(key, (p.float() if p.dtype == torch.bfloat16 else p for p in reader.chunks(key, 4000)))
+    writer.close()
+    back = streaming.ShardReader(out)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    for key, t in tensors.items():
+        expected = t.float() if t.dtype == torch.bfloat16 else t
+        assert torch.equal(back.get(key), expected), key
+    reader.preload()
+    for key, t in tensors.items():
+        assert torch.equal(reader.get(key), t), key
+    reader.release()
+    with pytest.raises(ValueError, match="differ"):
+        ShardWriter(out).add_chunks("x", iter([torch.zeros(2, 3), torch.zeros(2, 4)]))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_half_precision_embeddings_stay_half_during_capture(tmp_path, kind):
+    """A bf16 checkpoint's embedding table is materialized in bf16 for the calibration capture
+    (rows widened on lookup): the same checkpoint as from the fp32 copy of the same values."""
+    from safetensors.torch import save_file
+
+    src16 = save_tiny(kind, tmp_path / "src16", num_hidden_layers=2)
+    tensors = load_file(src16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, src16 / "model.safetensors",
+              metadata={"format": "pt"})
+    src32 = tmp_path / "src32"
+    src32.mkdir()
+    for f in src16.iterdir():
+        if f.name != "model.safetensors":
+            (src32 / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.to(torch.bfloat16).float() for k, v in tensors.items()}, src32 / "model.safetensors",
+              metadata={"format": "pt"})
+    config = QuantConfig(method="gptq", bits=4, group_size=32)
+    for name, src in (("a", src16), ("b", src32)):
+        quantize(src, config, tmp_path / name, calibration=calibration_ids(n=4, seqlen=16), out_dtype=torch.float32,
+                 progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -413,6 +413,100 @@ struct DequantFn {
   static void run(const Weights& W, float* out, int64_t k0, int64_t k1, int nt) { dequant<BITS, S>(W, out, k0, k1, nt); }
 };
 
+// ---- Half-precision weights: y [M, N] = x [M, K] @ W^T + bias, W fp16 or bf16 [N, K] ----
+// For the unquantized layers a GPTQ checkpoint stores in half precision (the output head, often
+// tied to the embeddings): each weight is widened to fp32 exactly in registers and multiplied
+// with fp32 activations in fp32, so the result equals fp32 `linear` on the widened weight up to
+// summation order, while moving half the bytes. W is nn.Linear's layout, so every output is a
+// dot product along K: a tile holds MT rows of x and NT rows of W, one accumulator each.
+
+template <bool BF16>
+LLMQ_INLINE __m256 load_half(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (BF16) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <bool BF16>
+LLMQ_INLINE float half_to_float(uint16_t h) {
+  if constexpr (BF16) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+  } else {
+    return _cvtsh_ss(h);
+  }
+}
+
+LLMQ_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct HalfWeights {
+  const uint16_t* w;  // [N, K]
+  const float* bias;  // [N] or null
+  int64_t K, N;
+};
+
+// y[m0.., n0..] for MT rows of x and NT rows of W.
+template <bool BF16, int MT, int NT>
+LLMQ_INLINE void half_tile(const HalfWeights& W, const float* x, float* y, int64_t m0, int64_t n0) {
+  const int64_t K = W.K, K8 = K & ~int64_t{7};
+  __m256 acc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NT; ++j) acc[m][j] = _mm256_setzero_ps();
+  const uint16_t* w = W.w + n0 * K;
+  const float* xm = x + m0 * K;
+  for (int64_t k = 0; k < K8; k += 8) {
+    if constexpr (MT == 1) {  // one row: load each weight vector right before its FMA
+      const __m256 xv = _mm256_loadu_ps(xm + k);
+      for (int j = 0; j < NT; ++j) acc[0][j] = _mm256_fmadd_ps(load_half<BF16>(w + j * K + k), xv, acc[0][j]);
+    } else {
+      __m256 wv[NT];
+      for (int j = 0; j < NT; ++j) wv[j] = load_half<BF16>(w + j * K + k);
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xv = _mm256_loadu_ps(xm + m * K + k);
+        for (int j = 0; j < NT; ++j) acc[m][j] = _mm256_fmadd_ps(wv[j], xv, acc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    for (int j = 0; j < NT; ++j) {
+      float s = hsum(acc[m][j]);
+      for (int64_t k = K8; k < K; ++k) s += half_to_float<BF16>(w[j * K + k]) * xm[m * K + k];
+      if (W.bias) s += W.bias[n0 + j];
+      y[(m0 + m) * W.N + n0 + j] = s;
+    }
+  }
+}
+
+constexpr int kHalfRows = 8;  // rows of W per parallel work item
+
+template <bool BF16>
+void half_gemv(const HalfWeights& W, int64_t M, const float* x, float* y, int nthreads) {
+  const int64_t N = W.N;
+  const int64_t tiles = (N + kHalfRows - 1) / kHalfRows;
+  parallel_for(tiles, nthreads, M * N * W.K, [&](int64_t t) {
+    const int64_t n0 = t * kHalfRows;
+    if (n0 + kHalfRows > N) {  // ragged last tile: one row of W at a time
+      for (int64_t n = n0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) half_tile<BF16, 1, 1>(W, x, y, m, n);
+      return;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      static_for<kHalfRows / 2>([&](auto J) { half_tile<BF16, 4, 2>(W, x, y, m, n0 + 2 * J()); });
+    for (; m < M; ++m) half_tile<BF16, 1, kHalfRows>(W, x, y, m, n0);
+  });
+}
+
 // Python entry points. Arguments are plain ints (addresses from Tensor.data_ptr()) so that a
 // call costs well under a microsecond; kernels/cpu.py checks shapes, dtypes and contiguity.
 
@@ -474,10 +568,41 @@ PyObject* py_dequant(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return done(rc);
 }
 
+// gemv_half(w: int, bf16: int, bias: int, m: int, k: int, n: int, x: int, y: int, nthreads: int):
+// y [m, n] = x [m, k] @ w^T + bias; w [n, k] fp16 (bf16 when bf16 != 0), bias fp32 [n] or 0, x and
+// y fp32, all contiguous.
+PyObject* py_gemv_half(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 9) {
+    PyErr_Format(PyExc_TypeError, "expected 9 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  HalfWeights W{static_cast<const uint16_t*>(PyLong_AsVoidPtr(args[0])), nullptr, 0, 0};
+  const long bf16 = PyLong_AsLong(args[1]);
+  W.bias = static_cast<const float*>(PyLong_AsVoidPtr(args[2]));
+  const int64_t M = PyLong_AsLongLong(args[3]);
+  W.K = PyLong_AsLongLong(args[4]);
+  W.N = PyLong_AsLongLong(args[5]);
+  const auto* x = static_cast<const float*>(PyLong_AsVoidPtr(args[6]));
+  auto* y = static_cast<float*>(PyLong_AsVoidPtr(args[7]));
+  const int nthreads = static_cast<int>(PyLong_AsLong(args[8]));
+  if (PyErr_Occurred()) return nullptr;
+  if (W.w == nullptr || x == nullptr || y == nullptr || M < 0 || W.K < 1 || W.N < 1) {
+    PyErr_SetString(PyExc_ValueError, "null pointer or empty shape");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS;
+  if (bf16) half_gemv<true>(W, M, x, y, nthreads);
+  else half_gemv<false>(W, M, x, y, nthreads);
+  Py_END_ALLOW_THREADS;
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gemv)), METH_FASTCALL, "y = x @ W + bias"},
     {"dequant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_dequant)), METH_FASTCALL,
      "fp32 [K, N] weight"},
+    {"gemv_half", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_gemv_half)), METH_FASTCALL,
+     "y = x @ W^T + bias, W fp16/bf16 [N, K]"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -17,6 +17,11 @@ from llmq.config import check_group_size
 from llmq.packing import check_bits
 from llmq.quantizers.grid import QuantizedWeight, dequant, find_params, group_index, num_groups, quantize
 
+# Layers with this many inputs or more (an [in, in] float32 matrix of 64 MiB and up) take
+# memory-lean paths: bf16 batches fold into H in row slices, and on CPU the factorizations work in
+# place on column-major views (no hidden transposed copies). Results equal the plain paths' up to
+# rounding; narrower layers keep the plain ones.
+LEAN_FROM = 4096
 DAMP_RETRIES = 3  # damping grows 10x per retry: 1% of mean(diag H) becomes 10%, 100%, 1000%
 
 
@@ -33,12 +38,15 @@ class GPTQInfo:
     damped ``H`` actually solved with (and ``W`` with dead columns zeroed); it comes for free,
     whereas :func:`hessian_error` costs a matmul. ``dead_columns`` counts zeros on ``diag(H)``.
     ``damp_percent`` is the damping actually used, as a fraction of ``mean(diag H)``: larger than
-    the one asked for when the factorization had to be retried.
+    the one asked for when the factorization had to be retried. ``relative_error`` (only when the
+    solve consumed the Hessian, see :meth:`GPTQ.solve`) is ``tr(E H Eᵀ) / tr(W H Wᵀ)`` for the
+    undamped ``H``, from the loss: ``loss - damp·‖E‖²``.
     """
 
     loss: float
     damp_percent: float
     dead_columns: int
+    relative_error: float | None = None
 
 
 class GPTQ:
@@ -92,10 +100,14 @@ class GPTQ:
         x = x * math.sqrt(2 / self.nsamples)
         if x.dtype == torch.float32:
             self.H.addmm_(x.t(), x)
-        else:
+        elif self.in_features < LEAN_FROM:
             # bf16 inputs (calibration forwards in bf16): the product runs at bf16 speed with
             # fp32 accumulation inside the matmul; each batch's sum is rounded once and added in fp32.
             self.H += (x.t() @ x).float()
+        else:  # the same in row slices: the bf16 product and its fp32 copy would be 1.5x H
+            step = max(1, (16 << 20) // (6 * self.in_features))
+            for r in range(0, self.in_features, step):
+                self.H[r:r + step] += (x[:, r:r + step].t() @ x).float()
 
     def solve(
         self,
@@ -108,15 +120,25 @@ class GPTQ:
         damp_percent: float = 0.01,
         block_size: int = 128,
         mse: bool = False,
+        free_hessian: bool = False,
     ) -> QuantizedWeight:
         """Quantize ``weight`` ``[out, in_features]`` against the accumulated ``H``; see
-        :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``."""
+        :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``.
+
+        ``free_hessian``: the solve consumes ``H`` (its working copy *is* the accumulator, so the
+        largest matrices alive are two ``[in, in]`` ones instead of four: 512 MiB rather than
+        1 GiB for an 8192-input layer). ``self.H`` is then None and ``self.info.relative_error``
+        replaces :meth:`relative_error`. The solution is the same either way.
+        """
         if self.H is None or self.nsamples == 0:
             raise ValueError("GPTQ.solve needs calibration inputs: add_batch was never called with data")
-        result, self.info = gptq_quantize(
-            weight, self.H, bits, group_size, sym, desc_act=desc_act, static_groups=static_groups,
-            damp_percent=damp_percent, block_size=block_size, mse=mse,
-        )
+        opts = dict(desc_act=desc_act, static_groups=static_groups, damp_percent=damp_percent,
+                    block_size=block_size, mse=mse)
+        if free_hessian:
+            owned, self.H = [self.H], None
+            result, self.info = _gptq(weight, owned, bits, group_size, sym, **opts)
+        else:
+            result, self.info = gptq_quantize(weight, self.H, bits, group_size, sym, **opts)
         return result
 
     def relative_error(self, weight: torch.Tensor, result: QuantizedWeight) -> float:
@@ -152,6 +174,16 @@ def gptq_quantize(
     the original column order. Raises :class:`HessianError` when ``H`` cannot be factorized even
     with damping raised to ``damp_percent * 10**DAMP_RETRIES``.
     """
+    H = [hessian.detach().to(weight.device, torch.float32, copy=True)]
+    return _gptq(weight, H, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, mse)
+
+
+def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size: int, sym: bool,
+          desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+          mse: bool = False) -> tuple[QuantizedWeight, GPTQInfo]:
+    """:func:`gptq_quantize` on a Hessian handed over in the one-element list ``owned`` (popped, so
+    that no caller's reference keeps it alive; it is overwritten). When the caller gave up its
+    last reference, ``GPTQInfo.relative_error`` is computed (``H`` is not around afterwards)."""
     check_bits(bits)
     group_size = check_group_size(group_size)
     if block_size < 1:
@@ -160,9 +192,10 @@ def gptq_quantize(
         raise ValueError(f"damp_percent must be positive, got {damp_percent}")
     W = weight.detach().to(torch.float32, copy=True)
     out_features, cols = W.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight {tuple(W.shape)}")
-    H = hessian.detach().to(W.device, torch.float32, copy=True)
+    H = owned.pop()
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    H = H.to(W.device, torch.float32)
     device = W.device
     maxq = 2**bits - 1
     step = cols if group_size == -1 else group_size
@@ -172,6 +205,7 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    energy = _energy(W, H)  # tr(W H Wᵀ), for the relative error (dead columns add nothing)
 
     scales = torch.zeros(groups, out_features, device=device)
     zeros = torch.zeros(groups, out_features, device=device)
@@ -182,7 +216,9 @@ def gptq_quantize(
     perm = torch.arange(cols, device=device)
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H.index_select(0, perm)  # one [in, in] copy alive at a time besides H
+        H = H.index_select(1, perm)
     if static_groups:
         g_idx = group_index(cols, group_size).to(device)
     else:
@@ -190,9 +226,11 @@ def gptq_quantize(
         g_idx[perm] = (torch.arange(cols, device=device) // step).to(torch.int32)
     group_at = g_idx[perm].tolist()  # group of each column in solve order
 
-    Hinv, damp_used = _inverse_cholesky(H, damp_percent)
+    mean_diag = float(torch.diag(H).mean())
+    box = [H]
     del H
-    Q = torch.zeros_like(W)
+    Hinv, damp_used = _inverse_cholesky(box, damp_percent)
+    Q = torch.zeros(W.shape, dtype=torch.uint8, device=device)  # codes (bits <= 8), in solve order
     losses = torch.zeros(out_features, device=device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -219,36 +257,78 @@ def gptq_quantize(
 
     if desc_act:
         Q = Q[:, torch.argsort(perm)]
-    result = QuantizedWeight(Q.to(torch.int32), scales, zeros.to(torch.int32), g_idx, bits)
-    return result, GPTQInfo(float(losses.sum()), damp_used, int(dead.sum()))
+    result = QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx, bits)
+    loss = float(losses.sum())
+    # tr(E H Eᵀ) = loss - damp ‖E‖² (E with dead columns pinned, as solved); clamped at 0 against rounding.
+    err2 = _error_norm2(weight.detach(), result, dead)
+    relative = max(loss - damp_used * mean_diag * err2, 0.0) / energy if energy > 0 else 0.0
+    return result, GPTQInfo(loss, damp_used, int(dead.sum()), relative)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp·I)⁻¹`` ``[in, in]`` and the damping fraction used.
+def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(W H Wᵀ)`` in row chunks (no ``[out, in]`` temporary for wide layers)."""
+    step = max(1, (1 << 22) // max(H.shape[0], 1))
+    return float(sum(((W[r:r + step] @ H) * W[r:r + step]).sum() for r in range(0, W.shape[0], step)))
 
-    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization.
+
+def _error_norm2(weight: torch.Tensor, qw: QuantizedWeight, dead: torch.Tensor) -> float:
+    """``‖W - dequant(Q)‖²`` over the live columns, in row chunks."""
+    total = 0.0
+    live = ~dead
+    step = max(1, (1 << 22) // max(weight.shape[1], 1))
+    for r in range(0, weight.shape[0], step):
+        e = weight[r:r + step].float() - qw.dequantize(slice(r, r + step))
+        total += float((e[:, live] ** 2).sum())
+    return total
+
+
+def _inverse_cholesky(box: list[torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp·I)⁻¹`` ``[in, in]`` and the damping fraction used,
+    for the Hessian handed over in the one-element list ``box`` (popped and overwritten).
+
+    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization. At most
+    two ``[in, in]`` matrices are alive at a time (each float32 one is 256 MiB for a layer with
+    8192 inputs): ``H`` is damped in place and dropped once its factor exists; with ``LEAN_FROM``
+    inputs or more on CPU the factorizations also skip torch's internal column-major copies.
     """
-    if not torch.isfinite(H).all():
+    H = box.pop()
+    if not torch.isfinite(H.sum()):  # any NaN or inf makes the sum non-finite (no [in, in] mask)
         raise HessianError("Hessian has NaN or infinite entries; the calibration activations are not finite")
-    mean_diag = torch.diag(H).mean()
+    diag = H.diagonal().clone()
+    mean_diag = diag.mean()
+    lean = H.device.type == "cpu" and H.shape[0] >= LEAN_FROM
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     tried = []
     for attempt in range(DAMP_RETRIES + 1):
         percent = damp_percent * 10**attempt
         tried.append(percent)
-        # Each intermediate is dropped as soon as the next exists: for a wide layer (8192 inputs)
-        # every [in, in] float32 matrix is 256 MiB, and at most two are alive here besides H.
-        damped = H.clone()
-        damped.diagonal().add_(percent * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        torch.add(diag, percent * mean_diag, out=H.diagonal())  # the same sums as damping a copy
+        if lean:
+            # Column-major views of C-order buffers: LAPACK works on them directly. The H = U1ᵀU1
+            # factor of H (symmetric, so H.mT is H) lands in L.mT, i.e. L = U1ᵀ is the lower factor.
+            L = torch.empty_like(H)
+            torch.linalg.cholesky_ex(H.mT, upper=True, out=(L.mT, info))
+        else:
+            L, info = torch.linalg.cholesky_ex(H)
         if info.item() != 0:
             continue
-        Hinv = torch.cholesky_inverse(L)
+        H = None  # free it: the factor holds everything needed now
+        if lean:
+            Hinv = L
+            torch.cholesky_inverse(Hinv.mT, upper=True, out=Hinv.mT)  # in place: L is gone
+            U = torch.empty_like(Hinv)
+            torch.linalg.cholesky_ex(Hinv.mT, upper=False, out=(U.mT, info))  # Hinv = (U.mT)(U.mT)ᵀ = UᵀU
+        else:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         del L
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        del Hinv
-        if info.item() == 0 and torch.isfinite(U).all():
+        if info.item() == 0 and torch.isfinite(U.sum()):
             return U, percent
+        # Rare (H so ill-conditioned that its computed inverse is not positive definite): rebuild
+        # the damped H from the inverse for the next try; its diagonal is reset from `diag` then.
+        del U
+        H = torch.linalg.inv(Hinv)
+        del Hinv
     raise HessianError(
         f"Hessian is not positive definite even with damping up to {tried[-1]:g} x mean(diag H) "
         f"(tried {', '.join(f'{p:g}' for p in tried)})"

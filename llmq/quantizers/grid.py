@@ -87,8 +87,9 @@ def group_index(in_features: int, group_size: int) -> torch.Tensor:
 
 @dataclass
 class QuantizedWeight:
-    """One solved matrix: ``q`` int ``[out, in]``, ``scales`` ``[groups, out]``, ``zeros``
-    int ``[groups, out]``, ``g_idx`` int32 ``[in]``; ``w ≈ scales[g_idx] * (q - zeros[g_idx])``."""
+    """One solved matrix: ``q`` integer codes ``[out, in]`` (uint8 from llmq's solvers), ``scales``
+    ``[groups, out]``, ``zeros`` int ``[groups, out]``, ``g_idx`` int32 ``[in]``;
+    ``w ≈ scales[g_idx] * (q - zeros[g_idx])``."""
 
     q: torch.Tensor
     scales: torch.Tensor
@@ -96,20 +97,23 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
 
-    def dequantize(self) -> torch.Tensor:
-        """Reconstructed weight ``[out, in]`` in float32 (built in row chunks: no full-size temporaries)."""
+    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """Reconstructed weight ``[out, in]`` (or only output ``rows``) in float32, built in row
+        chunks: no full-size temporaries."""
         g = self.g_idx.long()
-        out = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
+        first, last, _ = (rows or slice(None)).indices(self.q.shape[0])
+        out = torch.empty(max(last - first, 0), self.q.shape[1], dtype=torch.float32, device=self.q.device)
         step = max(1, packing.CHUNK_ELEMENTS // max(self.q.shape[1], 1))
-        for r in range(0, out.shape[0], step):
-            rows = slice(r, r + step)
-            out[rows] = self.scales[:, rows].float().t()[:, g] * (self.q[rows] - self.zeros[:, rows].t()[:, g])
+        for r in range(first, last, step):
+            part = slice(r, min(r + step, last))
+            out[r - first:part.stop - first] = (self.scales[:, part].float().t()[:, g]
+                                                * (self.q[part].int() - self.zeros[:, part].t()[:, g]))
         return out
 
     def pack(self) -> dict[str, torch.Tensor]:
         """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
         return {
-            "qweight": packing.pack_qweight(self.q.t().to(torch.int32), self.bits),
+            "qweight": packing.pack_qweight(self.q.t(), self.bits),  # packed in chunks, from any int dtype
             "qzeros": packing.pack_qzeros(self.zeros.to(torch.int32), self.bits),
             "scales": self.scales.to(torch.float16).contiguous(),
             "g_idx": self.g_idx.to(torch.int32).contiguous(),

@@ -17,7 +17,7 @@ def rtn_quantize(
     step = in_features if group_size == -1 else group_size
     groups = -(-in_features // step)
     device = weight.device
-    q = torch.empty(out_features, in_features, dtype=torch.int32, device=device)
+    q = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)  # codes: bits <= 8
     scales = torch.empty(groups, out_features, device=device)
     zeros = torch.empty(groups, out_features, dtype=torch.int32, device=device)
     # Whole groups at once (each (row, group) pair is one row of the grid search), then the shorter
@@ -34,7 +34,7 @@ def rtn_quantize(
             part = w[:, start:end].reshape(n_rows, g1 - g0, -1)
             scale, zero = find_params(part.reshape(n_rows * (g1 - g0), -1), bits, sym, mse)
             scale, zero = scale.reshape(n_rows, -1, 1), zero.reshape(n_rows, -1, 1)
-            q[r:r + rows, start:end] = quantize(part, scale, zero, maxq).reshape(n_rows, -1).to(torch.int32)
+            q[r:r + rows, start:end] = quantize(part, scale, zero, maxq).reshape(n_rows, -1).to(torch.uint8)
             scales[g0:g1, r:r + rows] = scale[..., 0].t()
             zeros[g0:g1, r:r + rows] = zero[..., 0].t().to(torch.int32)
     return QuantizedWeight(q, scales, zeros, group_index(in_features, group_size).to(device), bits)
