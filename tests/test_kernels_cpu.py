@@ -136,14 +136,19 @@ def test_thread_count_does_not_change_results():
     gen = _gen("threads")
     packed, _, _ = _layer(gen, 4, 1536, 576, 128, False, True, bias=True)
     state = cpu.prepare_cpu(**packed)
+    for m in (1, 6):
+        x = torch.randn(m, 1536, generator=gen)
+        _assert_thread_count_invariant(lambda x=x: cpu.quant_matmul_prepared(x, state))
+
+
+def _assert_thread_count_invariant(fn):
+    """``fn()`` gives bit-identical results on one thread and on two."""
     before = torch.get_num_threads()
     try:
-        for m in (1, 6):
-            x = torch.randn(m, 1536, generator=gen)
-            torch.set_num_threads(1)
-            one = cpu.quant_matmul_prepared(x, state)
-            torch.set_num_threads(2)
-            assert torch.equal(one, cpu.quant_matmul_prepared(x, state))
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        assert torch.equal(one, fn())
     finally:
         torch.set_num_threads(before)
 
@@ -235,15 +240,8 @@ def test_half_weight_matmul_chunked_and_threads(monkeypatch):
     monkeypatch.setattr(cpu, "DEQUANT_CHUNK_BYTES", 4 * 64 * 128)  # output rows in chunks of 128, the last 44
     _check(cpu.half_matmul_cpu(x, w), x, w.double().t(), None)
     big = torch.randn(4096, 576, generator=gen).half()  # enough work for two threads
-    before = torch.get_num_threads()
-    try:
-        x1 = torch.randn(1, 576, generator=gen)
-        torch.set_num_threads(1)
-        one = cpu.half_matmul_cpu(x1, big)
-        torch.set_num_threads(2)
-        assert torch.equal(one, cpu.half_matmul_cpu(x1, big))
-    finally:
-        torch.set_num_threads(before)
+    x1 = torch.randn(1, 576, generator=gen)
+    _assert_thread_count_invariant(lambda: cpu.half_matmul_cpu(x1, big))
 
 
 def test_half_weight_matmul_falls_back():
