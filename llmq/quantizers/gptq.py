@@ -38,9 +38,9 @@ class GPTQInfo:
     damped ``H`` actually solved with (and ``W`` with dead columns zeroed); it comes for free,
     whereas :func:`hessian_error` costs a matmul. ``dead_columns`` counts zeros on ``diag(H)``.
     ``damp_percent`` is the damping actually used, as a fraction of ``mean(diag H)``: larger than
-    the one asked for when the factorization had to be retried. ``relative_error`` (only when the
-    solve consumed the Hessian, see :meth:`GPTQ.solve`) is ``tr(E H Eᵀ) / tr(W H Wᵀ)`` for the
-    undamped ``H``, from the loss: ``loss - damp·‖E‖²``.
+    the one asked for when the factorization had to be retried. ``relative_error`` is
+    ``tr(E H Eᵀ) / tr(W H Wᵀ)`` for the undamped ``H``, from the loss (``loss - damp·‖E‖²``), so
+    it needs ``H`` only before the solve (see ``free_hessian`` in :meth:`GPTQ.solve`).
     """
 
     loss: float
@@ -182,8 +182,7 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
           desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
           mse: bool = False) -> tuple[QuantizedWeight, GPTQInfo]:
     """:func:`gptq_quantize` on a Hessian handed over in the one-element list ``owned`` (popped, so
-    that no caller's reference keeps it alive; it is overwritten). When the caller gave up its
-    last reference, ``GPTQInfo.relative_error`` is computed (``H`` is not around afterwards)."""
+    that no caller's reference keeps it alive; it is overwritten)."""
     check_bits(bits)
     group_size = check_group_size(group_size)
     if block_size < 1:
