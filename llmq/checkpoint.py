@@ -77,18 +77,7 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor (any device; stored contiguous on disk)."""
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
-            self._close_shard()
-        if self._data is None:
-            self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
-        if nbytes:
-            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
-        self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self._offset, self._offset + nbytes]}
-        self._offset += nbytes
-        self.total_bytes += nbytes
+        self.add_chunks(name, (tensor,))
 
     def add_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
         """Write one tensor given as consecutive slices along its first dimension (one dtype, the
@@ -109,7 +98,7 @@ class ShardWriter:
             else:
                 shape[0] += t.shape[0]
             if t.numel():
-                self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
             self._offset += t.nbytes
         if shape is None:
             raise ValueError(f"no data for tensor {name}")

@@ -214,11 +214,8 @@ def _limit_heap_retention() -> None:
 
 
 def _relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
-    """``‖W - dequant(Q)‖ / ‖W‖`` in row chunks (no full-size temporary)."""
-    step = max(1, packing.CHUNK_ELEMENTS // max(w.shape[1], 1))
-    err = sum(float((qw.dequantize(slice(r, r + step)) - w[r:r + step]).square().sum())
-              for r in range(0, w.shape[0], step))
-    return math.sqrt(err) / max(float(w.norm()), 1e-12)
+    """``‖W - dequant(Q)‖ / ‖W‖`` (in row chunks: no full-size temporary)."""
+    return math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
 
 
 def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str) -> torch.Tensor:

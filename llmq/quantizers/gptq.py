@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmq.config import check_group_size
-from llmq.packing import check_bits
+from llmq.packing import CHUNK_ELEMENTS, check_bits
 from llmq.quantizers.grid import QuantizedWeight, dequant, find_params, group_index, num_groups, quantize
 
 # Layers with this many inputs or more (an [in, in] float32 matrix of 64 MiB and up) take
@@ -259,26 +259,15 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
     result = QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx, bits)
     loss = float(losses.sum())
     # tr(E H Eᵀ) = loss - damp ‖E‖² (E with dead columns pinned, as solved); clamped at 0 against rounding.
-    err2 = _error_norm2(weight.detach(), result, dead)
+    err2 = result.squared_error(weight.detach(), ~dead)
     relative = max(loss - damp_used * mean_diag * err2, 0.0) / energy if energy > 0 else 0.0
     return result, GPTQInfo(loss, damp_used, int(dead.sum()), relative)
 
 
 def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
     """``tr(W H Wᵀ)`` in row chunks (no ``[out, in]`` temporary for wide layers)."""
-    step = max(1, (1 << 22) // max(H.shape[0], 1))
+    step = max(1, CHUNK_ELEMENTS // max(H.shape[0], 1))
     return float(sum(((W[r:r + step] @ H) * W[r:r + step]).sum() for r in range(0, W.shape[0], step)))
-
-
-def _error_norm2(weight: torch.Tensor, qw: QuantizedWeight, dead: torch.Tensor) -> float:
-    """``‖W - dequant(Q)‖²`` over the live columns, in row chunks."""
-    total = 0.0
-    live = ~dead
-    step = max(1, (1 << 22) // max(weight.shape[1], 1))
-    for r in range(0, weight.shape[0], step):
-        e = weight[r:r + step].float() - qw.dequantize(slice(r, r + step))
-        total += float((e[:, live] ** 2).sum())
-    return total
 
 
 def _inverse_cholesky(box: list[torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
@@ -342,5 +331,5 @@ def hessian_error(
     W = weight.float()
     H = hessian.to(W.device, torch.float32)
     E = W - qweight.to(W.device, torch.float32)
-    error = float(((E @ H) * E).sum())
-    return error / float(((W @ H) * W).sum()) if relative else error
+    error = _energy(E, H)
+    return error / _energy(W, H) if relative else error

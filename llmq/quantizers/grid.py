@@ -110,6 +110,15 @@ class QuantizedWeight:
                                                 * (self.q[part].int() - self.zeros[:, part].t()[:, g]))
         return out
 
+    def squared_error(self, weight: torch.Tensor, columns: torch.Tensor | None = None) -> float:
+        """``‖weight - dequantize()‖²`` (over the boolean mask ``columns`` when given), in row chunks."""
+        total = 0.0
+        step = max(1, packing.CHUNK_ELEMENTS // max(weight.shape[1], 1))
+        for r in range(0, weight.shape[0], step):
+            e = weight[r:r + step].float() - self.dequantize(slice(r, r + step))
+            total += float((e if columns is None else e[:, columns]).square().sum())
+        return total
+
     def pack(self) -> dict[str, torch.Tensor]:
         """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
         return {
