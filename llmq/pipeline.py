@@ -1,7 +1,8 @@
 """``quantize()``: stream a checkpoint block by block, solve each linear, write packed tensors.
 
-Peak memory is one block, the calibration activations and the tensor being copied; the
-whole model is never materialized.
+Peak memory is one block's work (a pass over it, or one linear's solve next to none of the
+block's weights), the calibration activations and the tensor being copied; the whole model is
+never materialized.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def quantize(
     out_dtype: torch.dtype | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     calib_dtype: str | torch.dtype = "auto",
     first_token_weight: float | None = None,
     progress: bool = True,
@@ -91,10 +92,12 @@ def quantize(
     the model one block at a time. ``device`` is where blocks are solved and run (default:
     CUDA when present). The output appears at ``out`` only when complete.
 
-    ``calib_dtype`` is the precision of GPTQ's calibration forwards: weights stay float32 and
-    the solver always works in float32, but matmuls and attention run under autocast in this
-    dtype. ``"auto"`` picks bfloat16 where the hardware runs it fast (CUDA with bf16, CPUs with
-    AVX512-BF16 or AMX), else float32.
+    ``calib_dtype`` is the precision of GPTQ's calibration forwards: each block runs with its
+    weights and activations in this dtype, while the solver always works in float32 on the
+    checkpoint's weights. ``"auto"`` picks bfloat16 where the hardware runs it fast (CUDA with
+    bf16, CPUs with AVX512-BF16 or AMX), else float32. ``batch_size`` calibration samples go
+    through each forward together (default 8; 2 on CPU for models with layers of ``LEAN_FROM``
+    inputs or more, whose MLP activations would otherwise dominate the peak).
 
     ``first_token_weight`` is how many tokens' worth each calibration sample's first position
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
@@ -126,12 +129,16 @@ def quantize(
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
     if widest >= LEAN_FROM:
         _limit_heap_retention()
+    if batch_size is None:  # wide MLPs' activations per batch are what the forwards add to the peak on CPU
+        batch_size = 2 if widest >= LEAN_FROM and device.type == "cpu" else 8
 
     if config.method == "gptq" and calibration is None:
         tokenizer = AutoTokenizer.from_pretrained(src)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
         calibration = get_calibration(tokenizer, calib_source, nsamples, min(calib_seqlen, max_pos), seed,
                                       chat_template)
+        del tokenizer
+        _trim_heap()
     meta = dict(config.meta)
     if calibration is not None and config.method == "gptq":
         meta.update(calibration.describe())
@@ -159,9 +166,12 @@ def quantize(
                 report.quantized.append(prefix + name)
 
             if config.method == "gptq":
-                # GPTQ's forwards run in fwd_dtype; the solver reads float32 weights from the shards.
-                streaming.materialize(block, prefix, keys, device, fwd_dtype)
-                solved, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight)
+                # GPTQ's forwards run in fwd_dtype; the solver reads the weights from the shards. The
+                # linears' weights are loaded only while a pass needs them (see _WeightsOnCall).
+                linears = list(models.block_linears(block))
+                streaming.materialize(block, prefix, keys, device, fwd_dtype, skip={f"{n}.weight" for n in linears})
+                solved, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
+                                             linears, fwd_dtype, device)
                 errors = {name: rel_err for name, (_, rel_err) in solved.items()}
                 for name, (qw, _) in solved.items():
                     write(name, qw)
@@ -180,6 +190,7 @@ def quantize(
             streaming.to_meta(block)
             _copy_untouched(block, prefix, keys, writer, written, out_dtype, bias_dtype=torch.float16,
                             quantized=set(errors))
+            _trim_heap()
         _copy_untouched(skeleton, "", keys, writer, written, out_dtype)
         writer.close()
         checkpoint.write_config(hf_config, config, tmp, out_dtype)
@@ -201,16 +212,33 @@ def _limit_heap_retention() -> None:
     It costs page faults: on SmolLM2 (576 wide, 0.8 GB peak anyway) GPTQ took 30% longer, so
     small models keep glibc's default.
     """
-    import ctypes
     import os
+
+    libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+
+
+@functools.cache
+def _glibc() -> Any:
+    import ctypes
     import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``): after tokenizing the
+    calibration text, about 65 MB of freed tokenizer and corpus memory would otherwise stay
+    resident for the whole run."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
@@ -218,10 +246,13 @@ def _relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
 
 
-def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str) -> torch.Tensor:
-    """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), float32 ``[out, in]``."""
+def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str,
+                     dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), ``[out, in]`` in
+    ``dtype`` (None: as stored)."""
     module = block.get_submodule(name)
-    return models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight"))).float()
+    weight = models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight")))
+    return weight if dtype is None else weight.to(dtype)
 
 
 def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
@@ -503,7 +534,8 @@ def _input_groups(block: nn.Module, names: list[str], sample: tuple) -> list[lis
 
 
 def _hessian_hooks(block: nn.Module, hessians: dict, last: str, first_token_weight: float) -> list:
-    """Hooks that feed each group's input to its Hessian and end the forward at ``last``."""
+    """Hooks that feed each group's input to its Hessian and end the forward at ``last`` (before
+    any other hook of that linear: ``last``'s weight is then never loaded)."""
 
     def hook(name: str):
         def pre_hook(_m: nn.Module, args: tuple) -> None:
@@ -513,41 +545,88 @@ def _hessian_hooks(block: nn.Module, hessians: dict, last: str, first_token_weig
                 raise _StopForward
         return pre_hook
 
-    return [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in dict.fromkeys([*hessians, last])]
+    return [block.get_submodule(n).register_forward_pre_hook(hook(n), prepend=True)
+            for n in dict.fromkeys([*hessians, last])]
+
+
+class _WeightsOnCall:
+    """Keeps the weights of a block's linears ``names`` on the meta device except during the
+    passes that call them: a linear's weight is loaded (``load(name)``) when a pass first calls
+    it and dropped by :meth:`release`, which ends each pass. So while the solver works on one
+    linear, none of the block's weights is resident (134 MB for a 2048 x 8192 Llama block in
+    bf16), and a pass loads only the linears it runs (the memo skips the solved attention's).
+    """
+
+    def __init__(self, block: nn.Module, names: list[str], load: Callable[[str], torch.Tensor]) -> None:
+        self._modules = {n: block.get_submodule(n) for n in names}
+        self._load = load
+        self._hooks: list = []
+
+    def _pre_hook(self, name: str):
+        def pre_hook(module: nn.Module, _args: tuple) -> None:
+            if module.weight.is_meta:
+                module._parameters["weight"] = nn.Parameter(self._load(name), requires_grad=False)
+        return pre_hook
+
+    def release(self) -> None:
+        for module in self._modules.values():
+            if not module.weight.is_meta:
+                module._parameters["weight"] = nn.Parameter(torch.empty_like(module.weight, device="meta"),
+                                                            requires_grad=False)
+
+    def __enter__(self) -> _WeightsOnCall:
+        self._hooks = [m.register_forward_pre_hook(self._pre_hook(n)) for n, m in self._modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.release()
 
 
 def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig,
-                original: Callable[[str], torch.Tensor], first_token_weight: float = 1.0
+                original: Callable[..., torch.Tensor], first_token_weight: float, linears: list[str],
+                dtype: torch.dtype, device: torch.device
                 ) -> tuple[dict[str, tuple[QuantizedWeight, float]], list[tuple]]:
     """Solve every planned linear of ``block`` with GPTQ; return solutions and the block's outputs.
 
     With true-sequential, each input group is solved before the next group's Hessian is
-    collected, so later layers see the already-quantized earlier ones. The forwards run in the
-    block's dtype; the solver works in float32 on ``original(name)``, the checkpoint's weight
-    ``[out, in]``, and each solved linear's dequantized weight replaces it in ``block``.
+    collected, so later layers see the already-quantized earlier ones. The forwards run in
+    ``dtype`` on ``device``. The weights of the block's ``linears`` stay on meta except in the
+    passes that call them, which load a solved linear's dequantized solution and the others'
+    checkpoint weight (``original(name, dtype=None)``, ``[out, in]``). The solver works in float32.
     """
-    groups = _input_groups(block, names, inputs[0])
-    stages = groups if config.true_sequential else [[n for g in groups for n in g]]
     solved: dict[str, tuple[QuantizedWeight, float]] = {}
-    with ForwardMemo(block, names) as memo:
-        for stage in stages:
-            stage_groups = [g for g in groups if g[0] in stage]
-            # A group's linears share one input: the pass can stop where the last group's first one is called.
-            _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, original,
-                         first_token_weight, memo, solved)
-        memo.storing = False  # nothing runs after the output pass
-        outputs = _run_block(block, inputs, memo)
+
+    def load(name: str) -> torch.Tensor:
+        module = block.get_submodule(name)
+        w = solved[name][0].dequantize(dtype=dtype) if name in solved else original(name, dtype=None)
+        return models.linear_weight(module, w).to(device, dtype).contiguous()  # Conv1D: back to [in, out]
+
+    with _WeightsOnCall(block, linears, load) as weights:
+        groups = _input_groups(block, names, inputs[0])
+        weights.release()
+        stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+        with ForwardMemo(block, names) as memo:
+            for stage in stages:
+                stage_groups = [g for g in groups if g[0] in stage]
+                # A group's linears share one input: the pass can stop where the last group's first one is called.
+                _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, original,
+                             first_token_weight, memo, solved, weights, device)
+            memo.storing = False  # nothing runs after the output pass
+            outputs = _run_block(block, inputs, memo)
     return solved, outputs
 
 
 def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inputs: list[tuple],
-                 config: QuantConfig, original: Callable[[str], torch.Tensor], first_token_weight: float,
-                 memo: ForwardMemo, solved: dict[str, tuple[QuantizedWeight, float]]) -> None:
-    """Collect the Hessians of ``stage_groups`` (one pass, stopped at linear ``last``), then solve
-    each of their linears and put its dequantized weight into ``block``."""
+                 config: QuantConfig, original: Callable[..., torch.Tensor], first_token_weight: float,
+                 memo: ForwardMemo, solved: dict[str, tuple[QuantizedWeight, float]],
+                 weights: _WeightsOnCall, device: torch.device) -> None:
+    """Collect the Hessians of ``stage_groups`` (one pass, stopped at linear ``last``), drop the
+    weights that pass loaded, then solve each of the groups' linears into ``solved``."""
     from llmq.quantizers.gptq import GPTQ
 
-    hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0]) for g in stage_groups}
+    hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0], device) for g in stage_groups}
     hooks = _hessian_hooks(block, hessians, last, first_token_weight)
     try:
         with torch.no_grad():
@@ -560,11 +639,12 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
     finally:
         for h in hooks:
             h.remove()
+        weights.release()
+    _trim_heap()  # the pass's small activations leave the heap fragmented
     for group in stage_groups:
         gptq = hessians[group[0]]
         for name in group:
-            module = block.get_submodule(name)
-            w = original(name).to(module.weight.device)
+            w = original(name, dtype=None).to(device)  # GPTQ makes its own float32 copy
             last = name == group[-1]  # the group's last linear consumes the shared Hessian
             qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,
@@ -572,8 +652,5 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
                             free_hessian=last)
             solved[name] = (qw, gptq.info.relative_error)  # from the solve's loss: no extra matmuls
             del w
-            deq = qw.dequantize()
-            module.weight.data.copy_(deq.t() if isinstance(module, models.Conv1D) else deq)
-            del deq
             memo.solved(name)
         del gptq, hessians[group[0]]

@@ -193,14 +193,17 @@ class KeyMap:
 
 
 def materialize(module: nn.Module, prefix: str, keys: KeyMap, device: torch.device | str, dtype: torch.dtype,
-                recurse: bool = True, strict: bool = True) -> None:
+                recurse: bool = True, strict: bool = True, skip: set[str] = frozenset()) -> None:
     """Load ``module``'s parameters (and persistent buffers found in the checkpoint) from the shards.
 
     ``prefix`` is the module's name in the model with a trailing dot. Floating tensors are cast
     to ``dtype``. With ``strict``, raises ``CorruptCheckpointError`` when a parameter has no tensor
     in the checkpoint (without it, such parameters stay on meta, e.g. a head tied to the embeddings).
+    Tensors named in ``skip`` (relative to ``module``) are left as they are.
     """
     for name, tensor in list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse)):
+        if name in skip:
+            continue
         key = keys.source(prefix + name)
         if key is None:
             if strict and tensor.is_meta and isinstance(tensor, nn.Parameter):

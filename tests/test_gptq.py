@@ -275,17 +275,60 @@ def test_wide_layers_fold_bf16_batches_in_slices(monkeypatch):
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_lean_factorization_of_wide_layers(problem, monkeypatch, order):
-    """The in-place, column-major factorization used from LEAN_FROM inputs on gives the plain
-    path's solution up to rounding, and still retries with more damping."""
+    """The in-place permutation and blocked factorization used from LEAN_FROM inputs on give the
+    plain path's solution up to rounding, and still retry with more damping."""
     from llmq.quantizers import gptq as gptq_module
 
     w, h = problem
     desc_act, static_groups = ORDERS[order]
     plain, plain_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
     monkeypatch.setattr(gptq_module, "LEAN_FROM", 16)
+    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 48)  # 5 blocks of 48 and one of 16
     lean, lean_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
     assert lean_info.loss == pytest.approx(plain_info.loss, rel=1e-4)
     assert (lean.q != plain.q).float().mean() < 0.01
     torch.testing.assert_close(lean.dequantize(), plain.dequantize(), rtol=0, atol=float(plain.scales.max()) * 1.01)
     _, info = gptq_quantize(torch.randn(16, 64), _hessian_with_eigenvalue(0.05), 4, 16, True)
     assert info.damp_percent == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("n", "block"), [(100, 32), (64, 64), (40, 256)],
+                         ids=["ragged", "one-block-exact", "one-block"])
+def test_lean_inverse_factor_matches_the_lapack_sequence(monkeypatch, n, block):
+    """In place, in blocks over the upper triangle: the factor U of (H + damp)⁻¹ = UᵀU that
+    cholesky -> cholesky_inverse -> cholesky gives; after a failed try H is rebuilt exactly from
+    the untouched lower triangle, so the retry gives the same factor as a fresh start."""
+    from llmq.quantizers import gptq as gptq_module
+
+    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", block)
+    x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h = x.t() @ x / (3 * n)
+    h = (h + h.t()) / 2  # exactly symmetric: the retry reads the lower triangle, the first try the upper
+    diag = h.diagonal().clone()
+    damp = 0.01 * diag.mean()
+    damped = h + damp * torch.eye(n, dtype=h.dtype)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    fresh = h.clone()
+    assert gptq_module._lean_inverse_factor(fresh, diag, damp, restore=False)
+    torch.testing.assert_close(fresh, expected, rtol=1e-9, atol=1e-9)
+    assert torch.equal(fresh, fresh.triu())
+    retried = h.clone()
+    too_little = -2 * torch.linalg.eigvalsh(h)[-1]  # H + damp is negative definite: fails
+    assert not gptq_module._lean_inverse_factor(retried, diag, too_little, restore=False)
+    assert gptq_module._lean_inverse_factor(retried, diag, damp, restore=True)
+    assert torch.equal(retried, fresh)
+
+
+def test_symmetric_permutation_in_place(monkeypatch):
+    from llmq.quantizers import gptq as gptq_module
+
+    x = torch.randn(300, 90, generator=torch.Generator().manual_seed(5))
+    h = x.t() @ x
+    perm = torch.randperm(90, generator=torch.Generator().manual_seed(6))
+    permuted = h.clone()
+    gptq_module._permute_symmetric_(permuted, perm)
+    assert torch.equal(permuted, h[perm][:, perm])
+    w = torch.randn(7, 90)
+    cols = w.clone()
+    gptq_module._permute_columns_(cols, perm)
+    assert torch.equal(cols, w[:, perm])

@@ -230,3 +230,69 @@ def test_half_precision_embeddings_stay_half_during_capture(tmp_path, kind):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_solves_run_with_no_block_weight_resident(tmp_path, monkeypatch):
+    """The block's linear weights are loaded only by the passes that call them: while a linear is
+    solved, none is resident, and a stage's pass never loads the linear it stops at."""
+    from llmq.quantizers.gptq import GPTQ
+
+    src = save_tiny("llama", tmp_path / "src", num_hidden_layers=2)
+    layouts, resident, loaded = [], [], []
+    real_find, real_solve, real_load = models.find_layout, GPTQ.solve, pipeline._WeightsOnCall._pre_hook
+
+    def find_layout(model):
+        layouts.append(real_find(model))
+        return layouts[-1]
+
+    def solve(self, *a, **k):
+        resident.append(sum(not m.weight.is_meta for b in layouts[-1].blocks for m in models.block_linears(b).values()))
+        return real_solve(self, *a, **k)
+
+    def pre_hook(self, name):
+        hook = real_load(self, name)
+
+        def counting(module, args):
+            loaded.append(name) if module.weight.is_meta else None
+            hook(module, args)
+        return counting
+
+    monkeypatch.setattr(pipeline.models, "find_layout", find_layout)
+    monkeypatch.setattr(GPTQ, "solve", solve)
+    monkeypatch.setattr(pipeline._WeightsOnCall, "_pre_hook", pre_hook)
+    quantize(src, QuantConfig(method="gptq", bits=4, group_size=32), tmp_path / "q",
+             calibration=calibration_ids(), progress=False)
+    assert len(resident) == 2 * 7 and max(resident) == 0
+    # per block: all 7 once to find the input groups; none for the q/k/v pass (it stops at q_proj);
+    # q/k/v for the o_proj pass; q/k/v/o for the gate/up pass, whose attention output the memo keeps
+    # and replays after; gate/up for the down_proj pass; gate/up/down for the output pass
+    attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"], \
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    per_block = attn + mlp + attn[:3] + attn + mlp[:2] + mlp
+    assert loaded == 2 * per_block, loaded
+
+
+def test_lean_path_for_wide_layers_matches_the_plain_one(tmp_path, monkeypatch):
+    """From LEAN_FROM inputs on (lowered here to reach a tiny model): in-place factorization,
+    batches of 2 on CPU by default; the checkpoint is the plain path's up to rounding."""
+    from llmq.quantizers import gptq as gptq_module
+
+    src = save_tiny("llama", tmp_path / "src", num_hidden_layers=2)
+    config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
+    calib = calibration_ids(n=8, seqlen=32)
+    quantize(src, config, tmp_path / "plain", calibration=calib, batch_size=2, out_dtype=torch.float32, progress=False)
+    batch_sizes = []
+    real_capture = pipeline._capture_block_inputs
+    monkeypatch.setattr(pipeline, "_capture_block_inputs", lambda *a: batch_sizes.append(a[-1]) or real_capture(*a))
+    monkeypatch.setattr(pipeline, "_limit_heap_retention", lambda: None)  # leave this process's malloc alone
+    monkeypatch.setattr(gptq_module, "LEAN_FROM", 64)  # every linear of the tiny model: 64 or 128 inputs
+    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 24)
+    quantize(src, config, tmp_path / "lean", calibration=calib, out_dtype=torch.float32, progress=False)
+    assert batch_sizes == [2]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = [load_quantized(tmp_path / name, dtype=torch.float32)(ids).logits for name in ("plain", "lean")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.02 * float(logits[0].abs().max()))
+    plain, lean = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "lean"))
+    codes = [k for k in plain if k.endswith(".qweight")]
+    same = sum(int((plain[k] == lean[k]).sum()) for k in codes) / sum(plain[k].numel() for k in codes)
+    assert same > 0.9, same  # packed int32 words: 8 codes each

@@ -83,3 +83,6 @@ def test_chunked_solve_and_dequantize_match_one_piece(monkeypatch, group_size, m
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
     assert torch.equal(chunked.dequantize(), deq)
     assert all(torch.equal(t, packed[k]) for k, t in chunked.pack().items())
+    for dtype in (torch.bfloat16, torch.float16):  # stored straight in half precision: rounded once
+        assert torch.equal(chunked.dequantize(dtype=dtype), deq.to(dtype))
+        assert torch.equal(chunked.dequantize(slice(3, 9), dtype=dtype), deq[3:9].to(dtype))

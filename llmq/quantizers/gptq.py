@@ -18,10 +18,11 @@ from llmq.packing import CHUNK_ELEMENTS, check_bits
 from llmq.quantizers.grid import QuantizedWeight, dequant, find_params, group_index, num_groups, quantize
 
 # Layers with this many inputs or more (an [in, in] float32 matrix of 64 MiB and up) take
-# memory-lean paths: bf16 batches fold into H in row slices, and on CPU the factorizations work in
-# place on column-major views (no hidden transposed copies). Results equal the plain paths' up to
-# rounding; narrower layers keep the plain ones.
+# memory-lean paths: bf16 batches fold into H in row slices, and on CPU the act-order permutation
+# and the factorization work inside H itself (one [in, in] matrix in all, see _lean_inverse_factor).
+# Results equal the plain paths' up to rounding; narrower layers keep the plain ones.
 LEAN_FROM = 4096
+FACTOR_BLOCK = 256  # block size of the lean factorization (its temporaries are [in, FACTOR_BLOCK])
 DAMP_RETRIES = 3  # damping grows 10x per retry: 1% of mean(diag H) becomes 10%, 100%, 1000%
 
 
@@ -97,7 +98,10 @@ class GPTQ:
         # Running mean, so H stays O(1) however many tokens stream through.
         self.H *= self.nsamples / (self.nsamples + m)
         self.nsamples += m
-        x = x * math.sqrt(2 / self.nsamples)
+        if extra:  # x is already a copy: scale it in place
+            x *= math.sqrt(2 / self.nsamples)
+        else:
+            x = x * math.sqrt(2 / self.nsamples)
         if x.dtype == torch.float32:
             self.H.addmm_(x.t(), x)
         elif self.in_features < LEAN_FROM:
@@ -126,9 +130,10 @@ class GPTQ:
         :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``.
 
         ``free_hessian``: the solve consumes ``H`` (its working copy *is* the accumulator, so the
-        largest matrices alive are two ``[in, in]`` ones instead of four: 512 MiB rather than
-        1 GiB for an 8192-input layer). ``self.H`` is then None and ``self.info.relative_error``
-        replaces :meth:`relative_error`. The solution is the same either way.
+        largest matrices alive are two ``[in, in]`` ones instead of four, and one on CPU from
+        ``LEAN_FROM`` inputs: 256 MiB for an 8192-input layer). ``self.H`` is then None and
+        ``self.info.relative_error`` replaces :meth:`relative_error`. The solution is the same
+        either way.
         """
         if self.H is None or self.nsamples == 0:
             raise ValueError("GPTQ.solve needs calibration inputs: add_batch was never called with data")
@@ -189,7 +194,7 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
         raise ValueError(f"block_size must be positive, got {block_size}")
     if damp_percent <= 0:
         raise ValueError(f"damp_percent must be positive, got {damp_percent}")
-    W = weight.detach().to(torch.float32, copy=True)
+    W = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight.detach())  # contiguous
     out_features, cols = W.shape
     H = owned.pop()
     if H.shape != (cols, cols):
@@ -215,9 +220,13 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
     perm = torch.arange(cols, device=device)
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H.index_select(0, perm)  # one [in, in] copy alive at a time besides H
-        H = H.index_select(1, perm)
+        if _lean(H):
+            _permute_columns_(W, perm)
+            _permute_symmetric_(H, perm)
+        else:
+            W = W[:, perm]
+            H = H.index_select(0, perm)  # one [in, in] copy alive at a time besides H
+            H = H.index_select(1, perm)
     if static_groups:
         g_idx = group_index(cols, group_size).to(device)
     else:
@@ -252,7 +261,8 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
             W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
             Err1[:, i] = err
         # Lazy batch update: the columns after this block get all its errors in one matmul.
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    del Hinv, Hinv1, W, W1, Err1  # the largest tensors go before the error below is measured
 
     if desc_act:
         Q = Q[:, torch.argsort(perm)]
@@ -270,57 +280,147 @@ def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
     return float(sum(((W[r:r + step] @ H) * W[r:r + step]).sum() for r in range(0, W.shape[0], step)))
 
 
+def _lean(H: torch.Tensor) -> bool:
+    return H.device.type == "cpu" and H.shape[0] >= LEAN_FROM
+
+
 def _inverse_cholesky(box: list[torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp·I)⁻¹`` ``[in, in]`` and the damping fraction used,
     for the Hessian handed over in the one-element list ``box`` (popped and overwritten).
 
-    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization. At most
-    two ``[in, in]`` matrices are alive at a time (each float32 one is 256 MiB for a layer with
-    8192 inputs): ``H`` is damped in place and dropped once its factor exists; with ``LEAN_FROM``
-    inputs or more on CPU the factorizations also skip torch's internal column-major copies.
+    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization. On CPU
+    from ``LEAN_FROM`` inputs the factor is computed inside ``H`` (:func:`_lean_inverse_factor`);
+    otherwise at most two ``[in, in]`` matrices are alive at a time: ``H`` is damped in place and
+    dropped once its factor exists.
     """
     H = box.pop()
     if not torch.isfinite(H.sum()):  # any NaN or inf makes the sum non-finite (no [in, in] mask)
         raise HessianError("Hessian has NaN or infinite entries; the calibration activations are not finite")
     diag = H.diagonal().clone()
     mean_diag = diag.mean()
-    lean = H.device.type == "cpu" and H.shape[0] >= LEAN_FROM
-    info = torch.zeros((), dtype=torch.int32, device=H.device)
     tried = []
-    for attempt in range(DAMP_RETRIES + 1):
-        percent = damp_percent * 10**attempt
-        tried.append(percent)
-        torch.add(diag, percent * mean_diag, out=H.diagonal())  # the same sums as damping a copy
-        if lean:
-            # Column-major views of C-order buffers: LAPACK works on them directly. The H = U1ᵀU1
-            # factor of H (symmetric, so H.mT is H) lands in L.mT, i.e. L = U1ᵀ is the lower factor.
-            L = torch.empty_like(H)
-            torch.linalg.cholesky_ex(H.mT, upper=True, out=(L.mT, info))
-        else:
+    if _lean(H):
+        for attempt in range(DAMP_RETRIES + 1):
+            tried.append(damp_percent * 10**attempt)
+            if _lean_inverse_factor(H, diag, tried[-1] * mean_diag, restore=attempt > 0):
+                return H, tried[-1]
+    else:
+        for attempt in range(DAMP_RETRIES + 1):
+            percent = damp_percent * 10**attempt
+            tried.append(percent)
+            torch.add(diag, percent * mean_diag, out=H.diagonal())  # the same sums as damping a copy
             L, info = torch.linalg.cholesky_ex(H)
-        if info.item() != 0:
-            continue
-        H = None  # free it: the factor holds everything needed now
-        if lean:
-            Hinv = L
-            torch.cholesky_inverse(Hinv.mT, upper=True, out=Hinv.mT)  # in place: L is gone
-            U = torch.empty_like(Hinv)
-            torch.linalg.cholesky_ex(Hinv.mT, upper=False, out=(U.mT, info))  # Hinv = (U.mT)(U.mT)ᵀ = UᵀU
-        else:
+            if info.item() != 0:
+                continue
+            H = None  # free it: the factor holds everything needed now
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        del L
-        if info.item() == 0 and torch.isfinite(U.sum()):
-            return U, percent
-        # Rare (H so ill-conditioned that its computed inverse is not positive definite): rebuild
-        # the damped H from the inverse for the next try; its diagonal is reset from `diag` then.
-        del U
-        H = torch.linalg.inv(Hinv)
-        del Hinv
+            if info.item() == 0 and torch.isfinite(U.sum()):
+                return U, percent
+            # Rare (H so ill-conditioned that its computed inverse is not positive definite):
+            # rebuild the damped H from the inverse for the next try; its diagonal is reset then.
+            del U
+            H = torch.linalg.inv(Hinv)
+            del Hinv
     raise HessianError(
         f"Hessian is not positive definite even with damping up to {tried[-1]:g} x mean(diag H) "
         f"(tried {', '.join(f'{p:g}' for p in tried)})"
     )
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(k, min(k + FACTOR_BLOCK, n)) for k in range(0, n, FACTOR_BLOCK)]
+
+
+def _set_upper_(view: torch.Tensor, values: torch.Tensor) -> None:
+    """Write the upper triangle (with the diagonal) of ``values`` into the square ``view``."""
+    upper = torch.ones(view.shape, dtype=torch.bool).triu_()
+    view.copy_(torch.where(upper, values, view))
+
+
+def _lean_inverse_factor(H: torch.Tensor, diag: torch.Tensor, damp: torch.Tensor, restore: bool) -> bool:
+    """Turn the symmetric ``H`` into the upper factor ``U`` of ``(H + damp·I)⁻¹ = UᵀU`` in place,
+    with temporaries of ``[in, FACTOR_BLOCK]``; False when ``H + damp·I`` is not positive definite.
+
+    ``H + damp·I = R Rᵀ`` with ``R`` upper triangular (a Cholesky factorization from the last
+    row up), then ``U = R⁻¹``: ``UᵀU = R⁻ᵀR⁻¹ = (RRᵀ)⁻¹``. That is the factor the usual
+    cholesky → cholesky_inverse → cholesky sequence gives (it is unique), in half the flops, and
+    written in blocks over the upper triangle only: until it succeeds, the strict lower triangle
+    still holds ``H`` and ``diag`` its diagonal, from which ``restore`` rebuilds it for a retry with
+    more damping.
+    """
+    blocks = _blocks(H.shape[0])
+    if restore:
+        for j0, j1 in blocks:
+            H[j0:j1, j1:] = H[j1:, j0:j1].t()
+            d = H[j0:j1, j0:j1].tril(-1)
+            d += d.t().clone()
+            d.diagonal().copy_(diag[j0:j1])
+            H[j0:j1, j0:j1] = d
+    torch.add(diag, damp, out=H.diagonal())
+    # R from the bottom-right block up: with H = [[A, B], [Bᵀ, C]], C = R₂₂R₂₂ᵀ, B = R₁₂R₂₂ᵀ and
+    # A - R₁₂R₁₂ᵀ = R₁₁R₁₁ᵀ. Only the upper triangle of A is updated (block column by block column).
+    for k0, k1 in reversed(blocks):
+        C = H[k0:k1, k0:k1].triu()
+        C += C.triu(1).t()
+        flipped, info = torch.linalg.cholesky_ex(C.flip(0, 1))  # J C J = L Lᵀ, so C = (JLJ)(JLJ)ᵀ
+        if info.item() != 0:
+            return False
+        R22 = flipped.flip(0, 1)
+        _set_upper_(H[k0:k1, k0:k1], R22)
+        if k0 == 0:
+            break
+        R12 = torch.linalg.solve_triangular(R22.t(), H[:k0, k0:k1], upper=False, left=False)
+        H[:k0, k0:k1] = R12
+        for j0, j1 in blocks:
+            if j0 >= k0:
+                break
+            if j0:
+                H[:j0, j0:j1].addmm_(R12[:j0], R12[j0:j1].t(), alpha=-1)
+            _set_upper_(H[j0:j1, j0:j1], H[j0:j1, j0:j1] - R12[j0:j1] @ R12[j0:j1].t())
+        del R12
+    # U = R⁻¹ block column by block column, left to right: U[:j, j] = -U[:j, :j] R[:j, j] R[j, j]⁻¹,
+    # where U[:j, :j] (upper triangular) is done and R[:j, j] is still in place.
+    for j0, j1 in blocks:
+        Rjj = H[j0:j1, j0:j1].triu()
+        inv = torch.linalg.solve_triangular(Rjj, torch.eye(j1 - j0), upper=True)
+        if j0:
+            col = H[:j0, j0:j1]
+            for i0, i1 in blocks:  # col <- U[:j, :j] col, one block row at a time (rows below still R)
+                if i0 >= j0:
+                    break
+                t = H[i0:i1, i0:i1].triu() @ col[i0:i1]
+                if i1 < j0:
+                    t.addmm_(H[i0:i1, i1:j0], col[i1:j0])
+                col[i0:i1] = t
+            col.copy_(torch.mm(col, inv).neg_())
+        _set_upper_(H[j0:j1, j0:j1], inv)
+    if not torch.isfinite(H.sum()):  # the lower triangle is finite H: only U can be at fault
+        return False
+    for j0, j1 in blocks:  # clear what is left of H below the diagonal
+        H[j1:, j0:j1] = 0
+        H[j0:j1, j0:j1] = H[j0:j1, j0:j1].triu()
+    return True
+
+
+def _permute_columns_(W: torch.Tensor, perm: torch.Tensor) -> None:
+    """``W ← W[:, perm]`` in place, in row strips of about 16 MB."""
+    step = max(1, (4 << 20) // max(W.shape[1], 1))
+    for r in range(0, W.shape[0], step):
+        W[r:r + step] = W[r:r + step].index_select(1, perm)
+
+
+def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> None:
+    """``H ← H[perm][:, perm]`` in place for a symmetric ``H``, in strips of about 16 MB.
+
+    The columns are permuted one row strip at a time (``B = H[:, perm]``), then the rows one
+    column strip at a time: ``B[perm]`` reads only the strip it writes.
+    """
+    _permute_columns_(H, perm)
+    step = max(1, (4 << 20) // H.shape[0])
+    for c in range(0, H.shape[0], step):
+        H[:, c:c + step] = H[:, c:c + step].index_select(0, perm)
 
 
 def hessian_error(

@@ -97,12 +97,12 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
 
-    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
-        """Reconstructed weight ``[out, in]`` (or only output ``rows``) in float32, built in row
-        chunks: no full-size temporaries."""
+    def dequantize(self, rows: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Reconstructed weight ``[out, in]`` (or only output ``rows``), computed in float32 in row
+        chunks (no full-size temporaries) and stored in ``dtype``: the float32 result rounded once."""
         g = self.g_idx.long()
         first, last, _ = (rows or slice(None)).indices(self.q.shape[0])
-        out = torch.empty(max(last - first, 0), self.q.shape[1], dtype=torch.float32, device=self.q.device)
+        out = torch.empty(max(last - first, 0), self.q.shape[1], dtype=dtype, device=self.q.device)
         step = max(1, packing.CHUNK_ELEMENTS // max(self.q.shape[1], 1))
         for r in range(first, last, step):
             part = slice(r, min(r + step, last))
