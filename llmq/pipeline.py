@@ -179,7 +179,7 @@ def quantize(
             else:  # RTN needs no forward: each weight comes from the shards, is read once and written at once
                 errors = {}
                 for name in plan[i]:
-                    w = original(name).to(device)
+                    w = original(name).to(device, torch.float32)
                     qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
                     errors[name] = _relative_error(w, qw)
                     del w
@@ -246,13 +246,11 @@ def _relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
 
 
-def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str,
-                     dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), ``[out, in]`` in
-    ``dtype`` (None: as stored)."""
+def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str) -> torch.Tensor:
+    """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), ``[out, in]``, in
+    its stored dtype."""
     module = block.get_submodule(name)
-    weight = models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight")))
-    return weight if dtype is None else weight.to(dtype)
+    return models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight")))
 
 
 def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
@@ -585,7 +583,7 @@ class _WeightsOnCall:
 
 
 def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig,
-                original: Callable[..., torch.Tensor], first_token_weight: float, linears: list[str],
+                original: Callable[[str], torch.Tensor], first_token_weight: float, linears: list[str],
                 dtype: torch.dtype, device: torch.device
                 ) -> tuple[dict[str, tuple[QuantizedWeight, float]], list[tuple]]:
     """Solve every planned linear of ``block`` with GPTQ; return solutions and the block's outputs.
@@ -594,13 +592,13 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
     collected, so later layers see the already-quantized earlier ones. The forwards run in
     ``dtype`` on ``device``. The weights of the block's ``linears`` stay on meta except in the
     passes that call them, which load a solved linear's dequantized solution and the others'
-    checkpoint weight (``original(name, dtype=None)``, ``[out, in]``). The solver works in float32.
+    checkpoint weight (``original(name)``, ``[out, in]``). The solver works in float32.
     """
     solved: dict[str, tuple[QuantizedWeight, float]] = {}
 
     def load(name: str) -> torch.Tensor:
         module = block.get_submodule(name)
-        w = solved[name][0].dequantize(dtype=dtype) if name in solved else original(name, dtype=None)
+        w = solved[name][0].dequantize(dtype=dtype) if name in solved else original(name)
         return models.linear_weight(module, w).to(device, dtype).contiguous()  # Conv1D: back to [in, out]
 
     with _WeightsOnCall(block, linears, load) as weights:
@@ -619,7 +617,7 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
 
 
 def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inputs: list[tuple],
-                 config: QuantConfig, original: Callable[..., torch.Tensor], first_token_weight: float,
+                 config: QuantConfig, original: Callable[[str], torch.Tensor], first_token_weight: float,
                  memo: ForwardMemo, solved: dict[str, tuple[QuantizedWeight, float]],
                  weights: _WeightsOnCall, device: torch.device) -> None:
     """Collect the Hessians of ``stage_groups`` (one pass, stopped at linear ``last``), drop the
@@ -644,7 +642,7 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
     for group in stage_groups:
         gptq = hessians[group[0]]
         for name in group:
-            w = original(name, dtype=None).to(device)  # GPTQ makes its own float32 copy
+            w = original(name).to(device)  # GPTQ makes its own float32 copy
             last = name == group[-1]  # the group's last linear consumes the shared Hessian
             qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,

@@ -400,25 +400,25 @@ def _lean_inverse_factor(H: torch.Tensor, diag: torch.Tensor, damp: torch.Tensor
         return False
     for j0, j1 in blocks:  # clear what is left of H below the diagonal
         H[j1:, j0:j1] = 0
-        H[j0:j1, j0:j1] = H[j0:j1, j0:j1].triu()
+        H[j0:j1, j0:j1].triu_()
     return True
 
 
 def _permute_columns_(W: torch.Tensor, perm: torch.Tensor) -> None:
-    """``W ← W[:, perm]`` in place, in row strips of about 16 MB."""
-    step = max(1, (4 << 20) // max(W.shape[1], 1))
+    """``W ← W[:, perm]`` in place, in row strips of ``CHUNK_ELEMENTS``."""
+    step = max(1, CHUNK_ELEMENTS // max(W.shape[1], 1))
     for r in range(0, W.shape[0], step):
         W[r:r + step] = W[r:r + step].index_select(1, perm)
 
 
 def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> None:
-    """``H ← H[perm][:, perm]`` in place for a symmetric ``H``, in strips of about 16 MB.
+    """``H ← H[perm][:, perm]`` in place for a symmetric ``H``, in strips of ``CHUNK_ELEMENTS``.
 
     The columns are permuted one row strip at a time (``B = H[:, perm]``), then the rows one
     column strip at a time: ``B[perm]`` reads only the strip it writes.
     """
     _permute_columns_(H, perm)
-    step = max(1, (4 << 20) // H.shape[0])
+    step = max(1, CHUNK_ELEMENTS // H.shape[0])
     for c in range(0, H.shape[0], step):
         H[:, c:c + step] = H[:, c:c + step].index_select(0, perm)
 
