@@ -127,10 +127,11 @@ def quantize(
     from llmq.quantizers.gptq import LEAN_FROM
 
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
-    if widest >= LEAN_FROM:
+    wide = widest >= LEAN_FROM
+    if wide:  # keep freed memory from staying resident: tensors of 4 MiB and up mapped, the heap trimmed per batch
         _limit_heap_retention()
     if batch_size is None:  # wide MLPs' activations per batch are what the forwards add to the peak on CPU
-        batch_size = 2 if widest >= LEAN_FROM and device.type == "cpu" else 8
+        batch_size = 2 if wide and device.type == "cpu" else 8
 
     if config.method == "gptq" and calibration is None:
         tokenizer = AutoTokenizer.from_pretrained(src)
@@ -159,23 +160,20 @@ def quantize(
             prefix = layout.block_prefix(i)
             original = functools.partial(_original_weight, block, prefix, keys)
 
-            def write(name: str, qw: QuantizedWeight, prefix: str = prefix) -> None:
-                for tname, t in qw.pack().items():
+            def write(name: str, packed: dict[str, torch.Tensor], prefix: str = prefix) -> None:
+                for tname, t in packed.items():
                     writer.add(f"{prefix}{name}.{tname}", t)
                 written.add(f"{prefix}{name}.weight")
                 report.quantized.append(prefix + name)
 
             if config.method == "gptq":
                 # GPTQ's forwards run in fwd_dtype; the solver reads the weights from the shards. The
-                # linears' weights are loaded only while a pass needs them (see _WeightsOnCall).
+                # linears' weights are loaded only while a pass needs them (see _WeightsOnCall); each
+                # solution is written as soon as it exists.
                 linears = list(models.block_linears(block))
                 streaming.materialize(block, prefix, keys, device, fwd_dtype, skip={f"{n}.weight" for n in linears})
-                solved, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
-                                             linears, fwd_dtype, device)
-                errors = {name: rel_err for name, (_, rel_err) in solved.items()}
-                for name, (qw, _) in solved.items():
-                    write(name, qw)
-                del solved
+                errors, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
+                                             linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide)
             else:  # RTN needs no forward: each weight comes from the shards, is read once and written at once
                 errors = {}
                 for name in plan[i]:
@@ -183,7 +181,7 @@ def quantize(
                     qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
                     errors[name] = _relative_error(w, qw)
                     del w
-                    write(name, qw)
+                    write(name, qw.pack())
                     del qw
             report.block_errors.append(sum(errors.values()) / max(len(errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
@@ -246,11 +244,16 @@ def _relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
 
 
-def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str) -> torch.Tensor:
+def _original_weight(block: nn.Module, prefix: str, keys: streaming.KeyMap, name: str,
+                     lazy: bool = False) -> torch.Tensor | streaming.RowReader:
     """The checkpoint's weight of linear ``name`` of ``block`` (named ``prefix``), ``[out, in]``, in
-    its stored dtype."""
+    its stored dtype; with ``lazy``, an ``nn.Linear``'s as a :class:`~llmq.streaming.RowReader`
+    (read a slice of output rows at a time)."""
     module = block.get_submodule(name)
-    return models.linear_weight(module, keys.reader.get(keys.source(f"{prefix}{name}.weight")))
+    key = keys.source(f"{prefix}{name}.weight")
+    if lazy and isinstance(module, nn.Linear):
+        return keys.reader.rows(key)
+    return models.linear_weight(module, keys.reader.get(key))
 
 
 def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
@@ -387,8 +390,10 @@ def _capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: stre
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple], memo: ForwardMemo | None = None) -> list[tuple]:
-    """Run every captured batch through ``block``; return the next block's ``(args, kwargs)``."""
+def _run_block(block: nn.Module, inputs: list[tuple], memo: ForwardMemo | None = None,
+               trim: bool = False) -> list[tuple]:
+    """Run every captured batch through ``block``; return the next block's ``(args, kwargs)``.
+    ``trim``: hand the heap's free pages back after each batch (see :func:`_trim_heap`)."""
     outputs = []
     with torch.no_grad():
         for b, (args, kwargs) in enumerate(inputs):
@@ -397,6 +402,8 @@ def _run_block(block: nn.Module, inputs: list[tuple], memo: ForwardMemo | None =
             out = block(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             outputs.append(((hidden, *args[1:]), kwargs))
+            if trim:
+                _trim_heap()
     return outputs
 
 
@@ -553,20 +560,34 @@ class _WeightsOnCall:
     it and dropped by :meth:`release`, which ends each pass. So while the solver works on one
     linear, none of the block's weights is resident (134 MB for a 2048 x 8192 Llama block in
     bf16), and a pass loads only the linears it runs (the memo skips the solved attention's).
+
+    :meth:`stream` makes the current pass run the linears it is given through their own forwards
+    instead (for solved linears: straight from their packed solution, see :func:`_packed_linear`),
+    so that their weights are never loaded whole.
     """
 
     def __init__(self, block: nn.Module, names: list[str], load: Callable[[str], torch.Tensor]) -> None:
         self._modules = {n: block.get_submodule(n) for n in names}
         self._load = load
         self._hooks: list = []
+        self._streamed: list[str] = []
 
     def _pre_hook(self, name: str):
         def pre_hook(module: nn.Module, _args: tuple) -> None:
-            if module.weight.is_meta:
+            if module.weight.is_meta and name not in self._streamed:
                 module._parameters["weight"] = nn.Parameter(self._load(name), requires_grad=False)
         return pre_hook
 
+    def stream(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Until :meth:`release`, linear ``name`` runs as ``forwards[name](x)``."""
+        for name, forward in forwards.items():
+            self._modules[name].forward = forward
+            self._streamed.append(name)
+
     def release(self) -> None:
+        for name in self._streamed:
+            del self._modules[name].forward
+        self._streamed = []
         for module in self._modules.values():
             if not module.weight.is_meta:
                 module._parameters["weight"] = nn.Parameter(torch.empty_like(module.weight, device="meta"),
@@ -582,24 +603,56 @@ class _WeightsOnCall:
         self.release()
 
 
+def _packed_linear(packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
+                   bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x @ Wᵀ + bias`` for the packed GPTQ tensors of ``W`` ``[out, in]``, dequantized a slice of
+    output rows at a time (each as :meth:`QuantizedWeight.dequantize` computes it: in float32,
+    stored in ``dtype``), so that the whole weight is never in memory in ``dtype``."""
+    qweight, scales, g = packed["qweight"], packed["scales"], packed["g_idx"].long()
+    zeros = packing.unpack_qzeros(packed["qzeros"], bits)
+    in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    step = max(1, packing.CHUNK_ELEMENTS // 4 // in_features)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x.new_empty(*x.shape[:-1], out_features)
+        for c0 in range(0, out_features, step):
+            c1 = min(c0 + step, out_features)
+            q = packing.unpack_qweight(qweight[:, c0:c1], bits).t()
+            w = (scales[:, c0:c1].float().t()[:, g] * (q - zeros[:, c0:c1].t()[:, g])).to(dtype)
+            y[..., c0:c1] = torch.nn.functional.linear(x, w, None if bias is None else bias[c0:c1])
+        return y
+    return forward
+
+
 def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig,
                 original: Callable[[str], torch.Tensor], first_token_weight: float, linears: list[str],
-                dtype: torch.dtype, device: torch.device
-                ) -> tuple[dict[str, tuple[QuantizedWeight, float]], list[tuple]]:
-    """Solve every planned linear of ``block`` with GPTQ; return solutions and the block's outputs.
+                dtype: torch.dtype, device: torch.device,
+                write: Callable[[str, dict[str, torch.Tensor]], None], spill_dir: str | Path | None = None,
+                trim: bool = False) -> tuple[dict[str, float], list[tuple]]:
+    """Solve every planned linear of ``block`` with GPTQ, handing each packed solution to
+    ``write(name, tensors)`` at once; return each one's relative error and the block's outputs.
 
     With true-sequential, each input group is solved before the next group's Hessian is
     collected, so later layers see the already-quantized earlier ones. The forwards run in
     ``dtype`` on ``device``. The weights of the block's ``linears`` stay on meta except in the
     passes that call them, which load a solved linear's dequantized solution and the others'
-    checkpoint weight (``original(name)``, ``[out, in]``). The solver works in float32.
+    checkpoint weight (``original(name)``, ``[out, in]``). Solutions are kept packed until the
+    block is done. The solver works in float32; wide layers' Hessians spill to a temporary file
+    in ``spill_dir`` (see :class:`GPTQ`), and their weights are read in row chunks.
     """
-    solved: dict[str, tuple[QuantizedWeight, float]] = {}
+    solved: dict[str, tuple[dict[str, torch.Tensor], float]] = {}  # packed solution, relative error
 
     def load(name: str) -> torch.Tensor:
         module = block.get_submodule(name)
-        w = solved[name][0].dequantize(dtype=dtype) if name in solved else original(name)
+        if name in solved:
+            w = QuantizedWeight.from_packed(solved[name][0], config.bits).dequantize(dtype=dtype)
+        else:
+            w = original(name)
         return models.linear_weight(module, w).to(device, dtype).contiguous()  # Conv1D: back to [in, out]
+
+    def streamed(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        bias = block.get_submodule(name).bias
+        return _packed_linear(solved[name][0], config.bits, dtype, bias)
 
     with _WeightsOnCall(block, linears, load) as weights:
         groups = _input_groups(block, names, inputs[0])
@@ -610,22 +663,30 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
                 stage_groups = [g for g in groups if g[0] in stage]
                 # A group's linears share one input: the pass can stop where the last group's first one is called.
                 _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, original,
-                             first_token_weight, memo, solved, weights, device)
+                             first_token_weight, memo, solved, weights, streamed, device, write, spill_dir, trim)
             memo.storing = False  # nothing runs after the output pass
-            outputs = _run_block(block, inputs, memo)
-    return solved, outputs
+            outputs = _run_block(block, inputs, memo, trim)
+    return {name: rel_err for name, (_, rel_err) in solved.items()}, outputs
 
 
 def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inputs: list[tuple],
                  config: QuantConfig, original: Callable[[str], torch.Tensor], first_token_weight: float,
-                 memo: ForwardMemo, solved: dict[str, tuple[QuantizedWeight, float]],
-                 weights: _WeightsOnCall, device: torch.device) -> None:
+                 memo: ForwardMemo, solved: dict[str, tuple[dict[str, torch.Tensor], float]],
+                 weights: _WeightsOnCall, streamed: Callable[[str], Callable[[torch.Tensor], torch.Tensor]],
+                 device: torch.device,
+                 write: Callable[[str, dict[str, torch.Tensor]], None], spill_dir: str | Path | None = None,
+                 trim: bool = False) -> None:
     """Collect the Hessians of ``stage_groups`` (one pass, stopped at linear ``last``), drop the
     weights that pass loaded, then solve each of the groups' linears into ``solved``."""
-    from llmq.quantizers.gptq import GPTQ
+    from llmq.quantizers.gptq import GPTQ, LEAN_FROM
 
-    hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0], device) for g in stage_groups}
+    hessians = {g[0]: GPTQ(models.linear_shape(block.get_submodule(g[0]))[0], device, spill_dir)
+                for g in stage_groups}
     hooks = _hessian_hooks(block, hessians, last, first_token_weight)
+    if device.type == "cpu" and any(h.in_features >= LEAN_FROM for h in hessians.values()):
+        # A wide Hessian is the largest thing alive: the solved linears run from their packed
+        # solutions (a quarter of their bf16 weights at 4 bits) while it is accumulated.
+        weights.stream({name: streamed(name) for name in solved})
     try:
         with torch.no_grad():
             for b, (args, kwargs) in enumerate(inputs):
@@ -634,6 +695,8 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
                     block(*args, **kwargs)
                 except _StopForward:
                     pass
+                if trim:
+                    _trim_heap()
     finally:
         for h in hooks:
             h.remove()
@@ -642,13 +705,18 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
     for group in stage_groups:
         gptq = hessians[group[0]]
         for name in group:
-            w = original(name).to(device)  # GPTQ makes its own float32 copy
+            # GPTQ makes its own float32 copy; on CPU it solves in row chunks, read from the shards as needed.
+            w = original(name, lazy=True) if device.type == "cpu" else original(name).to(device)
             last = name == group[-1]  # the group's last linear consumes the shared Hessian
             qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,
                             damp_percent=config.damp_percent, block_size=config.block_size, mse=config.mse,
                             free_hessian=last)
-            solved[name] = (qw, gptq.info.relative_error)  # from the solve's loss: no extra matmuls
-            del w
+            packed = qw.pack()
+            del w, qw
+            write(name, packed)
+            solved[name] = (packed, gptq.info.relative_error)  # from the solve's loss: no extra matmuls
             memo.solved(name)
+            if trim:  # the solver's temporaries leave heap pages that the next pass's Hessian would sit on
+                _trim_heap()
         del gptq, hessians[group[0]]

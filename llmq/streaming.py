@@ -22,6 +22,29 @@ class CorruptCheckpointError(ValueError):
     """A safetensors file is truncated, corrupt or missing."""
 
 
+class RowReader:
+    """A checkpoint tensor whose rows (first dimension) are read from its shard only when sliced:
+    ``reader[r0:r1]`` is a CPU tensor of those rows. Stands in for the tensor where only row
+    slices are taken (``shape``, ``dtype``, ``device`` and ``detach()`` as a tensor's)."""
+
+    def __init__(self, reader: ShardReader, key: str) -> None:
+        path, _, header = reader._files[reader._where[key]]
+        entry = header[key]
+        self._reader, self._key = reader, key
+        self.shape = torch.Size(entry["shape"])
+        self.dtype = DTYPES[entry["dtype"]]
+        self.device = torch.device("cpu")
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("RowReader takes a slice of consecutive rows")
+        r0, r1, _ = rows.indices(self.shape[0])
+        return self._reader._read_rows(self._key, r0, max(r0, r1))
+
+    def detach(self) -> RowReader:
+        return self
+
+
 class ShardReader:
     """Tensors of a checkpoint folder by key, across ``model.safetensors`` or indexed shards.
 
@@ -116,6 +139,27 @@ class ShardReader:
             if f.readinto(buf) != len(buf):
                 raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+    def rows(self, key: str) -> RowReader:
+        """Tensor ``key`` read lazily: ``reader[r0:r1]`` reads only those rows (first dimension)."""
+        if key not in self._where:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.folder}")
+        return RowReader(self, key)
+
+    def _read_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        path, data_start, header = self._files[self._where[key]]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
+        if self._preloaded.get(self._where[key]) is not None or not shape or begin == end:
+            return self.get(key)[r0:r1]
+        row_bytes = (end - begin) // shape[0]
+        buf = bytearray((r1 - r0) * row_bytes)
+        with path.open("rb") as f:
+            f.seek(data_start + begin + r0 * row_bytes)
+            if f.readinto(buf) != len(buf):
+                raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
+        return torch.frombuffer(buf, dtype=dtype).reshape([r1 - r0, *shape[1:]])
 
     def chunks(self, key: str, max_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
         """Tensor ``key`` as consecutive slices along its first dimension of at most about

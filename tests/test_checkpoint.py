@@ -280,3 +280,19 @@ def test_crash_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         quantize(tiny_models["llama"], QuantConfig(), tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_row_reader_reads_row_slices(tmp_path):
+    """Wide layers' weights reach the GPTQ solver as row slices read from the shard on demand."""
+    from llmq.streaming import ShardReader
+
+    w = torch.randn(12, 7, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    save_file({"a.weight": w, "b.bias": torch.zeros(3)}, tmp_path / "model.safetensors")
+    rows = ShardReader(tmp_path).rows("a.weight")
+    assert rows.shape == w.shape and rows.dtype == torch.bfloat16 and rows.detach() is rows
+    for part in (slice(0, 5), slice(5, 12), slice(3, 4), slice(None), slice(10, 99)):
+        assert torch.equal(rows[part], w[part]), part
+    with pytest.raises(TypeError, match="consecutive rows"):
+        rows[::2]
+    with pytest.raises(KeyError, match="not in the checkpoint"):
+        ShardReader(tmp_path).rows("missing.weight")

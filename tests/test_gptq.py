@@ -8,6 +8,7 @@ import torch
 
 from llmq import packing
 from llmq.quantizers.gptq import GPTQ, HessianError, gptq_quantize, hessian_error
+from llmq.quantizers.panels import PanelFile, RowSpill, UpperPanels
 from llmq.quantizers.rtn import rtn_quantize
 
 OUT, IN = 64, 256
@@ -260,31 +261,81 @@ def test_first_token_weight_counts_first_positions_w_times():
         plain.add_batch(x, first_token_weight=0)
 
 
-def test_wide_layers_fold_bf16_batches_in_slices(monkeypatch):
-    """Above CHUNKED_HESSIAN_FROM inputs, bf16 batches are added to H in row slices: the same H."""
+def test_wide_layers_fold_bf16_batches_in_block_rows_or_slices(monkeypatch):
+    """From LEAN_FROM inputs on, bf16 batches are added to H's upper block rows on CPU, and to a
+    dense H (other devices) in row slices: the same H either way."""
     from llmq.quantizers import gptq as gptq_module
 
     x = _activations(300).to(torch.bfloat16).reshape(3, 100, IN)
-    whole, sliced = GPTQ(IN), GPTQ(IN)
-    whole.add_batch(x, first_token_weight=4)
+    whole, panels, sliced = GPTQ(IN), GPTQ(IN), GPTQ(IN)
+    batches = (x[:1], x[1:])
+    for batch in batches:
+        whole.add_batch(batch, first_token_weight=4)
     monkeypatch.setattr(gptq_module, "LEAN_FROM", 16)
-    sliced.add_batch(x, first_token_weight=4)
+    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 48)
+    for batch in batches:
+        panels.add_batch(batch, first_token_weight=4)
+    assert isinstance(panels.H, UpperPanels) and panels.H.block == 48
+    assert sum(p.numel() for p in panels.H.panels) < 0.6 * IN * IN
+    torch.testing.assert_close(panels.H.dense(), whole.H, rtol=1e-5, atol=1e-6)
+    sliced.H = torch.zeros(IN, IN)  # as on a GPU
+    for batch in batches:
+        sliced.add_batch(batch, first_token_weight=4)
     torch.testing.assert_close(sliced.H, whole.H, rtol=1e-5, atol=1e-6)
-    assert sliced.nsamples == whole.nsamples
+    assert panels.nsamples == sliced.nsamples == whole.nsamples
 
 
+@pytest.mark.parametrize(("n", "block"), [(100, 32), (64, 64), (40, 256), (90, 24)],
+                         ids=["ragged", "one-block-exact", "one-block", "ragged-2"])
+def test_upper_panels_match_the_dense_matrix(n, block):
+    """Block rows of the upper triangle: round trip, tr(W H Wᵀ), accumulation, rows of a factor
+    (also across block rows, and from its file), and the spill file's permuted read-back."""
+    from llmq.quantizers.gptq import _energy
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2 * n, n, generator=gen)
+    h = x.t() @ x
+    panels = UpperPanels.from_dense(h, block)
+    assert torch.equal(panels.dense(), h) and panels.shape == (n, n)
+    assert torch.equal(panels.diagonal(), h.diagonal())
+    w = torch.randn(5, n, generator=gen)
+    assert panels.energy(w) == pytest.approx(_energy(w, h), rel=1e-5)
+    summed = UpperPanels.zeros(n, block)
+    summed.add_gram_(x[:n])
+    summed.add_gram_(x[n:])
+    torch.testing.assert_close(summed.dense(), h, rtol=1e-5, atol=1e-4)
+    upper = UpperPanels.from_dense(h.triu(), block)
+    dense_upper = upper.dense(symmetric=False)
+    assert torch.equal(dense_upper, h.triu())
+    with PanelFile(upper) as on_disk:
+        for i1, i2 in [(0, 1), (3, min(n, 40)), (n // 2, n), (0, n)]:
+            assert torch.equal(upper.rows(i1, i2), dense_upper[i1:i2, i1:]), (i1, i2)
+            assert torch.equal(on_disk.rows(i1, i2), dense_upper[i1:i2, i1:]), (i1, i2)
+    perm = torch.randperm(n, generator=gen)
+    with RowSpill(panels) as spill:
+        assert torch.equal(spill.load(perm).dense(), h[perm][:, perm])
+        assert torch.equal(spill.load().dense(), h)
+    with pytest.raises(ValueError, match="do not tile"):
+        UpperPanels(n, block, [p[:, 1:] for p in panels.panels])
+
+
+@pytest.mark.parametrize("block_size", [128, 24], ids=["across-block-rows", "within-block-rows"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_lean_factorization_of_wide_layers(problem, monkeypatch, order):
-    """The in-place permutation and blocked factorization used from LEAN_FROM inputs on give the
-    plain path's solution up to rounding, and still retry with more damping."""
+def test_lean_path_of_wide_layers(problem, monkeypatch, order, block_size):
+    """The block-row Hessian, its spill file (act-order permutation), the in-place blocked
+    factorization and the solve in row chunks used from LEAN_FROM inputs on give the plain path's
+    solution up to rounding, whether the solver's column blocks span block rows or not, and still
+    retry with more damping."""
     from llmq.quantizers import gptq as gptq_module
 
     w, h = problem
     desc_act, static_groups = ORDERS[order]
-    plain, plain_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
+    opts = dict(desc_act=desc_act, static_groups=static_groups, block_size=block_size)
+    plain, plain_info = gptq_quantize(w, h, 4, ODD_GROUP, True, **opts)
     monkeypatch.setattr(gptq_module, "LEAN_FROM", 16)
     monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 48)  # 5 blocks of 48 and one of 16
-    lean, lean_info = gptq_quantize(w, h, 4, ODD_GROUP, True, desc_act=desc_act, static_groups=static_groups)
+    monkeypatch.setattr(gptq_module, "SOLVE_ELEMENTS", 20 * IN)  # row chunks of 20, 20, 20 and 4
+    lean, lean_info = gptq_quantize(w, h, 4, ODD_GROUP, True, **opts)
     assert lean_info.loss == pytest.approx(plain_info.loss, rel=1e-4)
     assert (lean.q != plain.q).float().mean() < 0.01
     torch.testing.assert_close(lean.dequantize(), plain.dequantize(), rtol=0, atol=float(plain.scales.max()) * 1.01)
@@ -294,41 +345,65 @@ def test_lean_factorization_of_wide_layers(problem, monkeypatch, order):
 
 @pytest.mark.parametrize(("n", "block"), [(100, 32), (64, 64), (40, 256)],
                          ids=["ragged", "one-block-exact", "one-block"])
-def test_lean_inverse_factor_matches_the_lapack_sequence(monkeypatch, n, block):
-    """In place, in blocks over the upper triangle: the factor U of (H + damp)⁻¹ = UᵀU that
-    cholesky -> cholesky_inverse -> cholesky gives; after a failed try H is rebuilt exactly from
-    the untouched lower triangle, so the retry gives the same factor as a fresh start."""
+def test_panel_inverse_factor_matches_the_lapack_sequence(n, block):
+    """In place, in the block rows of the upper triangle: the factor U of (H + damp)⁻¹ = UᵀU that
+    cholesky -> cholesky_inverse -> cholesky gives; a failed try is reported, and the retry from
+    the spill file gives the same factor as a fresh start."""
     from llmq.quantizers import gptq as gptq_module
 
-    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", block)
     x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     h = x.t() @ x / (3 * n)
-    h = (h + h.t()) / 2  # exactly symmetric: the retry reads the lower triangle, the first try the upper
     diag = h.diagonal().clone()
     damp = 0.01 * diag.mean()
     damped = h + damp * torch.eye(n, dtype=h.dtype)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-    fresh = h.clone()
-    assert gptq_module._lean_inverse_factor(fresh, diag, damp, restore=False)
-    torch.testing.assert_close(fresh, expected, rtol=1e-9, atol=1e-9)
-    assert torch.equal(fresh, fresh.triu())
-    retried = h.clone()
-    too_little = -2 * torch.linalg.eigvalsh(h)[-1]  # H + damp is negative definite: fails
-    assert not gptq_module._lean_inverse_factor(retried, diag, too_little, restore=False)
-    assert gptq_module._lean_inverse_factor(retried, diag, damp, restore=True)
-    assert torch.equal(retried, fresh)
+    fresh = UpperPanels(n, block, [damped[k:k + block, k:].clone() for k in range(0, n, block)])
+    assert gptq_module._panel_inverse_factor(fresh)
+    torch.testing.assert_close(fresh.dense(symmetric=False), expected, rtol=1e-9, atol=1e-9)
+    with RowSpill(UpperPanels(n, block, [h[k:k + block, k:].clone() for k in range(0, n, block)])) as spill:
+        failing = spill.load()
+        failing.set_diagonal_(diag - 2 * torch.linalg.eigvalsh(h)[-1])  # negative definite
+        assert not gptq_module._panel_inverse_factor(failing)
+        retried = spill.load()
+        retried.set_diagonal_(diag + damp)
+        assert gptq_module._panel_inverse_factor(retried)
+    for a, b in zip(retried.panels, fresh.panels, strict=True):
+        assert torch.equal(a, b)
 
 
-def test_symmetric_permutation_in_place(monkeypatch):
+def test_column_permutation_in_place():
     from llmq.quantizers import gptq as gptq_module
 
-    x = torch.randn(300, 90, generator=torch.Generator().manual_seed(5))
-    h = x.t() @ x
     perm = torch.randperm(90, generator=torch.Generator().manual_seed(6))
-    permuted = h.clone()
-    gptq_module._permute_symmetric_(permuted, perm)
-    assert torch.equal(permuted, h[perm][:, perm])
     w = torch.randn(7, 90)
     cols = w.clone()
     gptq_module._permute_columns_(cols, perm)
     assert torch.equal(cols, w[:, perm])
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_row_chunks_change_nothing(problem, monkeypatch, order):
+    """Output rows are independent given H: solving them in chunks (as on CPU for large weights),
+    from a weight that only hands out row slices, gives the same codes, grids and loss bit for bit."""
+    from llmq.quantizers import gptq as gptq_module
+
+    class Rows:  # what the pipeline passes: shape, dtype, device and row slices only
+        def __init__(self, w):
+            self._w, self.shape, self.dtype, self.device = w, w.shape, w.dtype, w.device
+
+        def __getitem__(self, rows):
+            return self._w[rows].clone()
+
+        def detach(self):
+            return self
+
+    w, h = problem
+    desc_act, static_groups = ORDERS[order]
+    opts = dict(desc_act=desc_act, static_groups=static_groups, mse=True)
+    whole, whole_info = gptq_quantize(w, h, 3, ODD_GROUP, False, **opts)
+    monkeypatch.setattr(gptq_module, "SOLVE_ELEMENTS", 24 * IN)  # chunks of 24, 24 and 16 rows
+    chunked, chunked_info = gptq_quantize(Rows(w), h, 3, ODD_GROUP, False, **opts)
+    for name in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert chunked_info.loss == whole_info.loss and chunked_info.damp_percent == whole_info.damp_percent
+    assert chunked_info.relative_error == pytest.approx(whole_info.relative_error, rel=1e-5)  # summed per chunk

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from llmq import QuantConfig, QuantLinear, models, packing, pipeline, streaming
 from llmq.checkpoint import load_quantized
 from llmq.pipeline import quantize
+from llmq.quantizers.rtn import rtn_quantize
 
 
 def test_materializes_at_most_one_block(tmp_path, monkeypatch):
@@ -296,3 +297,44 @@ def test_lean_path_for_wide_layers_matches_the_plain_one(tmp_path, monkeypatch):
     codes = [k for k in plain if k.endswith(".qweight")]
     same = sum(int((plain[k] == lean[k]).sum()) for k in codes) / sum(plain[k].numel() for k in codes)
     assert same > 0.9, same  # packed int32 words: 8 codes each
+
+
+
+def test_wide_hessian_passes_run_solved_linears_from_packed(tmp_path, monkeypatch):
+    """While a wide (lean-path) Hessian is accumulated, the solved linears run straight from their
+    packed solutions: no linear weight is loaded in that pass, and the result matches the
+    dequantized weight's forward."""
+    from llmq.quantizers import gptq as gptq_module
+
+    qw = rtn_quantize(torch.randn(96, 64, generator=torch.Generator().manual_seed(3)), 4, 32, False)
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    monkeypatch.setattr(pipeline.packing, "CHUNK_ELEMENTS", 4 * 64 * 10)  # 10 output rows per slice
+    y = pipeline._packed_linear(qw.pack(), 4, torch.bfloat16, bias)(x)
+    expected = torch.nn.functional.linear(x, qw.dequantize(dtype=torch.bfloat16), bias)
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=0.01, atol=0.01)
+
+    src = save_tiny("llama", tmp_path / "src", num_hidden_layers=1)
+    monkeypatch.setattr(gptq_module, "LEAN_FROM", 128)  # only down_proj (128 inputs) is wide
+    monkeypatch.setattr(pipeline, "_limit_heap_retention", lambda: None)
+    loaded = []
+    real_load = pipeline._WeightsOnCall._pre_hook
+
+    def pre_hook(self, name):
+        hook = real_load(self, name)
+
+        def counting(module, args):
+            loaded.append(name) if module.weight.is_meta and name not in self._streamed else None
+            hook(module, args)
+        return counting
+
+    monkeypatch.setattr(pipeline._WeightsOnCall, "_pre_hook", pre_hook)
+    quantize(src, QuantConfig(method="gptq", bits=4, group_size=32), tmp_path / "q",
+             calibration=calibration_ids(n=6, seqlen=16), progress=False)
+    attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"], \
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    # as in test_solves_run_with_no_block_weight_resident, but the down_proj pass loads nothing
+    assert loaded == attn + mlp + attn[:3] + attn + mlp, loaded
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(load_quantized(tmp_path / "q", dtype=torch.float32)(ids).logits).all()

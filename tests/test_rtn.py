@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmq.config import QuantConfig, check_group_size
-from llmq.quantizers.grid import num_groups
+from llmq.quantizers.grid import QuantizedWeight, num_groups
 from llmq.quantizers.rtn import rtn_quantize
 
 
@@ -86,3 +86,19 @@ def test_chunked_solve_and_dequantize_match_one_piece(monkeypatch, group_size, m
     for dtype in (torch.bfloat16, torch.float16):  # stored straight in half precision: rounded once
         assert torch.equal(chunked.dequantize(dtype=dtype), deq.to(dtype))
         assert torch.equal(chunked.dequantize(slice(3, 9), dtype=dtype), deq[3:9].to(dtype))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_from_packed_inverts_pack(monkeypatch, bits):
+    """The pipeline keeps solved weights packed: unpacking (in column chunks) gives the same codes,
+    grids and dequantized weight bit for bit."""
+    import llmq.packing
+
+    w = torch.randn(64, 192, generator=torch.Generator().manual_seed(8))
+    qw = rtn_quantize(w, bits, 64, False)
+    monkeypatch.setattr(llmq.packing, "CHUNK_ELEMENTS", 1000)  # 5 output rows per chunk
+    back = QuantizedWeight.from_packed(qw.pack(), bits)
+    for name in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(back, name), getattr(qw, name)), name
+    assert back.q.dtype == torch.uint8
+    assert torch.equal(back.dequantize(dtype=torch.bfloat16), qw.dequantize(dtype=torch.bfloat16))

@@ -9,6 +9,7 @@ hands the layer's weight to :meth:`GPTQ.solve` (or calls :func:`gptq_quantize` w
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +17,16 @@ import torch
 from llmq.config import check_group_size
 from llmq.packing import CHUNK_ELEMENTS, check_bits
 from llmq.quantizers.grid import QuantizedWeight, dequant, find_params, group_index, num_groups, quantize
+from llmq.quantizers.panels import PanelFile, RowSpill, UpperPanels, view
 
-# Layers with this many inputs or more (an [in, in] float32 matrix of 64 MiB and up) take
-# memory-lean paths: bf16 batches fold into H in row slices, and on CPU the act-order permutation
-# and the factorization work inside H itself (one [in, in] matrix in all, see _lean_inverse_factor).
-# Results equal the plain paths' up to rounding; narrower layers keep the plain ones.
+# Layers with this many inputs or more (an [in, in] float32 matrix of 64 MiB and up) take a
+# memory-lean path on CPU: H is held as its upper block rows (UpperPanels, half the memory), the
+# act-order permutation goes through a copy of H in a temporary file (RowSpill, which also serves
+# damping retries), and the factorization works inside the block rows (_panel_inverse_factor).
+# Results equal the plain path's up to rounding; narrower layers keep the plain one.
 LEAN_FROM = 4096
-FACTOR_BLOCK = 256  # block size of the lean factorization (its temporaries are [in, FACTOR_BLOCK])
+FACTOR_BLOCK = 256  # block rows of the lean path (its temporaries are [in, FACTOR_BLOCK])
+SOLVE_ELEMENTS = 1 << 22  # on CPU the weight is solved in row chunks of this many elements
 DAMP_RETRIES = 3  # damping grows 10x per retry: 1% of mean(diag H) becomes 10%, 100%, 1000%
 
 
@@ -57,13 +61,17 @@ class GPTQ:
     token, whatever the leading dimensions) is one sample; the original implementation counts
     sequences instead, which only rescales ``H`` and so changes ``GPTQInfo.loss`` but not the
     solution (damping is relative to ``mean(diag H)``). ``H`` is float32 on ``device``, or on the
-    first batch's device when ``device`` is None.
+    first batch's device when ``device`` is None: a dense tensor, or on CPU from ``LEAN_FROM``
+    inputs its upper block rows (:class:`UpperPanels`, ``H.dense()`` gives the matrix), whose
+    solve writes a copy of ``H`` to a temporary file in ``spill_dir`` (default: the system's).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 spill_dir: str | os.PathLike | None = None) -> None:
         self.in_features = in_features
         self.device = None if device is None else torch.device(device)
-        self.H: torch.Tensor | None = None
+        self.spill_dir = spill_dir
+        self.H: torch.Tensor | UpperPanels | None = None
         self.nsamples = 0
         self.info: GPTQInfo | None = None
 
@@ -82,7 +90,10 @@ class GPTQ:
         if self.H is None:
             if self.device is None:
                 self.device = x.device
-            self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
+            if self.device.type == "cpu" and self.in_features >= LEAN_FROM:
+                self.H = UpperPanels.zeros(self.in_features, FACTOR_BLOCK, self.device)
+            else:
+                self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
         x = x.detach().to(self.device)
         if x.dtype != torch.bfloat16:
             x = x.float()
@@ -96,13 +107,18 @@ class GPTQ:
             return
         m = x.shape[0] + extra
         # Running mean, so H stays O(1) however many tokens stream through.
-        self.H *= self.nsamples / (self.nsamples + m)
+        if isinstance(self.H, UpperPanels):
+            self.H.scale_(self.nsamples / (self.nsamples + m))
+        else:
+            self.H *= self.nsamples / (self.nsamples + m)
         self.nsamples += m
         if extra:  # x is already a copy: scale it in place
             x *= math.sqrt(2 / self.nsamples)
         else:
             x = x * math.sqrt(2 / self.nsamples)
-        if x.dtype == torch.float32:
+        if isinstance(self.H, UpperPanels):  # the upper block rows only: half the flops too
+            self.H.add_gram_(x)
+        elif x.dtype == torch.float32:
             self.H.addmm_(x.t(), x)
         elif self.in_features < LEAN_FROM:
             # bf16 inputs (calibration forwards in bf16): the product runs at bf16 speed with
@@ -130,8 +146,8 @@ class GPTQ:
         :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``.
 
         ``free_hessian``: the solve consumes ``H`` (its working copy *is* the accumulator, so the
-        largest matrices alive are two ``[in, in]`` ones instead of four, and one on CPU from
-        ``LEAN_FROM`` inputs: 256 MiB for an 8192-input layer). ``self.H`` is then None and
+        largest matrices alive are two ``[in, in]`` ones instead of four, and half of one on CPU
+        from ``LEAN_FROM`` inputs: 128 MiB for an 8192-input layer). ``self.H`` is then None and
         ``self.info.relative_error`` replaces :meth:`relative_error`. The solution is the same
         either way.
         """
@@ -141,9 +157,9 @@ class GPTQ:
                     block_size=block_size, mse=mse)
         if free_hessian:
             owned, self.H = [self.H], None
-            result, self.info = _gptq(weight, owned, bits, group_size, sym, **opts)
         else:
-            result, self.info = gptq_quantize(weight, self.H, bits, group_size, sym, **opts)
+            owned = [self.H.clone()]
+        result, self.info = _gptq(weight, owned, bits, group_size, sym, spill_dir=self.spill_dir, **opts)
         return result
 
     def relative_error(self, weight: torch.Tensor, result: QuantizedWeight) -> float:
@@ -151,7 +167,8 @@ class GPTQ:
         ``[out, in_features]``: the share of the layer's output energy the quantization loses."""
         if self.H is None:
             raise ValueError("GPTQ.relative_error needs calibration inputs: add_batch was never called")
-        return hessian_error(weight, result.dequantize(), self.H, relative=True)
+        H = self.H.dense() if isinstance(self.H, UpperPanels) else self.H
+        return hessian_error(weight, result.dequantize(), H, relative=True)
 
 
 def gptq_quantize(
@@ -179,52 +196,75 @@ def gptq_quantize(
     the original column order. Raises :class:`HessianError` when ``H`` cannot be factorized even
     with damping raised to ``damp_percent * 10**DAMP_RETRIES``.
     """
-    H = [hessian.detach().to(weight.device, torch.float32, copy=True)]
-    return _gptq(weight, H, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, mse)
+    if weight.device.type == "cpu" and hessian.shape[0] >= LEAN_FROM:
+        H = UpperPanels.from_dense(hessian.detach().to(weight.device), FACTOR_BLOCK)  # half a copy
+    else:
+        H = hessian.detach().to(weight.device, torch.float32, copy=True)
+    return _gptq(weight, [H], bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, mse)
 
 
-def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size: int, sym: bool,
+def _gptq(weight: torch.Tensor, owned: list[torch.Tensor | UpperPanels], bits: int, group_size: int, sym: bool,
           desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-          mse: bool = False) -> tuple[QuantizedWeight, GPTQInfo]:
+          mse: bool = False, spill_dir: str | os.PathLike | None = None) -> tuple[QuantizedWeight, GPTQInfo]:
     """:func:`gptq_quantize` on a Hessian handed over in the one-element list ``owned`` (popped, so
-    that no caller's reference keeps it alive; it is overwritten)."""
+    that no caller's reference keeps it alive; it is overwritten): a dense float32 tensor, or
+    :class:`UpperPanels` for the lean path. On CPU the output rows are solved in chunks of
+    ``SOLVE_ELEMENTS`` (rows are independent given ``H``, so the result is the same): the float32
+    working copy of the weight is one chunk, and ``weight`` may be anything that hands out row
+    slices (such as :class:`llmq.streaming.RowReader`)."""
     check_bits(bits)
     group_size = check_group_size(group_size)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if damp_percent <= 0:
         raise ValueError(f"damp_percent must be positive, got {damp_percent}")
-    W = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight.detach())  # contiguous
-    out_features, cols = W.shape
+    weight = weight.detach()
+    out_features, cols = weight.shape
+    device = weight.device
     H = owned.pop()
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
-    H = H.to(W.device, torch.float32)
-    device = W.device
-    maxq = 2**bits - 1
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight {tuple(weight.shape)}")
+    if isinstance(H, UpperPanels) and (device.type != "cpu" or H.device.type != "cpu"):
+        H = H.dense().to(device)  # the spill file is a CPU path
+    lean = isinstance(H, UpperPanels)
+    if not lean:
+        H = H.to(device, torch.float32)
     step = cols if group_size == -1 else group_size
     groups = num_groups(cols, group_size)
+    chunk = max(1, SOLVE_ELEMENTS // cols) if device.type == "cpu" else out_features
 
     # A column that never saw a nonzero input cannot affect the output: pin it to 0.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    energy = _energy(W, H)  # tr(W H Wᵀ), for the relative error (dead columns add nothing)
+    diag = H.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1
+    if lean:
+        if not H.is_finite():
+            raise HessianError(_NOT_FINITE)
+        H.set_diagonal_(diag)
+    else:
+        H.diagonal().copy_(diag)
 
+    def rows(r0: int, r1: int) -> torch.Tensor:  # float32 working copy of weight rows [r0, r1)
+        W = torch.empty((r1 - r0, cols), dtype=torch.float32, device=device).copy_(weight[r0:r1])
+        W[:, dead] = 0
+        return W
+
+    chunks = [(r, min(r + chunk, out_features)) for r in range(0, out_features, chunk)]
     scales = torch.zeros(groups, out_features, device=device)
     zeros = torch.zeros(groups, out_features, device=device)
-    if static_groups:
-        for g in range(groups):
-            scales[g], zeros[g] = find_params(W[:, g * step : (g + 1) * step], bits, sym, mse)
+    energy = 0.0  # tr(W H Wᵀ), for the relative error (dead columns add nothing)
+    for r0, r1 in chunks:
+        W = rows(r0, r1)
+        energy += H.energy(W) if lean else _energy(W, H)
+        if static_groups:
+            for g in range(groups):
+                scales[g, r0:r1], zeros[g, r0:r1] = find_params(W[:, g * step : (g + 1) * step], bits, sym, mse)
+    del W
 
     perm = torch.arange(cols, device=device)
     if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        if _lean(H):
-            _permute_columns_(W, perm)
-            _permute_symmetric_(H, perm)
-        else:
-            W = W[:, perm]
+        perm = torch.argsort(diag, descending=True, stable=True)
+        if not lean:  # the lean path permutes H as it reads it back from its spill
             H = H.index_select(0, perm)  # one [in, in] copy alive at a time besides H
             H = H.index_select(1, perm)
     if static_groups:
@@ -234,17 +274,56 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
         g_idx[perm] = (torch.arange(cols, device=device) // step).to(torch.int32)
     group_at = g_idx[perm].tolist()  # group of each column in solve order
 
-    mean_diag = float(torch.diag(H).mean())
+    mean_diag = float(diag.mean())
     box = [H]
-    del H
-    Hinv, damp_used = _inverse_cholesky(box, damp_percent)
-    Q = torch.zeros(W.shape, dtype=torch.uint8, device=device)  # codes (bits <= 8), in solve order
+    del H  # the factorization owns it now
+    if lean:
+        Hinv, damp_used = _lean_inverse_cholesky(box, perm if desc_act else None, diag[perm], damp_percent, spill_dir)
+    else:
+        Hinv, damp_used = _inverse_cholesky(box, damp_percent)
+    if lean and len(chunks) > 1:  # the factor is read a block row at a time, once per chunk: from a file
+        box = [Hinv]
+        del Hinv
+        Hinv = PanelFile(box.pop(), spill_dir)
+    Q = torch.zeros(weight.shape, dtype=torch.uint8, device=device)  # codes (bits <= 8), in solve order
     losses = torch.zeros(out_features, device=device)
+    try:
+        for r0, r1 in chunks:
+            W = rows(r0, r1)
+            if desc_act:
+                _permute_columns_(W, perm)
+            _solve_rows(W, Hinv, Q[r0:r1], scales[:, r0:r1], zeros[:, r0:r1], losses[r0:r1], group_at, step,
+                        static_groups, bits, sym, mse, block_size)
+            del W
+    finally:
+        if isinstance(Hinv, PanelFile):
+            Hinv.close()
+    del Hinv  # the largest tensor goes before the error below is measured
+
+    if desc_act:
+        Q = Q[:, torch.argsort(perm)]
+    result = QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx, bits)
+    loss = float(losses.sum())
+    # tr(E H Eᵀ) = loss - damp ‖E‖² (E with dead columns pinned, as solved); clamped at 0 against rounding.
+    err2 = result.squared_error(weight, ~dead)
+    relative = max(loss - damp_used * mean_diag * err2, 0.0) / energy if energy > 0 else 0.0
+    return result, GPTQInfo(loss, damp_used, int(dead.sum()), relative)
+
+
+def _solve_rows(W: torch.Tensor, Hinv: torch.Tensor | UpperPanels | PanelFile, Q: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, losses: torch.Tensor, group_at: list[int], step: int, static_groups: bool,
+                bits: int, sym: bool, mse: bool, block_size: int) -> None:
+    """GPTQ's column loop over the rows ``W`` (float32, columns in solve order, updated in place):
+    fills their codes ``Q``, grids ``scales`` / ``zeros`` ``[groups, rows]`` (unless static) and
+    per-row ``losses``, given the upper factor ``Hinv`` of ``H⁻¹`` in the same order."""
+    maxq = 2**bits - 1
+    cols = W.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
+        rows = Hinv[i1:i2, i1:] if isinstance(Hinv, torch.Tensor) else Hinv.rows(i1, i2)  # [i2 - i1, cols - i1]
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = rows[:, :i2 - i1]
         for i in range(i2 - i1):
             k = i1 + i
             g = group_at[k]
@@ -261,17 +340,10 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor], bits: int, group_size
             W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
             Err1[:, i] = err
         # Lazy batch update: the columns after this block get all its errors in one matmul.
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    del Hinv, Hinv1, W, W1, Err1  # the largest tensors go before the error below is measured
+        W[:, i2:].addmm_(Err1, rows[:, i2 - i1:], alpha=-1)
 
-    if desc_act:
-        Q = Q[:, torch.argsort(perm)]
-    result = QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx, bits)
-    loss = float(losses.sum())
-    # tr(E H Eᵀ) = loss - damp ‖E‖² (E with dead columns pinned, as solved); clamped at 0 against rounding.
-    err2 = result.squared_error(weight.detach(), ~dead)
-    relative = max(loss - damp_used * mean_diag * err2, 0.0) / energy if energy > 0 else 0.0
-    return result, GPTQInfo(loss, damp_used, int(dead.sum()), relative)
+
+_NOT_FINITE = "Hessian has NaN or infinite entries; the calibration activations are not finite"
 
 
 def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
@@ -280,128 +352,112 @@ def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
     return float(sum(((W[r:r + step] @ H) * W[r:r + step]).sum() for r in range(0, W.shape[0], step)))
 
 
-def _lean(H: torch.Tensor) -> bool:
-    return H.device.type == "cpu" and H.shape[0] >= LEAN_FROM
+def _not_positive_definite(tried: list[float]) -> HessianError:
+    return HessianError(
+        f"Hessian is not positive definite even with damping up to {tried[-1]:g} x mean(diag H) "
+        f"(tried {', '.join(f'{p:g}' for p in tried)})"
+    )
 
 
 def _inverse_cholesky(box: list[torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp·I)⁻¹`` ``[in, in]`` and the damping fraction used,
     for the Hessian handed over in the one-element list ``box`` (popped and overwritten).
 
-    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization. On CPU
-    from ``LEAN_FROM`` inputs the factor is computed inside ``H`` (:func:`_lean_inverse_factor`);
-    otherwise at most two ``[in, in]`` matrices are alive at a time: ``H`` is damped in place and
-    dropped once its factor exists.
+    ``damp = damp_percent * mean(diag H)``, multiplied by 10 per failed factorization. At most two
+    ``[in, in]`` matrices are alive at a time: ``H`` is damped in place and dropped once its
+    factor exists.
     """
     H = box.pop()
     if not torch.isfinite(H.sum()):  # any NaN or inf makes the sum non-finite (no [in, in] mask)
-        raise HessianError("Hessian has NaN or infinite entries; the calibration activations are not finite")
+        raise HessianError(_NOT_FINITE)
     diag = H.diagonal().clone()
     mean_diag = diag.mean()
     tried = []
-    if _lean(H):
+    for attempt in range(DAMP_RETRIES + 1):
+        percent = damp_percent * 10**attempt
+        tried.append(percent)
+        torch.add(diag, percent * mean_diag, out=H.diagonal())  # the same sums as damping a copy
+        L, info = torch.linalg.cholesky_ex(H)
+        if info.item() != 0:
+            continue
+        H = None  # free it: the factor holds everything needed now
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if info.item() == 0 and torch.isfinite(U.sum()):
+            return U, percent
+        # Rare (H so ill-conditioned that its computed inverse is not positive definite):
+        # rebuild the damped H from the inverse for the next try; its diagonal is reset then.
+        del U
+        H = torch.linalg.inv(Hinv)
+        del Hinv
+    raise _not_positive_definite(tried)
+
+
+def _lean_inverse_cholesky(box: list[UpperPanels], perm: torch.Tensor | None, diag: torch.Tensor,
+                           damp_percent: float, spill_dir: str | os.PathLike | None) -> tuple[UpperPanels, float]:
+    """:func:`_inverse_cholesky` for the block rows of ``H`` (popped from ``box``) and the solve
+    order ``perm`` (None: as stored), ``diag`` being the permuted diagonal: ``H`` goes to a
+    temporary file, from which each try reads ``H[perm][:, perm]`` back into block rows and
+    factorizes it in place (:func:`_panel_inverse_factor`). The file costs ``[in, in]`` float32 on
+    disk for the solve's duration; in memory only the block rows are ever alive."""
+    H = box.pop()
+    with RowSpill(H, spill_dir) as spill:
+        del H
+        mean_diag = float(diag.mean())
+        tried = []
         for attempt in range(DAMP_RETRIES + 1):
             tried.append(damp_percent * 10**attempt)
-            if _lean_inverse_factor(H, diag, tried[-1] * mean_diag, restore=attempt > 0):
-                return H, tried[-1]
-    else:
-        for attempt in range(DAMP_RETRIES + 1):
-            percent = damp_percent * 10**attempt
-            tried.append(percent)
-            torch.add(diag, percent * mean_diag, out=H.diagonal())  # the same sums as damping a copy
-            L, info = torch.linalg.cholesky_ex(H)
-            if info.item() != 0:
-                continue
-            H = None  # free it: the factor holds everything needed now
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U.sum()):
-                return U, percent
-            # Rare (H so ill-conditioned that its computed inverse is not positive definite):
-            # rebuild the damped H from the inverse for the next try; its diagonal is reset then.
-            del U
-            H = torch.linalg.inv(Hinv)
-            del Hinv
-    raise HessianError(
-        f"Hessian is not positive definite even with damping up to {tried[-1]:g} x mean(diag H) "
-        f"(tried {', '.join(f'{p:g}' for p in tried)})"
-    )
+            P = spill.load(perm)
+            P.set_diagonal_(diag + tried[-1] * mean_diag)
+            if _panel_inverse_factor(P):
+                return P, tried[-1]
+            del P
+    raise _not_positive_definite(tried)
 
 
-def _blocks(n: int) -> list[tuple[int, int]]:
-    return [(k, min(k + FACTOR_BLOCK, n)) for k in range(0, n, FACTOR_BLOCK)]
+def _panel_inverse_factor(P: UpperPanels) -> bool:
+    """Turn the symmetric ``P`` (already damped) into the upper factor ``U`` of ``P⁻¹ = UᵀU`` in
+    place, with temporaries of ``[in, block]``; False when ``P`` is not positive definite (``P``
+    is then garbage).
 
-
-def _set_upper_(view: torch.Tensor, values: torch.Tensor) -> None:
-    """Write the upper triangle (with the diagonal) of ``values`` into the square ``view``."""
-    upper = torch.ones(view.shape, dtype=torch.bool).triu_()
-    view.copy_(torch.where(upper, values, view))
-
-
-def _lean_inverse_factor(H: torch.Tensor, diag: torch.Tensor, damp: torch.Tensor, restore: bool) -> bool:
-    """Turn the symmetric ``H`` into the upper factor ``U`` of ``(H + damp·I)⁻¹ = UᵀU`` in place,
-    with temporaries of ``[in, FACTOR_BLOCK]``; False when ``H + damp·I`` is not positive definite.
-
-    ``H + damp·I = R Rᵀ`` with ``R`` upper triangular (a Cholesky factorization from the last
-    row up), then ``U = R⁻¹``: ``UᵀU = R⁻ᵀR⁻¹ = (RRᵀ)⁻¹``. That is the factor the usual
-    cholesky → cholesky_inverse → cholesky sequence gives (it is unique), in half the flops, and
-    written in blocks over the upper triangle only: until it succeeds, the strict lower triangle
-    still holds ``H`` and ``diag`` its diagonal, from which ``restore`` rebuilds it for a retry with
-    more damping.
+    ``P = R Rᵀ`` with ``R`` upper triangular (a Cholesky factorization from the last row up), then
+    ``U = R⁻¹``: ``UᵀU = R⁻ᵀR⁻¹ = (RRᵀ)⁻¹``. That is the factor the usual cholesky →
+    cholesky_inverse → cholesky sequence gives (it is unique), in half the flops.
     """
-    blocks = _blocks(H.shape[0])
-    if restore:
-        for j0, j1 in blocks:
-            H[j0:j1, j1:] = H[j1:, j0:j1].t()
-            d = H[j0:j1, j0:j1].tril(-1)
-            d += d.t().clone()
-            d.diagonal().copy_(diag[j0:j1])
-            H[j0:j1, j0:j1] = d
-    torch.add(diag, damp, out=H.diagonal())
+    bounds = P.bounds
+    work, out = P.work(), P.work()  # scratch for the block columns (reused: no heap churn)
     # R from the bottom-right block up: with H = [[A, B], [Bᵀ, C]], C = R₂₂R₂₂ᵀ, B = R₁₂R₂₂ᵀ and
-    # A - R₁₂R₁₂ᵀ = R₁₁R₁₁ᵀ. Only the upper triangle of A is updated (block column by block column).
-    for k0, k1 in reversed(blocks):
-        C = H[k0:k1, k0:k1].triu()
+    # A - R₁₂R₁₂ᵀ = R₁₁R₁₁ᵀ; A's block rows are updated in place (their diagonal blocks whole).
+    for k in reversed(range(len(bounds))):
+        k0, k1 = bounds[k]
+        D = P.diag_block(k)
+        C = D.triu()
         C += C.triu(1).t()
         flipped, info = torch.linalg.cholesky_ex(C.flip(0, 1))  # J C J = L Lᵀ, so C = (JLJ)(JLJ)ᵀ
         if info.item() != 0:
             return False
-        R22 = flipped.flip(0, 1)
-        _set_upper_(H[k0:k1, k0:k1], R22)
-        if k0 == 0:
+        D.copy_(flipped.flip(0, 1))  # R₂₂, zero below its diagonal
+        if k == 0:
             break
-        R12 = torch.linalg.solve_triangular(R22.t(), H[:k0, k0:k1], upper=False, left=False)
-        H[:k0, k0:k1] = R12
-        for j0, j1 in blocks:
-            if j0 >= k0:
-                break
-            if j0:
-                H[:j0, j0:j1].addmm_(R12[:j0], R12[j0:j1].t(), alpha=-1)
-            _set_upper_(H[j0:j1, j0:j1], H[j0:j1, j0:j1] - R12[j0:j1] @ R12[j0:j1].t())
-        del R12
+        R12 = view(out, k0, k1 - k0)
+        torch.linalg.solve_triangular(D.t(), P.column(k, work), upper=False, left=False, out=R12)
+        P.set_column_(k, R12)
+        for j in range(k):
+            j0, j1 = bounds[j]
+            P.panels[j][:, :k0 - j0].addmm_(R12[j0:j1], R12[j0:k0].t(), alpha=-1)
     # U = R⁻¹ block column by block column, left to right: U[:j, j] = -U[:j, :j] R[:j, j] R[j, j]⁻¹,
-    # where U[:j, :j] (upper triangular) is done and R[:j, j] is still in place.
-    for j0, j1 in blocks:
-        Rjj = H[j0:j1, j0:j1].triu()
-        inv = torch.linalg.solve_triangular(Rjj, torch.eye(j1 - j0), upper=True)
+    # where the block rows left of column j are U already and R[:j, j] is still in place.
+    for j, (j0, j1) in enumerate(bounds):
+        D = P.diag_block(j)
+        inv = torch.linalg.solve_triangular(D, torch.eye(j1 - j0, dtype=D.dtype, device=D.device), upper=True)
         if j0:
-            col = H[:j0, j0:j1]
-            for i0, i1 in blocks:  # col <- U[:j, :j] col, one block row at a time (rows below still R)
-                if i0 >= j0:
-                    break
-                t = H[i0:i1, i0:i1].triu() @ col[i0:i1]
-                if i1 < j0:
-                    t.addmm_(H[i0:i1, i1:j0], col[i1:j0])
-                col[i0:i1] = t
-            col.copy_(torch.mm(col, inv).neg_())
-        _set_upper_(H[j0:j1, j0:j1], inv)
-    if not torch.isfinite(H.sum()):  # the lower triangle is finite H: only U can be at fault
-        return False
-    for j0, j1 in blocks:  # clear what is left of H below the diagonal
-        H[j1:, j0:j1] = 0
-        H[j0:j1, j0:j1].triu_()
-    return True
+            col, new = P.column(j, work), view(out, j0, j1 - j0)
+            for i, (i0, i1) in enumerate(bounds[:j]):
+                torch.mm(P.panels[i][:, :j0 - i0], col[i0:j0], out=new[i0:i1])
+            P.set_column_(j, torch.mm(new, inv, out=col).neg_())
+        D.copy_(inv)
+    return P.is_finite()
 
 
 def _permute_columns_(W: torch.Tensor, perm: torch.Tensor) -> None:
@@ -409,18 +465,6 @@ def _permute_columns_(W: torch.Tensor, perm: torch.Tensor) -> None:
     step = max(1, CHUNK_ELEMENTS // max(W.shape[1], 1))
     for r in range(0, W.shape[0], step):
         W[r:r + step] = W[r:r + step].index_select(1, perm)
-
-
-def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> None:
-    """``H ← H[perm][:, perm]`` in place for a symmetric ``H``, in strips of ``CHUNK_ELEMENTS``.
-
-    The columns are permuted one row strip at a time (``B = H[:, perm]``), then the rows one
-    column strip at a time: ``B[perm]`` reads only the strip it writes.
-    """
-    _permute_columns_(H, perm)
-    step = max(1, CHUNK_ELEMENTS // H.shape[0])
-    for c in range(0, H.shape[0], step):
-        H[:, c:c + step] = H[:, c:c + step].index_select(0, perm)
 
 
 def hessian_error(

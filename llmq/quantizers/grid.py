@@ -119,6 +119,20 @@ class QuantizedWeight:
             total += float((e if columns is None else e[:, columns]).square().sum())
         return total
 
+    @classmethod
+    def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int) -> QuantizedWeight:
+        """Inverse of :meth:`pack` (exact: scales are fp16 values already), unpacked in column
+        chunks (no int64 copy of the whole matrix)."""
+        qweight = tensors["qweight"]
+        cols = qweight.shape[1]
+        rows = qweight.shape[0] * 32 // bits
+        q = torch.empty(cols, rows, dtype=torch.uint8, device=qweight.device)
+        step = max(1, packing.CHUNK_ELEMENTS // max(rows, 1))
+        for c in range(0, cols, step):
+            q[c:c + step] = packing.unpack_qweight(qweight[:, c:c + step], bits).t()
+        return cls(q, tensors["scales"].float(), packing.unpack_qzeros(tensors["qzeros"], bits),
+                   tensors["g_idx"].to(torch.int32), bits)
+
     def pack(self) -> dict[str, torch.Tensor]:
         """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
         return {
