@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from llmq import assets, checkpoint, models, packing, streaming
 from llmq.calibration import Calibration, get_calibration
 from llmq.config import QuantConfig
-from llmq.quantizers.grid import QuantizedWeight
+from llmq.quantizers.grid import QuantizedWeight, dequant_rows
 from llmq.quantizers.rtn import rtn_quantize
 
 # Weight of each calibration sample's first token in GPTQ's Hessians for decoders. The first
@@ -618,7 +618,7 @@ def _packed_linear(packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtyp
         for c0 in range(0, out_features, step):
             c1 = min(c0 + step, out_features)
             q = packing.unpack_qweight(qweight[:, c0:c1], bits).t()
-            w = (scales[:, c0:c1].float().t()[:, g] * (q - zeros[:, c0:c1].t()[:, g])).to(dtype)
+            w = dequant_rows(q, scales[:, c0:c1], zeros[:, c0:c1], g).to(dtype)
             y[..., c0:c1] = torch.nn.functional.linear(x, w, None if bias is None else bias[c0:c1])
         return y
     return forward

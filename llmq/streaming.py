@@ -22,6 +22,16 @@ class CorruptCheckpointError(ValueError):
     """A safetensors file is truncated, corrupt or missing."""
 
 
+def _read_at(path: Path, offset: int, nbytes: int, key: str) -> torch.Tensor:
+    """``nbytes`` bytes of ``path`` from ``offset`` (a plain read, as uint8) for tensor ``key``."""
+    buf = bytearray(nbytes)
+    with path.open("rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != nbytes:
+            raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
 class RowReader:
     """A checkpoint tensor whose rows (first dimension) are read from its shard only when sliced:
     ``reader[r0:r1]`` is a CPU tensor of those rows. Stands in for the tensor where only row
@@ -133,12 +143,7 @@ class ShardReader:
         if whole is not None:  # a view into the shard read by preload(), or a copy where misaligned
             part = whole[begin:end]
             return (part if begin % dtype.itemsize == 0 else part.clone()).view(dtype).reshape(entry["shape"])
-        buf = bytearray(end - begin)
-        with path.open("rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(buf) != len(buf):
-                raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+        return _read_at(path, data_start + begin, end - begin, key).view(dtype).reshape(entry["shape"])
 
     def rows(self, key: str) -> RowReader:
         """Tensor ``key`` read lazily: ``reader[r0:r1]`` reads only those rows (first dimension)."""
@@ -154,12 +159,8 @@ class ShardReader:
         if self._preloaded.get(self._where[key]) is not None or not shape or begin == end:
             return self.get(key)[r0:r1]
         row_bytes = (end - begin) // shape[0]
-        buf = bytearray((r1 - r0) * row_bytes)
-        with path.open("rb") as f:
-            f.seek(data_start + begin + r0 * row_bytes)
-            if f.readinto(buf) != len(buf):
-                raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
-        return torch.frombuffer(buf, dtype=dtype).reshape([r1 - r0, *shape[1:]])
+        part = _read_at(path, data_start + begin + r0 * row_bytes, (r1 - r0) * row_bytes, key)
+        return part.view(dtype).reshape([r1 - r0, *shape[1:]])
 
     def chunks(self, key: str, max_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
         """Tensor ``key`` as consecutive slices along its first dimension of at most about

@@ -85,6 +85,12 @@ def group_index(in_features: int, group_size: int) -> torch.Tensor:
     return (torch.arange(in_features) // group_size).to(torch.int32)
 
 
+def dequant_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Float32 weights of some output rows: codes ``q`` ``[rows, in]``, their ``scales`` and
+    ``zeros`` ``[groups, rows]``, ``g`` the group of each input column (long)."""
+    return scales.float().t()[:, g] * (q.int() - zeros.t()[:, g])
+
+
 @dataclass
 class QuantizedWeight:
     """One solved matrix: ``q`` integer codes ``[out, in]`` (uint8 from llmq's solvers), ``scales``
@@ -106,8 +112,7 @@ class QuantizedWeight:
         step = max(1, packing.CHUNK_ELEMENTS // max(self.q.shape[1], 1))
         for r in range(first, last, step):
             part = slice(r, min(r + step, last))
-            out[r - first:part.stop - first] = (self.scales[:, part].float().t()[:, g]
-                                                * (self.q[part].int() - self.zeros[:, part].t()[:, g]))
+            out[r - first:part.stop - first] = dequant_rows(self.q[part], self.scales[:, part], self.zeros[:, part], g)
         return out
 
     def squared_error(self, weight: torch.Tensor, columns: torch.Tensor | None = None) -> float:
