@@ -189,7 +189,7 @@ def run_config(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the results."""
     lines = ["| config | weights | compute | disk MB | imports s | load s | prefill tok/s | decode tok/s "
-             "| peak RSS MB | load avg |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS MiB | load avg |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['quantization']} | {r['compute_dtype']} | {r['size_on_disk_mb']:.0f} | "
                      f"{r.get('import_seconds', float('nan')):.2f} | {r['load_seconds']:.2f} | "

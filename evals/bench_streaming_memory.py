@@ -96,10 +96,10 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(table, indent=2))
     print(f"\nrandom Llama {args.layers} x {args.hidden} x {args.intermediate}, {size / 1e9:.2f} GB of bf16 "
           f"safetensors, {table['machine']['cpu']}")
-    print("| method | peak RSS (MB) | RSS / checkpoint size | quantize (s) | output (MB) |")
+    print("| method | peak RSS (MiB) | RSS / checkpoint size | quantize (s) | output (MB) |")
     print("|---|---|---|---|---|")
     for method, run in runs.items():
-        print(f"| {METHODS[method]} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] * 1e6 / size:.2f} "
+        print(f"| {METHODS[method]} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] * 2**20 / size:.2f} "
               f"| {run['quantize_seconds']:.1f} | {run['size_on_disk_bytes'] / 1e6:.1f} |")
 
 

@@ -95,7 +95,7 @@ def main() -> None:
 
     print(f"\nall-MiniLM-L6-v2, {args.sentences} held-out sentences of the bundled corpus, {table['machine']['cpu']}")
     print("| configuration | cosine mean | cosine min | top-1 agree | top-10 overlap | size (MB) | bits/weight "
-          "| quantize (s) | peak RSS (MB) |")
+          "| quantize (s) | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, run in merged.items():
         r = run["eval"]

@@ -114,7 +114,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M (dequantized from Q4_1), {first.corpus}, seqlen {first.seqlen}, "
           f"first {first.windows} windows, {table['machine']['cpu']}")
     print("| configuration | perplexity | Δ ppl | KL (nats/token) | top-1 agree | size (MB) | bits/weight "
-          "| quantize (s) | peak RSS (MB) |")
+          "| quantize (s) | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| unquantized (fp32) | {first.baseline_perplexity:.3f} | | | | "
           f"{sum(p.stat().st_size for p in base_path.glob('*.safetensors')) / 1e6:.1f} | 32 | | |")

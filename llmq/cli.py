@@ -112,7 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     info = inspect_checkpoint(report.out)
     print(f"wrote {report.out}: {config.describe()}, {len(report.quantized)} layers quantized, "
           f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight, "
-          f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB")
+          f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")
     for why in report.skipped.values():
         print(f"left unquantized: {why}", file=sys.stderr)
     result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": report.config.to_dict(),
@@ -206,5 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def _keep_triton_out() -> None:
+    """Stop ``triton`` from being imported in this process.
+
+    ``torch._dynamo``, which transformers imports, loads Triton whenever it is installed. That
+    costs 60-70 MiB of resident memory, mostly ``libtriton.so``. A quantize run that can reach no
+    GPU never runs a Triton kernel: its forwards and solves are plain torch, and loading an
+    evaluated checkpoint uses the CPU kernels. So the console command keeps Triton out when CUDA is
+    absent, unless ``TRITON_INTERPRET`` asks for Triton on the CPU. torch then sees no Triton, as
+    if it were not installed. ``main()``, which tests and scripts call, leaves the process as it is.
+    """
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if "triton" not in sys.modules and not interpret and not torch.cuda.is_available():
+        sys.modules["triton"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+
+
+def entry() -> None:
+    """The ``llmq`` console command (also ``python -m llmq.cli``)."""
+    if sys.argv[1:2] == ["quantize"]:
+        _keep_triton_out()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

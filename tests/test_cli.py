@@ -1,9 +1,11 @@
 """The command line: a one-line error for each kind of bad input, and nothing left behind."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import save_tiny
 
 
@@ -46,3 +48,19 @@ def test_quantize_inspect_eval(src, tmp_path):
     assert r.returncode == 2  # the tiny checkpoint has no tokenizer
     r = llmq("inspect", src)
     assert r.returncode == 2 and "not a quantized checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_quantize_command_keeps_triton_out(src, tmp_path, interpret):
+    """Without CUDA the console command quantizes without loading Triton, which torch._dynamo (imported
+    by transformers) would otherwise load; TRITON_INTERPRET=1 (Triton on the CPU) keeps it."""
+    code = ("import runpy, sys\n"
+            "try:\n    runpy.run_module('llmq.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('triton', sys.modules.get('triton') is not None, 'dynamo', 'torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(src), "--out", str(tmp_path / "q")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": interpret})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q" / "config.json").exists()
+    loaded = interpret == "1" or torch.cuda.is_available()
+    assert r.stdout.splitlines()[-1] == f"triton {loaded} dynamo True", r.stdout

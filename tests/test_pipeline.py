@@ -265,11 +265,12 @@ def test_solves_run_with_no_block_weight_resident(tmp_path, monkeypatch):
              calibration=calibration_ids(), progress=False)
     assert len(resident) == 2 * 7 and max(resident) == 0
     # per block: all 7 once to find the input groups; none for the q/k/v pass (it stops at q_proj);
-    # q/k/v for the o_proj pass; q/k/v/o for the gate/up pass, whose attention output the memo keeps
-    # and replays after; gate/up for the down_proj pass; gate/up/down for the output pass
+    # q/k/v for the o_proj pass; only o for the gate/up pass (the attention is o_proj on the inputs
+    # the memo kept from the o_proj pass; its output is kept and replayed after); gate/up for the
+    # down_proj pass; only down for the output pass (on the inputs kept from the down_proj pass)
     attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"], \
         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    per_block = attn + mlp + attn[:3] + attn + mlp[:2] + mlp
+    per_block = attn + mlp + attn[:3] + attn[3:] + mlp[:2] + mlp[2:]
     assert loaded == 2 * per_block, loaded
 
 
@@ -338,3 +339,74 @@ def test_wide_hessian_passes_run_solved_linears_from_packed(tmp_path, monkeypatc
     assert loaded == attn + mlp + attn[:3] + attn + mlp, loaded
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(load_quantized(tmp_path / "q", dtype=torch.float32)(ids).logits).all()
+
+
+def test_block_outputs_are_kept_in_one_tensor():
+    """A block's outputs over all calibration batches (the next block's inputs) are views of one
+    tensor, equal to the outputs batch by batch; a batch that does not fit keeps its own tensor."""
+    torch.manual_seed(0)
+    block = torch.nn.Linear(6, 6)
+    batches = [((torch.randn(n, 5, 6),), {}) for n in (3, 3, 2)]
+    kept = pipeline._in_one_tensor(batches)
+    assert len({args[0].untyped_storage().data_ptr() for args, _ in kept}) == 1
+    assert all(torch.equal(a[0], b[0]) and kw == kb for (a, kw), (b, kb) in zip(kept, batches, strict=True))
+    outputs = pipeline._run_block(block, kept)
+    assert len({args[0].untyped_storage().data_ptr() for args, _ in outputs}) == 1
+    with torch.no_grad():  # a view at an unaligned offset may round differently in the matmul
+        for out, x in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out[0][0], block(x[0][0]), rtol=1e-6, atol=1e-6)
+    ragged = [((torch.randn(2, 5, 6),), {}), ((torch.randn(2, 4, 6),), {})]  # another sequence length
+    outputs = pipeline._run_block(block, pipeline._in_one_tensor(ragged))
+    assert outputs[1][0][0].shape == (2, 4, 6)
+    with torch.no_grad():
+        for out, x in zip(outputs, ragged, strict=True):
+            torch.testing.assert_close(out[0][0], block(x[0][0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,tails", [
+    ("llama", {"self_attn": pipeline.Tail("self_attn.o_proj", 0, 2), "mlp": pipeline.Tail("mlp.down_proj")}),
+    ("gpt2", {"attn": pipeline.Tail("attn.c_proj", 0, 2), "mlp": pipeline.Tail("mlp.c_proj")}),
+    ("opt", {"self_attn": pipeline.Tail("self_attn.out_proj", 0, 2)}),
+    ("bert", {})])
+def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tails):
+    """A block child that returns its last linear's output unchanged, alone or with Nones in a tuple
+    (Llama's and GPT-2's MLPs and attentions; not BERT's output, which adds the residual and
+    normalizes), is a tail: later passes run only that linear, on the input kept from the pass
+    that collected its Hessian. The checkpoint is the same, bit for bit, as with nothing kept."""
+    src = save_tiny(kind, tmp_path / "src")
+    found, keep = [], []
+    real_groups, real_block = pipeline._input_groups, pipeline._gptq_block
+    monkeypatch.setattr(pipeline, "_input_groups", lambda *a: found.append(real_groups(*a)[1]) or real_groups(*a))
+
+    def gptq_block(*a, **k):
+        return real_block(*a, **{**k, "keep_inputs": keep[-1]})
+
+    monkeypatch.setattr(pipeline, "_gptq_block", gptq_block)
+    config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
+    for kept in (True, False):
+        keep.append(kept)
+        quantize(src, config, tmp_path / str(kept), calibration=calibration_ids(n=8, seqlen=32), batch_size=4,
+                 progress=False)
+    assert found[0] == tails
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("True", "False"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memo_keeps_tail_inputs_within_its_budget():
+    """Tail inputs are kept only while they fit in ``keep_bytes``, only for tail linears, and only
+    when no pending linear ran before them in the forward."""
+    block = torch.nn.Module()
+    block.mlp = torch.nn.Sequential()
+    block.mlp.up, block.mlp.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+    x = torch.randn(2, 3, 8)
+    memo = pipeline.ForwardMemo(block, ["mlp.up", "mlp.down"], {"mlp": pipeline.Tail("mlp.down")},
+                                keep_bytes=2 * x.nbytes)
+    for b in range(3):
+        memo.start(b, torch.zeros(2, 3, 4))
+        memo.linear_input("mlp.down", x)
+        memo.linear_input("mlp.up", x)  # not a tail
+    assert sorted(memo._inputs) == [(0, "mlp.down"), (1, "mlp.down")]
+    memo.start(3, torch.zeros(2, 3, 4))
+    memo._seen_pending = True  # a pending linear (mlp.up) ran before
+    memo.linear_input("mlp.down", torch.randn(1))
+    assert (3, "mlp.down") not in memo._inputs
