@@ -397,27 +397,22 @@ def _run_block(block: nn.Module, inputs: list[tuple], memo: ForwardMemo | None =
     """Run every captured batch through ``block``; return the next block's ``(args, kwargs)``.
     ``trim``: hand the heap's free pages back after each batch (see :func:`_trim_heap`)."""
     outputs = []
-    store: torch.Tensor | None = None
-    row = 0
+    kept = _OneTensor(sum(args[0].shape[0] for args, _ in inputs))
     with torch.no_grad():
         for b, (args, kwargs) in enumerate(inputs):
             if memo is not None:
                 memo.start(b, args[0])
             out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if store is None:
-                store = hidden.new_empty(sum(a[0].shape[0] for a, _ in inputs), *hidden.shape[1:])
-            outputs.append(((_keep(hidden, store, row), *args[1:]), kwargs))
-            row += hidden.shape[0]
-            del out, hidden
+            outputs.append(((kept.add(out[0] if isinstance(out, tuple) else out), *args[1:]), kwargs))
+            del out
             if trim:
                 _trim_heap()
     return outputs
 
 
-def _keep(hidden: torch.Tensor, store: torch.Tensor, row: int) -> torch.Tensor:
-    """``hidden`` copied into rows ``row:`` of ``store`` and returned as that view; ``hidden`` itself
-    where it does not fit there (another shape, dtype or device).
+class _OneTensor:
+    """Batches of hidden states ``[batch, ...]``, ``rows`` in all, copied one after another into a
+    single tensor (allocated on the first :meth:`add`, like that batch).
 
     The hidden states of all calibration batches live from one block's forward to the next's.
     Kept in one tensor they are one large allocation, which glibc maps on its own and hands
@@ -425,22 +420,27 @@ def _keep(hidden: torch.Tensor, store: torch.Tensor, row: int) -> torch.Tensor:
     heap: there it would stay between the temporaries of every later forward and solve, and keep
     their freed pages resident (``malloc_trim`` only returns free whole pages).
     """
-    view = store[row:row + hidden.shape[0]]
-    if view.shape != hidden.shape or view.dtype != hidden.dtype or view.device != hidden.device:
-        return hidden
-    return view.copy_(hidden)
+
+    def __init__(self, rows: int) -> None:
+        self._rows, self._store, self._row = rows, None, 0
+
+    def add(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` copied into the next rows, returned as that view; ``hidden`` itself where it
+        does not fit there (another shape, dtype or device than the first batch)."""
+        if self._store is None:
+            self._store = hidden.new_empty(self._rows, *hidden.shape[1:])
+        view = self._store[self._row:self._row + hidden.shape[0]]
+        self._row += hidden.shape[0]
+        if view.shape != hidden.shape or view.dtype != hidden.dtype or view.device != hidden.device:
+            return hidden
+        return view.copy_(hidden)
 
 
 def _in_one_tensor(batches: list[tuple]) -> list[tuple]:
     """``batches`` (``(args, kwargs)`` per batch) with the hidden states ``args[0]`` moved into one
-    tensor (see :func:`_keep`)."""
-    first = batches[0][0][0]
-    store = first.new_empty(sum(args[0].shape[0] for args, _ in batches), *first.shape[1:])
-    kept, row = [], 0
-    for args, kwargs in batches:
-        kept.append(((_keep(args[0], store, row), *args[1:]), kwargs))
-        row += args[0].shape[0]
-    return kept
+    tensor (see :class:`_OneTensor`)."""
+    kept = _OneTensor(sum(args[0].shape[0] for args, _ in batches))
+    return [((kept.add(args[0]), *args[1:]), kwargs) for args, kwargs in batches]
 
 
 class Tail(NamedTuple):
