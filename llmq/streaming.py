@@ -38,12 +38,9 @@ class RowReader:
     slices are taken (``shape``, ``dtype``, ``device`` and ``detach()`` as a tensor's)."""
 
     def __init__(self, reader: ShardReader, key: str) -> None:
-        path, _, header = reader._files[reader._where[key]]
-        entry = header[key]
+        dtype, shape = reader.info(key)
         self._reader, self._key = reader, key
-        self.shape = torch.Size(entry["shape"])
-        self.dtype = DTYPES[entry["dtype"]]
-        self.device = torch.device("cpu")
+        self.shape, self.dtype, self.device = torch.Size(shape), DTYPES[dtype], torch.device("cpu")
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -165,23 +162,14 @@ class ShardReader:
     def chunks(self, key: str, max_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
         """Tensor ``key`` as consecutive slices along its first dimension of at most about
         ``max_bytes`` each, read one at a time (for copying a large tensor in bounded memory)."""
-        path, data_start, header = self._files[self._where[key]]
-        entry = header[key]
-        begin, end = entry["data_offsets"]
-        shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
+        begin, end = self._files[self._where[key]][2][key]["data_offsets"]
+        shape = self.info(key)[1]
         if not shape or end - begin <= max_bytes:
             yield self.get(key)
             return
-        row_bytes = (end - begin) // shape[0]
-        rows = max(1, max_bytes // max(row_bytes, 1))
-        with path.open("rb") as f:
-            f.seek(data_start + begin)
-            for r in range(0, shape[0], rows):
-                n = min(rows, shape[0] - r)
-                buf = bytearray(n * row_bytes)
-                if f.readinto(buf) != len(buf):
-                    raise CorruptCheckpointError(f"truncated tensor {key!r} in {path}")
-                yield torch.frombuffer(buf, dtype=dtype).reshape([n, *shape[1:]])
+        rows = max(1, max_bytes // max((end - begin) // shape[0], 1))
+        for r in range(0, shape[0], rows):
+            yield self._read_rows(key, r, min(r + rows, shape[0]))
 
     def preload(self) -> None:
         """Read every shard whole, once, so that :meth:`get` returns views into it instead of
