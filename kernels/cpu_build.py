@@ -44,13 +44,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMQ_CACHE", "~/.cache/llmq")).expanduser() / "cpu_kernels"
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of this CPU from ``/proc/cpuinfo`` (``avx2``, ``avx512_bf16``, ...);
+    raises ``OSError`` where it cannot be read."""
+    with open("/proc/cpuinfo") as f:
+        return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+
+
 def cpu_supported() -> str | None:
     """``None`` when this CPU can run the kernels, else the reason it cannot."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}"
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        flags = cpu_flags()
     except OSError as e:
         return f"cannot read /proc/cpuinfo ({e})"
     missing = [flag for flag in CPU_FLAGS if flag not in flags]

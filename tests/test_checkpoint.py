@@ -276,7 +276,7 @@ def test_crash_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(pipeline, "rtn_quantize", boom)
+    monkeypatch.setattr(pipeline.solve, "rtn_quantize", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         quantize(tiny_models["llama"], QuantConfig(), tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")

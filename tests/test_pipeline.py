@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from llmq import QuantConfig, QuantLinear, models, packing, pipeline, streaming
 from llmq.checkpoint import load_quantized
-from llmq.pipeline import quantize
-from llmq.quantizers.rtn import rtn_quantize
+from llmq.pipeline import capture, quantize
+from llmq.pipeline import solve as solve_step
+from llmq.pipeline.hessians import ForwardMemo, Tail
 
 
 def test_materializes_at_most_one_block(tmp_path, monkeypatch):
@@ -139,13 +140,13 @@ def test_forward_replay_changes_nothing(tmp_path, monkeypatch, kind):
     config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
     calib = calibration_ids(n=8, seqlen=32)
     replays = []
-    real_exit = pipeline.ForwardMemo.__exit__
+    real_exit = ForwardMemo.__exit__
 
     def count(self, *exc):
         replays.append(self.replayed)
         real_exit(self, *exc)
 
-    monkeypatch.setattr(pipeline.ForwardMemo, "__exit__", count)
+    monkeypatch.setattr(ForwardMemo, "__exit__", count)
     linear_calls = []
 
     def count_linear(module, _args):
@@ -160,7 +161,7 @@ def test_forward_replay_changes_nothing(tmp_path, monkeypatch, kind):
             handle.remove()
 
     counted(tmp_path / "memo")
-    monkeypatch.setattr(pipeline.ForwardMemo, "_call", lambda self, kind, first, fn, *a, **k: fn(*a, **k))
+    monkeypatch.setattr(ForwardMemo, "_call", lambda self, name, forward, *a, **k: forward(*a, **k))
     counted(tmp_path / "plain")
     assert linear_calls[0] < 0.8 * linear_calls[1], linear_calls  # the attention's linears were skipped too
     # 2 batches per block; after the pass that solves the attention output, 2 later passes and the output pass
@@ -240,7 +241,7 @@ def test_solves_run_with_no_block_weight_resident(tmp_path, monkeypatch):
 
     src = save_tiny("llama", tmp_path / "src", num_hidden_layers=2)
     layouts, resident, loaded = [], [], []
-    real_find, real_solve, real_load = models.find_layout, GPTQ.solve, pipeline._WeightsOnCall._pre_hook
+    real_find, real_solve, real_load = models.find_layout, GPTQ.solve, solve_step.WeightsOnCall._pre_hook
 
     def find_layout(model):
         layouts.append(real_find(model))
@@ -260,7 +261,7 @@ def test_solves_run_with_no_block_weight_resident(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.models, "find_layout", find_layout)
     monkeypatch.setattr(GPTQ, "solve", solve)
-    monkeypatch.setattr(pipeline._WeightsOnCall, "_pre_hook", pre_hook)
+    monkeypatch.setattr(solve_step.WeightsOnCall, "_pre_hook", pre_hook)
     quantize(src, QuantConfig(method="gptq", bits=4, group_size=32), tmp_path / "q",
              calibration=calibration_ids(), progress=False)
     assert len(resident) == 2 * 7 and max(resident) == 0
@@ -274,99 +275,55 @@ def test_solves_run_with_no_block_weight_resident(tmp_path, monkeypatch):
     assert loaded == 2 * per_block, loaded
 
 
-def test_lean_path_for_wide_layers_matches_the_plain_one(tmp_path, monkeypatch):
-    """From LEAN_FROM inputs on (lowered here to reach a tiny model): in-place factorization,
-    batches of 2 on CPU by default; the checkpoint is the plain path's up to rounding."""
-    from llmq.quantizers import gptq as gptq_module
+def test_out_of_core_solver_for_wide_layers(tmp_path, monkeypatch):
+    """From OUT_OF_CORE_FROM inputs on (lowered here to reach a tiny model) the layers are solved
+    out of core, with batches of 2 on CPU by default: the plain solver's checkpoint up to rounding."""
+    from llmq.quantizers import gptq_out_of_core
 
     src = save_tiny("llama", tmp_path / "src", num_hidden_layers=2)
     config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
     calib = calibration_ids(n=8, seqlen=32)
     quantize(src, config, tmp_path / "plain", calibration=calib, batch_size=2, out_dtype=torch.float32, progress=False)
-    batch_sizes = []
-    real_capture = pipeline._capture_block_inputs
-    monkeypatch.setattr(pipeline, "_capture_block_inputs", lambda *a: batch_sizes.append(a[-1]) or real_capture(*a))
-    monkeypatch.setattr(pipeline, "_limit_heap_retention", lambda: None)  # leave this process's malloc alone
-    monkeypatch.setattr(gptq_module, "LEAN_FROM", 64)  # every linear of the tiny model: 64 or 128 inputs
-    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 24)
+    batch_sizes, solvers = [], []
+    real_capture, real_solve = pipeline.capture_block_inputs, gptq_out_of_core.OutOfCoreGPTQ.solve
+    monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a: batch_sizes.append(a[5]) or real_capture(*a))
+    monkeypatch.setattr(gptq_out_of_core.OutOfCoreGPTQ, "solve",
+                        lambda self, *a, **k: solvers.append(self.in_features) or real_solve(self, *a, **k))
+    monkeypatch.setattr(gptq_out_of_core, "OUT_OF_CORE_FROM", 128)  # down_proj: 128 inputs
+    monkeypatch.setattr(gptq_out_of_core, "FACTOR_BLOCK", 48)
     quantize(src, config, tmp_path / "lean", calibration=calib, out_dtype=torch.float32, progress=False)
-    assert batch_sizes == [2]
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = [load_quantized(tmp_path / name, dtype=torch.float32)(ids).logits for name in ("plain", "lean")]
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.02 * float(logits[0].abs().max()))
+    assert batch_sizes == [2] and solvers == [128, 128]
     plain, lean = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "lean"))
     codes = [k for k in plain if k.endswith(".qweight")]
     same = sum(int((plain[k] == lean[k]).sum()) for k in codes) / sum(plain[k].numel() for k in codes)
-    assert same > 0.9, same  # packed int32 words: 8 codes each
-
-
-
-def test_wide_hessian_passes_run_solved_linears_from_packed(tmp_path, monkeypatch):
-    """While a wide (lean-path) Hessian is accumulated, the solved linears run straight from their
-    packed solutions: no linear weight is loaded in that pass, and the result matches the
-    dequantized weight's forward."""
-    from llmq.quantizers import gptq as gptq_module
-
-    qw = rtn_quantize(torch.randn(96, 64, generator=torch.Generator().manual_seed(3)), 4, 32, False)
-    bias = torch.randn(96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    monkeypatch.setattr(pipeline.packing, "CHUNK_ELEMENTS", 4 * 64 * 10)  # 10 output rows per slice
-    y = pipeline._packed_linear(qw.pack(), 4, torch.bfloat16, bias)(x)
-    expected = torch.nn.functional.linear(x, qw.dequantize(dtype=torch.bfloat16), bias)
-    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
-    torch.testing.assert_close(y, expected, rtol=0.01, atol=0.01)
-
-    src = save_tiny("llama", tmp_path / "src", num_hidden_layers=1)
-    monkeypatch.setattr(gptq_module, "LEAN_FROM", 128)  # only down_proj (128 inputs) is wide
-    monkeypatch.setattr(pipeline, "_limit_heap_retention", lambda: None)
-    loaded = []
-    real_load = pipeline._WeightsOnCall._pre_hook
-
-    def pre_hook(self, name):
-        hook = real_load(self, name)
-
-        def counting(module, args):
-            loaded.append(name) if module.weight.is_meta and name not in self._streamed else None
-            hook(module, args)
-        return counting
-
-    monkeypatch.setattr(pipeline._WeightsOnCall, "_pre_hook", pre_hook)
-    quantize(src, QuantConfig(method="gptq", bits=4, group_size=32), tmp_path / "q",
-             calibration=calibration_ids(n=6, seqlen=16), progress=False)
-    attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"], \
-        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    # as in test_solves_run_with_no_block_weight_resident, but the down_proj pass loads nothing
-    assert loaded == attn + mlp + attn[:3] + attn + mlp, loaded
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(load_quantized(tmp_path / "q", dtype=torch.float32)(ids).logits).all()
+    assert same > 0.99, same  # packed int32 words: 8 codes each
 
 
 def test_block_outputs_are_kept_in_one_tensor():
     """A block's outputs over all calibration batches (the next block's inputs) are views of one
-    tensor, equal to the outputs batch by batch; a batch that does not fit keeps its own tensor."""
+    tensor, equal to the outputs batch by batch, with each batch's other arguments; a batch that
+    does not fit keeps its own tensor."""
     torch.manual_seed(0)
     block = torch.nn.Linear(6, 6)
-    batches = [((torch.randn(n, 5, 6),), {}) for n in (3, 3, 2)]
-    kept = pipeline._in_one_tensor(batches)
-    assert len({args[0].untyped_storage().data_ptr() for args, _ in kept}) == 1
-    assert all(torch.equal(a[0], b[0]) and kw == kb for (a, kw), (b, kb) in zip(kept, batches, strict=True))
-    outputs = pipeline._run_block(block, kept)
-    assert len({args[0].untyped_storage().data_ptr() for args, _ in outputs}) == 1
+    batches = [capture.Batch(torch.randn(n, 5, 6), (), {"n": n}) for n in (3, 3, 2)]
+    outputs = capture.run_block(block, batches)
+    assert len({out.hidden.untyped_storage().data_ptr() for out in outputs}) == 1
     with torch.no_grad():  # a view at an unaligned offset may round differently in the matmul
-        for out, x in zip(outputs, batches, strict=True):
-            torch.testing.assert_close(out[0][0], block(x[0][0]), rtol=1e-6, atol=1e-6)
-    ragged = [((torch.randn(2, 5, 6),), {}), ((torch.randn(2, 4, 6),), {})]  # another sequence length
-    outputs = pipeline._run_block(block, pipeline._in_one_tensor(ragged))
-    assert outputs[1][0][0].shape == (2, 4, 6)
+        for out, batch in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out.hidden, block(batch.hidden), rtol=1e-6, atol=1e-6)
+            assert out.kwargs == batch.kwargs
+    ragged = [capture.Batch(torch.randn(2, 5, 6), (), {}), capture.Batch(torch.randn(2, 4, 6), (), {})]
+    outputs = capture.run_block(block, ragged)  # another sequence length
+    assert outputs[1].hidden.shape == (2, 4, 6)
     with torch.no_grad():
-        for out, x in zip(outputs, ragged, strict=True):
-            torch.testing.assert_close(out[0][0], block(x[0][0]), rtol=1e-6, atol=1e-6)
+        for out, batch in zip(outputs, ragged, strict=True):
+            torch.testing.assert_close(out.hidden, block(batch.hidden), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,tails", [
-    ("llama", {"self_attn": pipeline.Tail("self_attn.o_proj", 0, 2), "mlp": pipeline.Tail("mlp.down_proj")}),
-    ("gpt2", {"attn": pipeline.Tail("attn.c_proj", 0, 2), "mlp": pipeline.Tail("mlp.c_proj")}),
-    ("opt", {"self_attn": pipeline.Tail("self_attn.out_proj", 0, 2)}),
+    ("llama", {"self_attn": Tail("self_attn.o_proj", 0, 2), "mlp": Tail("mlp.down_proj")}),
+    ("gpt2", {"attn": Tail("attn.c_proj", 0, 2), "mlp": Tail("mlp.c_proj")}),
+    ("opt", {"self_attn": Tail("self_attn.out_proj", 0, 2)}),
     ("bert", {})])
 def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tails):
     """A block child that returns its last linear's output unchanged, alone or with Nones in a tuple
@@ -375,13 +332,14 @@ def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tai
     that collected its Hessian. The checkpoint is the same, bit for bit, as with nothing kept."""
     src = save_tiny(kind, tmp_path / "src")
     found, keep = [], []
-    real_groups, real_block = pipeline._input_groups, pipeline._gptq_block
-    monkeypatch.setattr(pipeline, "_input_groups", lambda *a: found.append(real_groups(*a)[1]) or real_groups(*a))
+    real_groups, real_block = solve_step.input_groups, pipeline.gptq_block
+    monkeypatch.setattr(solve_step, "input_groups", lambda *a: found.append(real_groups(*a)[1]) or real_groups(*a))
 
-    def gptq_block(*a, **k):
-        return real_block(*a, **{**k, "keep_inputs": keep[-1]})
+    def gptq_block(block, names, inputs, weights, run):
+        run.keep_tail_inputs = 4 if keep[-1] else 0
+        return real_block(block, names, inputs, weights, run)
 
-    monkeypatch.setattr(pipeline, "_gptq_block", gptq_block)
+    monkeypatch.setattr(pipeline, "gptq_block", gptq_block)
     config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)
     for kept in (True, False):
         keep.append(kept)
@@ -399,14 +357,14 @@ def test_memo_keeps_tail_inputs_within_its_budget():
     block.mlp = torch.nn.Sequential()
     block.mlp.up, block.mlp.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
     x = torch.randn(2, 3, 8)
-    memo = pipeline.ForwardMemo(block, ["mlp.up", "mlp.down"], {"mlp": pipeline.Tail("mlp.down")},
-                                keep_bytes=2 * x.nbytes)
+    memo = ForwardMemo(block, ["mlp.up", "mlp.down"], {"mlp": Tail("mlp.down")}, keep_bytes=2 * x.nbytes)
+    batch = capture.Batch(torch.zeros(2, 3, 4), (), {})
     for b in range(3):
-        memo.start(b, torch.zeros(2, 3, 4))
+        memo.start(b, batch)
         memo.linear_input("mlp.down", x)
         memo.linear_input("mlp.up", x)  # not a tail
     assert sorted(memo._inputs) == [(0, "mlp.down"), (1, "mlp.down")]
-    memo.start(3, torch.zeros(2, 3, 4))
+    memo.start(3, batch)
     memo._seen_pending = True  # a pending linear (mlp.up) ran before
     memo.linear_input("mlp.down", torch.randn(1))
     assert (3, "mlp.down") not in memo._inputs

@@ -18,10 +18,38 @@ import torch
 from llmq.packing import CHUNK_ELEMENTS
 
 
-class UpperPanels:
+class _TriangularRows:
+    """``matrix[i1:i2, i1:]``: rows ``[i1, i2)`` of a triangular matrix held in block rows, from
+    column ``i1`` on (zero below the diagonal blocks), which is what GPTQ's column loop reads of its
+    factor; a view when they lie in one block row of memory, else a copy. Subclasses give
+    ``n``, ``block``, ``bounds``, ``dtype``, ``device`` and ``_panel_rows(k, r0, r1)``: rows
+    ``[r0, r1)`` of block row ``k``."""
+
+    def __getitem__(self, key: tuple[slice, slice]) -> torch.Tensor:
+        rows, cols = key
+        if cols != slice(rows.start, None) or rows.step is not None:
+            raise IndexError("a triangular factor in block rows gives only [i1:i2, i1:]")
+        i1, i2 = rows.start, min(rows.stop, self.n)
+        k = i1 // self.block
+        k0, k1 = self.bounds[k]
+        if i2 <= k1:
+            return self._panel_rows(k, i1, i2)[:, i1 - k0:]
+        out = torch.zeros(i2 - i1, self.n - i1, dtype=self.dtype, device=self.device)
+        r = i1
+        while r < i2:
+            k = r // self.block
+            k0, k1 = self.bounds[k]
+            end = min(k1, i2)
+            c = max(i1, k0)
+            out[r - i1:end - i1, c - i1:] = self._panel_rows(k, r, end)[:, c - k0:]
+            r = end
+        return out
+
+
+class UpperPanels(_TriangularRows):
     """``[n, n]`` float32 as block rows of ``block`` rows (the last may be shorter).
 
-    The block rows made by :meth:`zeros`, :meth:`empty` and :meth:`clone` are views into one
+    The block rows made by :meth:`zeros` and :meth:`empty` are views into one
     buffer: a single allocation, which the allocator maps and unmaps whole (block rows of their
     own, many below glibc's mmap threshold, would fragment the heap and stay resident once freed).
     """
@@ -69,12 +97,6 @@ class UpperPanels:
     def dtype(self) -> torch.dtype:
         return self.panels[0].dtype
 
-    def clone(self) -> UpperPanels:
-        out = UpperPanels.empty(self.n, self.block, self.device, self.dtype)
-        for a, b in zip(out.panels, self.panels, strict=True):
-            a.copy_(b)
-        return out
-
     def dense(self, symmetric: bool = True) -> torch.Tensor:
         """The full matrix: mirrored below the diagonal blocks, or zero there."""
         out = torch.zeros(self.n, self.n, dtype=self.dtype, device=self.device)
@@ -95,9 +117,10 @@ class UpperPanels:
         for k, (k0, k1) in enumerate(self.bounds):
             self.diag_block(k).diagonal().copy_(values[k0:k1])
 
-    def scale_(self, factor: float) -> None:
+    def __imul__(self, factor: float) -> UpperPanels:
         for p in self.panels:
             p.mul_(factor)
+        return self
 
     def add_gram_(self, x: torch.Tensor) -> None:
         """``+= xᵀx`` for ``x`` ``[m, n]``: float32 in place; bf16 as one bf16 product per block row
@@ -108,11 +131,11 @@ class UpperPanels:
             else:
                 p += (x[:, k0:k1].t() @ x[:, k0:]).float()
 
-    def column(self, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """A copy of the entries above diagonal block ``k``: rows ``[0, k0)``, columns ``[k0, k1)``
-        (in the flat scratch ``out`` from :meth:`work` when given)."""
+    def column(self, k: int, out: torch.Tensor) -> torch.Tensor:
+        """A copy of the entries above diagonal block ``k``: rows ``[0, k0)``, columns ``[k0, k1)``,
+        in the flat scratch ``out`` from :meth:`work`."""
         k0, k1 = self.bounds[k]
-        col = torch.empty(k0, k1 - k0, dtype=self.dtype, device=self.device) if out is None else view(out, k0, k1 - k0)
+        col = view(out, k0, k1 - k0)
         for p, (j0, j1) in zip(self.panels[:k], self.bounds[:k], strict=True):
             col[j0:j1] = p[:, k0 - j0:k1 - j0]
         return col
@@ -126,10 +149,9 @@ class UpperPanels:
         for p, (j0, j1) in zip(self.panels[:k], self.bounds[:k], strict=True):
             p[:, k0 - j0:k1 - j0] = values[j0:j1]
 
-    def rows(self, i1: int, i2: int) -> torch.Tensor:
-        """Rows ``[i1, i2)`` from column ``i1`` on, of a triangular matrix (zero below the diagonal
-        blocks): a view when they lie in one block row, else a copy."""
-        return _rows(self, i1, i2, lambda k, r0, r1: self.panels[k][r0 - self.bounds[k][0]:r1 - self.bounds[k][0]])
+    def _panel_rows(self, k: int, r0: int, r1: int) -> torch.Tensor:
+        k0 = self.bounds[k][0]
+        return self.panels[k][r0 - k0:r1 - k0]
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(p.sum())) for p in self.panels)  # NaN or inf makes a sum non-finite
@@ -147,24 +169,6 @@ class UpperPanels:
         return total
 
 
-def _rows(matrix: UpperPanels | PanelFile, i1: int, i2: int, panel_rows) -> torch.Tensor:
-    """:meth:`UpperPanels.rows` given ``panel_rows(k, r0, r1)``: rows ``[r0, r1)`` of block row ``k``."""
-    k = i1 // matrix.block
-    k0, k1 = matrix.bounds[k]
-    if i2 <= k1:
-        return panel_rows(k, i1, i2)[:, i1 - k0:]
-    out = torch.zeros(i2 - i1, matrix.n - i1, dtype=matrix.dtype, device=matrix.device)
-    r = i1
-    while r < i2:
-        k = r // matrix.block
-        k0, k1 = matrix.bounds[k]
-        end = min(k1, i2)
-        c = max(i1, k0)
-        out[r - i1:end - i1, c - i1:] = panel_rows(k, r, end)[:, c - k0:]
-        r = end
-    return out
-
-
 class _TemporaryFile:
     """Owns an anonymous temporary file ``self._file`` (gone once closed, even after a crash);
     a context manager that closes it."""
@@ -179,7 +183,7 @@ class _TemporaryFile:
         self.close()
 
 
-class PanelFile(_TemporaryFile):
+class PanelFile(_TemporaryFile, _TriangularRows):
     """A triangular :class:`UpperPanels` (GPTQ's factor of ``H⁻¹``) moved to an anonymous
     temporary file in ``folder``, from which :meth:`rows` reads a few rows at a time (the solver
     reads it block row by block row); use as a context manager."""
@@ -198,10 +202,6 @@ class PanelFile(_TemporaryFile):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
-
-    def rows(self, i1: int, i2: int) -> torch.Tensor:
-        """As :meth:`UpperPanels.rows` (always a copy, read from the file)."""
-        return _rows(self, i1, i2, self._panel_rows)
 
     def _panel_rows(self, k: int, r0: int, r1: int) -> torch.Tensor:
         k0 = self.bounds[k][0]

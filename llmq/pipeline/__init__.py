@@ -1,0 +1,188 @@
+"""``quantize()``: stream a checkpoint block by block, quantize each block's linears, write them.
+
+The data flow, one module each:
+
+- :mod:`.capture`: the calibration batches at block 0's input (hidden states and the other
+  arguments the model passes), and a block's outputs as the next block's inputs;
+- :mod:`.hessians`: the passes over a block that collect its Hessians, and the replay of what
+  earlier passes computed;
+- :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, returning their packed tensors
+  and the block's outputs;
+- :mod:`.write`: the output checkpoint, written block by block.
+
+Peak memory is one block's work (a pass over it, or one linear's solve next to none of the
+block's weights), the calibration activations and the tensor being copied; the whole model is
+never materialized.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from llmq import assets, checkpoint, models, packing, streaming
+from llmq.calibration import Calibration, get_calibration
+from llmq.config import QuantConfig
+from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
+from llmq.pipeline.solve import BlockWeights, GPTQRun, gptq_block, rtn_block
+from llmq.pipeline.write import Writer
+from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
+
+# How many tokens each decoder calibration sample's first position counts for in GPTQ's Hessians:
+# it carries the attention sink (massive activations that every later token attends to). Chosen
+# on WikiText-2 windows outside those the README reports (see the README's findings).
+FIRST_TOKEN_WEIGHT = 8.0
+
+__all__ = ["FIRST_TOKEN_WEIGHT", "NothingToQuantizeError", "QuantizeReport", "peak_rss_mb", "quantize",
+           "resolve_calib_dtype"]
+
+
+class NothingToQuantizeError(ValueError):
+    """The model has no linear layer that llmq can quantize."""
+
+
+@dataclass
+class QuantizeReport:
+    """What a run did: where it wrote, how long it took, its peak RSS and per-block errors."""
+
+    out: Path
+    config: QuantConfig
+    seconds: float
+    peak_rss_mb: float
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    block_errors: list[float] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quantize(
+    model: str | Path,
+    config: QuantConfig,
+    out: str | Path,
+    *,
+    calibration: Calibration | None = None,
+    calib_source: str = "bundled",
+    nsamples: int = 128,
+    calib_seqlen: int = 512,
+    seed: int = 0,
+    chat_template: bool = False,
+    device: str | torch.device | None = None,
+    out_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES,
+    batch_size: int | None = None,
+    calib_dtype: str | torch.dtype = "auto",
+    first_token_weight: float | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
+
+    RTN streams tensors straight from the shards; GPTQ runs the calibration tokens through
+    the model one block at a time. ``device`` is where blocks are solved and run (default:
+    CUDA when present). The output appears at ``out`` only when complete.
+
+    ``calib_dtype`` is the precision of GPTQ's calibration forwards: each block runs with its
+    weights and activations in this dtype, while the solver always works in float32 on the
+    checkpoint's weights (``"auto"``: see :func:`resolve_calib_dtype`). ``batch_size`` calibration
+    samples go through each forward together (default 8; 2 on CPU for models with layers of
+    ``OUT_OF_CORE_FROM`` inputs or more, whose MLP activations would otherwise dominate the peak).
+
+    ``first_token_weight`` is how many tokens' worth each calibration sample's first position
+    counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
+    """
+    started = time.perf_counter()
+    if Path(out).expanduser().exists() and not overwrite:
+        raise checkpoint.OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    src = assets.resolve_model(model)
+    hf_config = AutoConfig.from_pretrained(src)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
+    reader = streaming.ShardReader(src)
+    out_dtype = out_dtype or (torch.bfloat16 if reader.dtype() == torch.bfloat16 else torch.float16)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fwd_dtype = resolve_calib_dtype(calib_dtype, device)
+    if first_token_weight is None:
+        first_token_weight = 1.0 if hf_config.model_type in models.ENCODER_TYPES else FIRST_TOKEN_WEIGHT
+    if first_token_weight <= 0:
+        raise ValueError(f"first token weight must be positive, got {first_token_weight}")
+    skeleton = models.build_skeleton(hf_config, dtype=torch.float32)
+    layout = models.find_layout(skeleton)
+    keys = streaming.KeyMap(skeleton, reader)
+    plan, skipped = _plan(layout, config)
+    if not any(plan):
+        reason = f" ({next(iter(skipped.values()))})" if skipped else ""
+        raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
+    # Models with layers of OUT_OF_CORE_FROM inputs or more: memory comes first. Such layers are
+    # solved out of core on CPU, where fewer samples go through each forward, and no tail-linear
+    # inputs are kept for the replay (see llmq.pipeline.hessians.ForwardMemo).
+    widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
+    wide = widest >= OUT_OF_CORE_FROM
+    if batch_size is None:
+        batch_size = 2 if out_of_core(widest, device) else 8
+
+    if config.method == "gptq":
+        if calibration is None:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
+            calibration = get_calibration(tokenizer, calib_source, nsamples, min(calib_seqlen, max_pos), seed,
+                                          chat_template)
+            del tokenizer
+        config = config.replace(meta={**config.meta, **calibration.describe(),
+                                      "calib_dtype": str(fwd_dtype).removeprefix("torch."),
+                                      "first_token_weight": first_token_weight})
+
+    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped)
+    with checkpoint.atomic_output(out, overwrite) as tmp:
+        writer = Writer(tmp, keys, out_dtype, max_shard_bytes)
+        if config.method == "gptq":
+            inputs = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+            run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
+                          keep_tail_inputs=0 if wide else 4)
+        bar = tqdm(range(len(layout.blocks)), desc=f"quantize {config.describe()}", unit="block",
+                   disable=not progress)
+        for i in bar:
+            block, prefix = layout.blocks[i], layout.block_prefix(i)
+            weights = BlockWeights(block, prefix, keys)
+            if config.method == "gptq":
+                result = gptq_block(block, plan[i], inputs, weights, run)
+                inputs = result.outputs
+            else:  # RTN needs no forward: each weight is read from the shards, solved and packed
+                result = rtn_block(plan[i], weights, config, device)
+            writer.add_block(block, prefix, result.packed)
+            report.quantized += [prefix + name for name in result.packed]
+            report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
+            bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
+        writer.finish(skeleton, hf_config, config, src)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mb = peak_rss_mb()
+    return report
+
+
+def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
+    """Per block, the linears to quantize; and the skipped ones with why."""
+    plan, skipped = [], {}
+    unit = packing.pack_unit(config.bits)[0]
+    for i, block in enumerate(layout.blocks):
+        names = []
+        for name, module in models.block_linears(block).items():
+            in_f, out_f = models.linear_shape(module)
+            if packing.packable(in_f, config.bits) and packing.packable(out_f, config.bits):
+                names.append(name)
+                continue
+            full = layout.block_prefix(i) + name
+            why = f"{full} has in={in_f}, out={out_f}: {config.bits}-bit packing needs multiples of {unit}"
+            if not config.skip_unpackable:
+                raise ValueError(f"cannot quantize {why} (pass --skip-unpackable to leave such layers unquantized)")
+            skipped[full] = why
+        plan.append(names)
+    return plan, skipped

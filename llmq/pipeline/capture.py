@@ -1,0 +1,170 @@
+"""The calibration samples at a block's input.
+
+:func:`capture_block_inputs` runs the calibration tokens through the model up to block 0 and keeps
+what the model passes to it, per batch: the hidden states, and the other arguments (attention
+mask, rotary position embeddings, ...) as the model computed them. :func:`run_block` then turns
+one block's inputs into the next block's: its outputs, with the same other arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from llmq import models, streaming
+from llmq.calibration import Calibration
+
+
+class Batch(NamedTuple):
+    """One calibration batch at a block's input: ``block(hidden, *args, **kwargs)``."""
+
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    args: tuple  # the block's other positional arguments
+    kwargs: dict[str, Any]  # its keyword arguments: attention mask, position embeddings, ...
+
+    def run(self, block: nn.Module) -> Any:
+        return block(self.hidden, *self.args, **self.kwargs)
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted activations are seen."""
+
+
+def resolve_calib_dtype(calib_dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of GPTQ's calibration forwards (``"auto"``: bfloat16 where the hardware runs it
+    fast, CUDA with bf16 or CPUs with AVX512-BF16 or AMX; else float32)."""
+    if isinstance(calib_dtype, torch.dtype):
+        dtype = calib_dtype
+    elif calib_dtype == "auto":
+        return torch.bfloat16 if _fast_bf16(device) else torch.float32
+    else:
+        dtype = getattr(torch, str(calib_dtype), None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"calib dtype must be auto, float32, bfloat16 or float16, got {calib_dtype!r}")
+    return dtype
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    from llmq.kernels.cpu_build import cpu_flags
+
+    try:
+        return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+
+
+def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: streaming.KeyMap,
+                         calibration: Calibration, device: torch.device, batch_size: int,
+                         dtype: torch.dtype) -> list[Batch]:
+    """Run the calibration tokens up to block 0, ``batch_size`` samples at a time; return the
+    batches of its inputs, floating-point tensors cast to ``dtype`` (the calibration forwards').
+
+    Only the modules that run before block 0 are materialized (on first use), then released.
+    """
+    block_ids = {id(m) for m in layout.blocks.modules()}
+    loaded: list[nn.Module] = []
+    names = {id(m): n for n, m in skeleton.named_modules()}
+
+    def load_on_use(module: nn.Module, _args: Any) -> None:
+        if any(m is module for m in loaded):
+            return  # already materialized by an earlier batch
+        name = names[id(module)]
+        prefix = f"{name}." if name else ""
+        table_dtype = torch.float32
+        key = keys.source(prefix + "weight") if isinstance(module, nn.Embedding) else None
+        if key is not None and keys.reader.info(key)[0] in ("F16", "BF16"):
+            # A half-precision table stays half (a large vocabulary's is hundreds of MB); looked-up
+            # rows are widened, which gives exactly the rows of a widened table.
+            table_dtype = streaming.DTYPES[keys.reader.info(key)[0]]
+            hooks.append(module.register_forward_hook(lambda _m, _a, out: out.float()))
+        streaming.materialize(module, prefix, keys, device, table_dtype, recurse=False, strict=False)
+        loaded.append(module)
+
+    hooks = [m.register_forward_pre_hook(load_on_use) for m in skeleton.modules()
+             if id(m) not in block_ids and any(True for _ in m.parameters(recurse=False))]
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise StopForward
+
+    hooks.append(layout.blocks[0].register_forward_pre_hook(catch, with_kwargs=True))
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(skeleton.forward).parameters else {}
+    batches = calibration.input_ids.split(batch_size)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    skeleton(input_ids=ids.to(device), **extra)
+                except StopForward:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    for module in loaded:
+        streaming.to_meta(module)
+    if len(captured) != len(batches):
+        raise models.UnsupportedModelError("the model's forward never reached its first block")
+    store = _OneTensor(sum(args[0].shape[0] for args, _ in captured))
+    return [Batch(store.add(_cast(args[0], dtype)), _cast(args[1:], dtype), _cast(kwargs, dtype))
+            for args, kwargs in captured]
+
+
+def run_block(block: nn.Module, inputs: list[Batch],
+              before: Callable[[int, Batch], None] | None = None) -> list[Batch]:
+    """Run every batch through ``block``; return the next block's inputs (``before(b, batch)``
+    is called ahead of batch ``b``'s forward)."""
+    store = _OneTensor(sum(batch.hidden.shape[0] for batch in inputs))
+    outputs = []
+    with torch.no_grad():
+        for b, batch in enumerate(inputs):
+            if before is not None:
+                before(b, batch)
+            out = batch.run(block)
+            outputs.append(batch._replace(hidden=store.add(out[0] if isinstance(out, tuple) else out)))
+            del out
+    return outputs
+
+
+class _OneTensor:
+    """Hidden states ``[batch, ...]`` of consecutive batches, ``rows`` in all, copied one after
+    another into a single tensor (allocated on the first :meth:`add`, like that batch).
+
+    They live from one block's forward to the next's. In one tensor they are one large
+    allocation, which the allocator maps on its own and hands back whole; each batch's alone
+    would be a few MiB from the heap, where it would sit between the temporaries of every later
+    forward and solve and keep their freed pages resident.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self._rows, self._store, self._row = rows, None, 0
+
+    def add(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` copied into the next rows, returned as that view; ``hidden`` itself where it
+        does not fit there (another shape, dtype or device than the first batch)."""
+        if self._store is None:
+            self._store = hidden.new_empty(self._rows, *hidden.shape[1:])
+        view = self._store[self._row:self._row + hidden.shape[0]]
+        self._row += hidden.shape[0]
+        if view.shape != hidden.shape or view.dtype != hidden.dtype or view.device != hidden.device:
+            return hidden
+        return view.copy_(hidden)
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,179 @@
+"""Quantizing one block: :func:`gptq_block` (Hessians from the calibration passes, then GPTQ for
+each linear) and :func:`rtn_block`. Each takes the block and its inputs and returns a
+:class:`BlockResult`; neither writes anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from llmq import models, streaming
+from llmq.config import QuantConfig
+from llmq.pipeline.capture import Batch, run_block
+from llmq.pipeline.hessians import ForwardMemo, collect_hessians, input_groups
+from llmq.quantizers.gptq import GPTQ
+from llmq.quantizers.gptq_out_of_core import OutOfCoreGPTQ, out_of_core
+from llmq.quantizers.grid import QuantizedWeight
+from llmq.quantizers.rtn import rtn_quantize
+
+
+class BlockResult(NamedTuple):
+    """What quantizing one block produced."""
+
+    packed: dict[str, dict[str, torch.Tensor]]  # GPTQ tensors of each quantized linear, by name in the block
+    errors: dict[str, float]  # relative error of each
+    outputs: list[Batch]  # the next block's inputs (GPTQ; RTN runs no forward)
+
+
+@dataclass
+class BlockWeights:
+    """The checkpoint weights of the linears of one block (named ``prefix``), read on demand."""
+
+    block: nn.Module
+    prefix: str
+    keys: streaming.KeyMap
+
+    def original(self, name: str) -> torch.Tensor:
+        """Linear ``name``'s weight ``[out, in]``, in its stored dtype."""
+        return models.linear_weight(self.block.get_submodule(name), self.keys.reader.get(self._key(name)))
+
+    def rows(self, name: str) -> torch.Tensor | streaming.RowReader:
+        """:meth:`original`, an ``nn.Linear``'s read a slice of output rows at a time."""
+        if isinstance(self.block.get_submodule(name), nn.Linear):
+            return self.keys.reader.rows(self._key(name))
+        return self.original(name)
+
+    def _key(self, name: str) -> str:
+        return self.keys.source(f"{self.prefix}{name}.weight")
+
+
+@dataclass
+class GPTQRun:
+    """What every block's GPTQ step shares: the settings, the calibration forwards' ``dtype`` and
+    ``device``, each sample's ``first_token_weight``, where out-of-core solves put their temporary
+    files (``spill_dir``) and how many bytes of tail-linear inputs the replay may keep per block
+    (``keep_tail_inputs`` times the block's inputs; see :class:`ForwardMemo`)."""
+
+    config: QuantConfig
+    dtype: torch.dtype
+    device: torch.device
+    first_token_weight: float
+    spill_dir: str | os.PathLike | None = None
+    keep_tail_inputs: int = 4
+
+
+def new_gptq(in_features: int, device: torch.device, spill_dir: str | os.PathLike | None = None) -> GPTQ:
+    """The solver for one Hessian: out of core for wide layers on CPU (see :func:`out_of_core`)."""
+    if out_of_core(in_features, device):
+        return OutOfCoreGPTQ(in_features, spill_dir)
+    return GPTQ(in_features, device)
+
+
+def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights: BlockWeights,
+               run: GPTQRun) -> BlockResult:
+    """GPTQ for the linears ``names`` of ``block``, given the block's calibration ``inputs``.
+
+    The block's other tensors are loaded for the forwards (in ``run.dtype`` on ``run.device``) and
+    released at the end; its linears' weights only while a pass calls them (:class:`WeightsOnCall`):
+    a solved linear runs with its dequantized solution, the others with their checkpoint weight.
+    Per group of linears that share an input, in call order (all groups in one pass without
+    ``true_sequential``): one pass collects the group's Hessian, then each of its linears is solved,
+    so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
+    """
+    config, device = run.config, run.device
+    linears = list(models.block_linears(block))
+    streaming.materialize(block, weights.prefix, weights.keys, device, run.dtype, skip={f"{n}.weight" for n in linears})
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
+
+    def load(name: str) -> torch.Tensor:
+        if name in packed:
+            w = QuantizedWeight.from_packed(packed[name], config.bits).dequantize(dtype=run.dtype)
+        else:
+            w = weights.original(name)
+        return models.linear_weight(block.get_submodule(name), w).to(device, run.dtype).contiguous()
+
+    with WeightsOnCall(block, linears, load) as on_call:
+        groups, tails = input_groups(block, names, inputs[0])
+        on_call.release()
+        stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+        keep_bytes = run.keep_tail_inputs * sum(batch.hidden.nbytes for batch in inputs)
+        with ForwardMemo(block, names, tails, keep_bytes) as memo:
+            for stage in stages:
+                stage_groups = [g for g in groups if g[0] in stage]
+                hessians = {g[0]: new_gptq(models.linear_shape(block.get_submodule(g[0]))[0], device, run.spill_dir)
+                            for g in stage_groups}
+                # The group's linears share one input: the pass can stop where the last group's first is called.
+                collect_hessians(block, inputs, hessians, stage_groups[-1][0], run.first_token_weight, memo)
+                on_call.release()
+                for group in stage_groups:
+                    gptq = hessians.pop(group[0])
+                    for name in group:
+                        # The out-of-core solver reads the weight a slice of rows at a time, from the shards.
+                        weight = weights.rows(name) if isinstance(gptq, OutOfCoreGPTQ) else \
+                            weights.original(name).to(device)
+                        qw = gptq.solve(weight, config.bits, config.group_size, config.sym, config.desc_act,
+                                        config.static_groups, config.damp_percent, config.block_size, config.mse,
+                                        free_hessian=name == group[-1])
+                        packed[name], errors[name] = qw.pack(), gptq.info.relative_error
+                        del weight, qw
+                        memo.solved(name)
+                    del gptq
+            memo.storing = False  # nothing runs after the output pass
+            outputs = run_block(block, inputs, memo.start)
+    streaming.to_meta(block)
+    return BlockResult(packed, errors, outputs)
+
+
+def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, device: torch.device) -> BlockResult:
+    """Round-to-nearest for the linears ``names`` of a block: each weight read, solved and packed."""
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
+    for name in names:
+        w = weights.original(name).to(device, torch.float32)
+        qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
+        packed[name] = qw.pack()
+        errors[name] = math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
+        del w, qw
+    return BlockResult(packed, errors, [])
+
+
+class WeightsOnCall:
+    """Keeps the weights of a block's linears ``names`` on the meta device except during the
+    passes that call them: a linear's weight is loaded (``load(name)``) when a pass first calls it,
+    and dropped by :meth:`release`, which ends each pass. So while the solver works on one linear,
+    none of the block's weights is resident, and a pass loads only the linears it runs (the
+    replay skips the solved attention's)."""
+
+    def __init__(self, block: nn.Module, names: list[str], load: Callable[[str], torch.Tensor]) -> None:
+        self._modules = {n: block.get_submodule(n) for n in names}
+        self._load = load
+        self._hooks: list = []
+
+    def _pre_hook(self, name: str):
+        def pre_hook(module: nn.Module, _args: tuple) -> None:
+            if module.weight.is_meta:
+                module._parameters["weight"] = nn.Parameter(self._load(name), requires_grad=False)
+        return pre_hook
+
+    def release(self) -> None:
+        for module in self._modules.values():
+            if not module.weight.is_meta:
+                module._parameters["weight"] = nn.Parameter(torch.empty_like(module.weight, device="meta"),
+                                                            requires_grad=False)
+
+    def __enter__(self) -> WeightsOnCall:
+        self._hooks = [m.register_forward_pre_hook(self._pre_hook(n)) for n, m in self._modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.release()

@@ -1,0 +1,58 @@
+"""Writing the quantized checkpoint: each block's packed solutions as they come, every other
+tensor copied from the source shards, then the config and the side files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmq import checkpoint, streaming
+from llmq.config import QuantConfig
+
+
+class Writer:
+    """The output checkpoint in ``folder``: tensors go to safetensors shards as they are added
+    (:class:`llmq.checkpoint.ShardWriter`); ``written`` holds the model's names of those done."""
+
+    def __init__(self, folder: Path, keys: streaming.KeyMap, out_dtype: torch.dtype,
+                 max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.folder, self.keys, self.out_dtype = folder, keys, out_dtype
+        self.shards = checkpoint.ShardWriter(folder, max_shard_bytes)
+        self.written: set[str] = set()
+
+    def add_block(self, block: nn.Module, prefix: str, packed: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The packed tensors of a block (named ``prefix``) by linear name, then the block's other
+        tensors from the source (norms; the quantized linears' biases in fp16, as GPTQ stores them)."""
+        for name, tensors in packed.items():
+            for tname, t in tensors.items():
+                self.shards.add(f"{prefix}{name}.{tname}", t)
+            self.written.add(f"{prefix}{name}.weight")
+        self.copy_untouched(block, prefix, bias_dtype=torch.float16, quantized=set(packed))
+
+    def copy_untouched(self, module: nn.Module, prefix: str = "", bias_dtype: torch.dtype | None = None,
+                       quantized: set[str] = frozenset()) -> None:
+        """Every source tensor of ``module`` (named ``prefix``) not yet written, one at a time, in
+        ``out_dtype``: norms, embeddings, the head; the biases of the ``quantized`` linears in
+        ``bias_dtype``."""
+        names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in module.named_buffers()]
+        for name in names:
+            full = prefix + name
+            key = self.keys.source(full)
+            if full in self.written or key is None:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            dtype = bias_dtype if leaf == "bias" and owner in quantized else self.out_dtype
+            # In slices: an embedding or head of a large model is hundreds of MB, twice over when cast.
+            chunks = self.keys.reader.chunks(key)
+            self.shards.add_chunks(full, (t.to(dtype) if t.is_floating_point() else t for t in chunks))
+            self.written.add(full)
+
+    def finish(self, model: nn.Module, hf_config, config: QuantConfig, src: Path) -> None:
+        """The rest of ``model``'s tensors, the shard index, ``config.json`` and the source's side files."""
+        self.copy_untouched(model)
+        self.shards.close()
+        checkpoint.write_config(hf_config, config, self.folder, self.out_dtype)
+        checkpoint.copy_side_files(src, self.folder)
