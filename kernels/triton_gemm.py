@@ -13,8 +13,7 @@ unpacks it in registers as a little-endian bit stream, so 3-bit values that stra
 go through the same code as 2, 4 and 8 bits. ``g_idx`` is read per row. Two compiled variants
 handle the groups, picked on the host by whether ``g_idx`` is sorted (checked once per tensor):
 sorted (no act-order) applies one row of scales and zeros per group present in a K-tile; act-order
-gathers scale and zero per row. Both are exact for any ``g_idx``. :func:`prepare_act_order` sorts an
-act-order weight's rows once so that it takes the sorted variant, ``x`` being read through ``perm``.
+gathers scale and zero per row. Both are exact for any ``g_idx``.
 """
 
 from __future__ import annotations
@@ -179,11 +178,9 @@ def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_q
 
 @triton.jit
 def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
-                 perm_ptr, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, BR: tl.constexpr,
-                 HAS_PERM: tl.constexpr, GATHER: tl.constexpr):
+                 BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, BR: tl.constexpr, GATHER: tl.constexpr):
     """Dequantized fp32 weights ``[BR, VPR, BN]`` of runs ``r0 .. r0+BR`` (clipped at ``run_end``), their
-    row mask ``[BR, VPR]`` and the matching columns of ``x`` ``[BR, VPR]`` (``perm[k]`` after
-    :func:`prepare_act_order`, else ``k``)."""
+    row mask ``[BR, VPR]`` and their rows ``k`` ``[BR, VPR]`` (the matching columns of ``x``)."""
     runs = r0 + tl.arange(0, BR)
     k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
     mask_k = k < run_end * VPR
@@ -191,11 +188,7 @@ def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_
     mask_rn = (runs < run_end)[:, None] & mask_n[None, :]
     codes = _codes(qw_ptr, stride_qw, runs, offs_n, mask_rn, BITS, VPR, WPR)
     w = _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS, GATHER)
-    if HAS_PERM:
-        xk = tl.load(perm_ptr + k, mask=mask_k, other=0)
-    else:
-        xk = k
-    return w, mask_k, xk
+    return w, mask_k, k
 
 
 @triton.jit
@@ -287,23 +280,21 @@ def _extract_at(w0, w1, w2, j, BITS: tl.constexpr):
 
 
 @triton.jit
-def _x_at(x_ptr, stride_xk, perm_ptr, k, mask, HAS_PERM: tl.constexpr):
-    """fp32 ``x[k]`` (``x[perm[k]]`` after :func:`prepare_act_order`), 0 where masked."""
-    if HAS_PERM:
-        k = tl.load(perm_ptr + k, mask=mask, other=0)
+def _x_at(x_ptr, stride_xk, k, mask):
+    """fp32 ``x[k]``, 0 where masked."""
     return tl.load(x_ptr + k * stride_xk, mask=mask, other=0).to(tl.float32)
 
 
 @triton.jit
-def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1, w2, runs,
+def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1, w2, runs,
                  mask_r, offs_n, mask_rn, BITS: tl.constexpr, VPR: tl.constexpr, BR: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr):
+                 BLOCK_N: tl.constexpr):
     """:func:`_gemv_tile` with scale and zero gathered per row (rows of several groups). A runtime loop
     over the codes keeps the per-row scale and zero tiles few in registers."""
     part = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
     for j in range(VPR):
         kj = runs * VPR + j
-        x = _x_at(x_ptr, stride_xk, perm_ptr, kj, mask_r, HAS_PERM)
+        x = _x_at(x_ptr, stride_xk, kj, mask_r)
         gj = tl.load(g_ptr + kj, mask=mask_r, other=0)[:, None]
         s = tl.load(s_ptr + gj * stride_s + offs_n[None, :], mask=mask_rn, other=0).to(tl.float32)
         zb = _biased_zero(_stream_at(qz_ptr + gj * stride_qz, offs_n[None, :], mask_rn, BITS), BITS)
@@ -312,9 +303,9 @@ def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, pe
 
 
 @triton.jit
-def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr,
+def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
                r0, run_end, offs_n, mask_n, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr,
-               BR: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr):
+               BR: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """``x[k] * w[k, n]`` summed over the ``VPR`` rows of each run ``r0 .. r0+BR``: fp32 ``[BR, BN]``.
 
     The packed words are loaded once as ``[BR, BN]`` tiles and unpacked one code per run at a time,
@@ -331,8 +322,8 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
         w1 = tl.load(base + stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
         w2 = tl.load(base + 2 * stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
     if GATHER:
-        part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1, w2,
-                            runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N, HAS_PERM)
+        part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1, w2,
+                            runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N)
     else:
         k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
         mask_k = k < run_end * VPR
@@ -344,15 +335,15 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
             xq = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
             xs = tl.zeros([BR], dtype=tl.float32)
             for j in tl.static_range(VPR):
-                x = _x_at(x_ptr, stride_xk, perm_ptr, runs * VPR + j, mask_r, HAS_PERM)
+                x = _x_at(x_ptr, stride_xk, runs * VPR + j, mask_r)
                 xq += x[:, None] * (_biased(_extract(w0, w1, w2, j, BITS)) - MAGIC_F)
                 xs += x
             s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
             z_row = _biased_zero(_stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS), BITS) - MAGIC_F
             part = s_row[None, :] * (xq - xs[:, None] * z_row[None, :])
         else:
-            part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, perm_ptr, w0, w1,
-                                w2, runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N, HAS_PERM)
+            part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1,
+                                w2, runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N)
     return part
 
 
@@ -363,10 +354,10 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
 
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS", "GATHER"])
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
                  N, K, stride_xk, stride_qw, stride_qz, stride_s,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row of ``x``: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. Partial sums stay an fp32 ``[runs, BLOCK_N]``
     tile across the K loop (no cross-thread reduction per iteration) and are reduced once at the end."""
@@ -379,7 +370,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_pt
     acc = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
         acc += _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
-                          perm_ptr, r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, HAS_PERM, GATHER)
+                          r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, GATHER)
     row = tl.arange(0, 1)
     _splitk_finish(tl.sum(acc, axis=0)[None, :], row, row < 1, offs_n, mask_n, 1, N, pid_n, pid_k, bias_ptr,
                    out_ptr, ws_ptr, counter_ptr, HAS_BIAS, SPLIT_K)
@@ -387,10 +378,10 @@ def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_pt
 
 @triton.autotune(configs=SPLITK_CONFIGS, key=["N", "K", "BITS", "GATHER", "BLOCK_M"])
 @triton.jit
-def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
                    M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s,
                    BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Few rows of ``x`` with ``tl.dot``: grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``."""
     BR: tl.constexpr = BLOCK_K // VPR
@@ -406,7 +397,7 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
         w, mask_k, xk = _weight_tile(r0, end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
-                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM, GATHER)
+                                     stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
         x = tl.load(x_rows + xk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0)
@@ -418,10 +409,10 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["m_bucket", "N", "K", "BITS", "GATHER"])
 @triton.jit
-def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_ptr,
+def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr,
                  M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s, m_bucket,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Tiled GEMM, grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``; ``m_bucket`` (the next power of two
     of ``M``) only keys the autotuner so that each prompt length does not retune."""
@@ -444,7 +435,7 @@ def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, bias_ptr, out_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, n_runs, BR):
         w, mask_k, xk = _weight_tile(r0, n_runs, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
-                                     stride_s, g_ptr, perm_ptr, BITS, VPR, WPR, BR, HAS_PERM, GATHER)
+                                     stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
         x = tl.load(x_rows + xk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0)
@@ -461,7 +452,7 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, stride_qw, stri
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = _n_mask(offs_n, N, N_ALIGN)
     w, mask_k, k = _weight_tile(tl.program_id(0) * BR, K // VPR, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr,
-                                stride_qz, s_ptr, stride_s, g_ptr, g_ptr, BITS, VPR, WPR, BR, False, GATHER)
+                                stride_qz, s_ptr, stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
     ptrs = out_ptr + k.to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, :, None] & mask_n[None, None, :])
 
@@ -487,7 +478,7 @@ _SORTED: dict[int, tuple[weakref.ref, int, bool]] = {}
 
 
 def _groups_sorted(g_idx: torch.Tensor) -> bool:
-    """Whether ``g_idx`` never decreases (no act-order, or after :func:`prepare_act_order`), which picks
+    """Whether ``g_idx`` never decreases (no act-order), which picks
     the kernels without per-row gathers. Checking costs a device sync, so the answer is cached per
     tensor and in-place version; a stale answer would only cost speed, as both variants are exact."""
     hit = _SORTED.get(id(g_idx))
@@ -539,22 +530,6 @@ def dequantize_triton(
     return out
 
 
-def prepare_act_order(
-    qweight: torch.Tensor, g_idx: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One-time reordering of an act-order weight so the kernels read one group per tile.
-
-    Returns ``(qweight_sorted, g_idx_sorted, perm)``: the rows of the weight (input features)
-    stably sorted by group, repacked, and ``perm`` int32 ``[K]`` with ``perm[k]`` the original row
-    of sorted row ``k``. ``quant_matmul_triton(x, qweight_sorted, qzeros, scales, g_idx_sorted, bits,
-    perm=perm)`` equals ``quant_matmul_triton(x, qweight, qzeros, scales, g_idx, bits)`` up to fp32
-    summation order; ``qzeros`` and ``scales`` are unchanged.
-    """
-    perm = torch.argsort(g_idx.long(), stable=True)
-    q = packing.unpack_qweight(qweight, bits)[perm]
-    return packing.pack_qweight(q, bits), g_idx[perm].to(torch.int32).contiguous(), perm.to(torch.int32)
-
-
 def path_for(m: int) -> str:
     """The launch path ``quant_matmul_triton`` picks for ``m`` rows of activations."""
     if m == 1:
@@ -573,15 +548,13 @@ def quant_matmul_triton(
     bits: int,
     bias: torch.Tensor | None = None,
     *,
-    perm: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     path: str | None = None,
 ) -> torch.Tensor:
     """``x`` ``[..., K]`` @ dequant(``qweight`` int32 ``[K*bits/32, N]``, v1 ``qzeros`` ``[G, N*bits/32]``,
     ``scales`` ``[G, N]``, ``g_idx`` ``[K]``) + ``bias`` ``[N]``, as ``[..., N]`` in ``x``'s dtype.
 
-    ``perm`` ``[K]`` comes from :func:`prepare_act_order` (then ``qweight``/``g_idx`` are the sorted
-    ones). ``out`` (contiguous ``[..., N]``, ``x``'s dtype) receives the result when given. ``path``
+    ``out`` (contiguous ``[..., N]``, ``x``'s dtype) receives the result when given. ``path``
     forces one of ``PATHS`` (``gemv`` needs one row); by default :func:`path_for` picks it.
     """
     _check_device(x)
@@ -606,20 +579,16 @@ def quant_matmul_triton(
     out2 = out.view(m, n)
     if path == "dequant":
         w = dequantize_triton(qweight, qzeros, scales, g_idx, bits, dtype=x.dtype)
-        if perm is not None:
-            x2 = x2[:, perm.long()]
         if bias is None:
             return torch.mm(x2, w, out=out2).view(out.shape)
         return torch.addmm(bias.to(x.dtype), x2, w, out=out2).view(out.shape)
 
     gather = not _groups_sorted(g_idx)
     qzeros, scales, g_idx = qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
-    has_perm = perm is not None
-    perm = perm.to(torch.int32).contiguous() if has_perm else g_idx
     bias_arg = bias.contiguous() if bias is not None else out2
     common = dict(BITS=bits, VPR=vpr, WPR=wpr, N_ALIGN=math.gcd(n, 16), HAS_BIAS=bias is not None,
-                  HAS_PERM=has_perm, GATHER=gather)
-    args = (x2, qweight, qzeros, scales, g_idx, perm, bias_arg, out2)
+                  GATHER=gather)
+    args = (x2, qweight, qzeros, scales, g_idx, bias_arg, out2)
     strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0))
     if path == "gemm":
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

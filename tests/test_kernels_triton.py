@@ -130,22 +130,6 @@ def test_fp32_activations_with_fp16_scales(path):
     assert _rel_err(out, _reference(x, w, b)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("path", list(PATH_ROWS))
-@pytest.mark.parametrize("bits", [3, 4])
-def test_prepare_act_order(bits, path):
-    gen = _gen(f"prepare-{bits}-{path}")
-    k, n = SHAPES[bits]
-    layer, w, b = _layer(gen, bits, 64, True, torch.float16, k, n, bias=True)
-    qweight, g_idx, perm = tg.prepare_act_order(layer["qweight"], layer["g_idx"], bits)
-    assert torch.equal(g_idx.cpu(), torch.sort(layer["g_idx"].cpu()).values)
-    codes = packing.unpack_qweight(layer["qweight"].cpu(), bits)
-    assert torch.equal(packing.unpack_qweight(qweight.cpu(), bits), codes[perm.long().cpu()])
-    sorted_layer = {**layer, "qweight": qweight, "g_idx": g_idx}
-    x = torch.randn(PATH_ROWS[path], k, generator=gen).half().to(DEVICE)
-    out = _run(x, sorted_layer, bits, b, path=path, perm=perm)
-    assert _rel_err(out, _reference(x, w, b)) < TOL[torch.float16]
-
-
 @pytest.mark.parametrize("path", ["splitk", "gemm"])
 def test_batched_strided_input(path):
     """Leading dims are flattened and a row stride wider than K is honoured."""
