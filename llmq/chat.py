@@ -406,7 +406,7 @@ def context_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
 def load_chat_model(name_or_path: str, device: str = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A generation-capable model (quantized or not) and its tokenizer."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     from llmq.assets import resolve_model
     from llmq.checkpoint import load_model
@@ -417,10 +417,6 @@ def load_chat_model(name_or_path: str, device: str = "cpu",
     model = load_model(path, device=device, dtype=dtype)
     if not hasattr(model, "generate") or not model.can_generate():
         raise ValueError(f"{name_or_path} ({type(model).__name__}) is not a text-generation model")
-    if (path / "generation_config.json").exists():
-        # load_quantized builds the model from config.json alone and so misses the checkpoint's
-        # generation settings (several EOS ids, for one); read them here.
-        model.generation_config = GenerationConfig.from_pretrained(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
@@ -439,7 +435,7 @@ def describe_model(model: nn.Module) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``llmq chat`` (shared by ``scripts/chat.py``)."""
+    """The options of ``llmq chat``."""
     p.add_argument("--model", default="smollm2-135m",
                    help="quantized or unquantized checkpoint: folder, hub id or bundled name (smollm2-135m)")
     p.add_argument("--prompt", help="one-shot: print the reply to TEXT and exit ('-' reads it from stdin)")
@@ -527,19 +523,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``scripts/chat.py``), with ``llmq chat``'s one-line errors and exit 2."""
-    parser = argparse.ArgumentParser(prog="llmq chat", description="Chat with a (quantized) checkpoint")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llmq chat: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    """Standalone entry point (``scripts/chat.py``): ``llmq chat`` with these arguments."""
+    from llmq.cli import main as cli_main
+
+    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from llmq.chat import add_chat_parser, cmd_chat
+from llmq.chat import DTYPES, add_chat_parser, cmd_chat
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MODEL_HELP = "local checkpoint folder, hub id, or a bundled name (smollm2-135m, bert-minilm)"
 
 
@@ -143,7 +142,7 @@ def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) ->
 def cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from llmq import evaluate
+    from llmq import evaluate, models
     from llmq.assets import resolve_model
     from llmq.checkpoint import load_model
 
@@ -152,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(path, device=args.device)
     baseline = load_model(args.baseline, device=args.device) if args.baseline else None
     is_lm = hasattr(model, "generation_config") and not evaluate.has_mlm_head(model) and \
-        getattr(model.config, "is_decoder", True) and model.config.model_type not in ("bert",)
+        getattr(model.config, "is_decoder", True) and model.config.model_type not in models.ENCODER_TYPES
     if not is_lm:
         if baseline is None:
             raise ValueError("encoders are evaluated against their unquantized model: pass --baseline")
@@ -209,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
 def _keep_triton_out() -> None:
     """Stop ``triton`` from being imported in this process.
 
-    ``torch._dynamo``, which transformers imports, loads Triton whenever it is installed. That
-    costs 60-70 MiB of resident memory, mostly ``libtriton.so``. A quantize run that can reach no
-    GPU never runs a Triton kernel: its forwards and solves are plain torch, and loading an
-    evaluated checkpoint uses the CPU kernels. So the console command keeps Triton out when CUDA is
-    absent, unless ``TRITON_INTERPRET`` asks for Triton on the CPU. torch then sees no Triton, as
-    if it were not installed. ``main()``, which tests and scripts call, leaves the process as it is.
+    ``torch._dynamo``, which transformers imports, loads Triton whenever it is installed, at a cost
+    in resident memory (mostly ``libtriton.so``; see docs/performance.md). A quantize run that can
+    reach no GPU never runs a Triton kernel: its forwards and solves are plain torch, and loading
+    an evaluated checkpoint uses the CPU kernels. So the console command, which owns its process,
+    keeps Triton out when CUDA is absent, unless ``TRITON_INTERPRET`` asks for Triton on the CPU.
+    torch then sees no Triton, as if it were not installed. The library never does this:
+    ``main()``, which tests and scripts call, leaves the process as it is.
     """
     import os
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmq.packing import CHUNK_ELEMENTS
-from llmq.quantizers.grid import QuantizedWeight, find_params, group_index, quantize
+from llmq.quantizers.grid import QuantizedWeight, find_params, group_index, num_groups, quantize
 
 
 def rtn_quantize(
@@ -15,7 +15,7 @@ def rtn_quantize(
     out_features, in_features = weight.shape
     maxq = 2**bits - 1
     step = in_features if group_size == -1 else group_size
-    groups = -(-in_features // step)
+    groups = num_groups(in_features, group_size)
     device = weight.device
     q = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)  # codes: bits <= 8
     scales = torch.empty(groups, out_features, device=device)
