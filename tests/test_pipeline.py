@@ -336,7 +336,7 @@ def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tai
     monkeypatch.setattr(solve_step, "input_groups", lambda *a: found.append(real_groups(*a)[1]) or real_groups(*a))
 
     def gptq_block(block, names, inputs, weights, run):
-        run.keep_tail_inputs = 4 if keep[-1] else 0
+        run.tail_input_budget = 4 if keep[-1] else 0
         return real_block(block, names, inputs, weights, run)
 
     monkeypatch.setattr(pipeline, "gptq_block", gptq_block)
@@ -368,3 +368,19 @@ def test_memo_keeps_tail_inputs_within_its_budget():
     memo._seen_pending = True  # a pending linear (mlp.up) ran before
     memo.linear_input("mlp.down", torch.randn(1))
     assert (3, "mlp.down") not in memo._inputs
+
+
+def test_memo_is_undone_when_a_pass_fails():
+    """The replay touches only the block it was given, and leaves it as it was even when an
+    exception ends a pass: no instance-level forward, no hook left behind."""
+    block = torch.nn.Module()
+    block.attn, block.mlp = torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(RuntimeError, match="a pass failed"), ForwardMemo(block, ["attn", "mlp.0"]) as memo:
+        memo.start(0, capture.Batch(torch.zeros(1, 4), (), {}))
+        assert "forward" in block.mlp.__dict__ and "forward" in block.attn.__dict__
+        block.mlp(torch.ones(1, 4))
+        raise RuntimeError("a pass failed")
+    assert "forward" not in block.mlp.__dict__ and "forward" not in block.attn.__dict__
+    assert not block.attn._forward_pre_hooks and not block.mlp[0]._forward_pre_hooks
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa

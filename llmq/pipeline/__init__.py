@@ -147,7 +147,7 @@ def quantize(
         if config.method == "gptq":
             inputs = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
-                          keep_tail_inputs=0 if wide else 4)
+                          tail_input_budget=0 if wide else 4)
         bar = tqdm(range(len(layout.blocks)), desc=f"quantize {config.describe()}", unit="block",
                    disable=not progress)
         for i in bar:

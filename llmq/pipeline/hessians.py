@@ -204,11 +204,11 @@ class ForwardMemo:
         return pre_hook
 
     def __enter__(self) -> ForwardMemo:
+        self._hooks = [self._block.get_submodule(n).register_forward_pre_hook(self._pending_ran(n))
+                       for n in self._names]
         self._own_forward = {n: c.__dict__.get("forward") for n, c in self._children.items()}
         for name, child in self._children.items():
             child.forward = self._replaying(name, child)
-        self._hooks = [self._block.get_submodule(n).register_forward_pre_hook(self._pending_ran(n))
-                       for n in self._names]
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -59,14 +59,14 @@ class GPTQRun:
     """What every block's GPTQ step shares: the settings, the calibration forwards' ``dtype`` and
     ``device``, each sample's ``first_token_weight``, where out-of-core solves put their temporary
     files (``spill_dir``) and how many bytes of tail-linear inputs the replay may keep per block
-    (``keep_tail_inputs`` times the block's inputs; see :class:`ForwardMemo`)."""
+    (``tail_input_budget`` times the bytes of the block's inputs; see :class:`ForwardMemo`)."""
 
     config: QuantConfig
     dtype: torch.dtype
     device: torch.device
     first_token_weight: float
     spill_dir: str | os.PathLike | None = None
-    keep_tail_inputs: int = 4
+    tail_input_budget: int = 4
 
 
 def new_gptq(in_features: int, device: torch.device, spill_dir: str | os.PathLike | None = None) -> GPTQ:
@@ -104,7 +104,7 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
         groups, tails = input_groups(block, names, inputs[0])
         on_call.release()
         stages = groups if config.true_sequential else [[n for g in groups for n in g]]
-        keep_bytes = run.keep_tail_inputs * sum(batch.hidden.nbytes for batch in inputs)
+        keep_bytes = run.tail_input_budget * sum(batch.hidden.nbytes for batch in inputs)
         with ForwardMemo(block, names, tails, keep_bytes) as memo:
             for stage in stages:
                 stage_groups = [g for g in groups if g[0] in stage]
