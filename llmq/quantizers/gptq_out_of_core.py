@@ -12,8 +12,8 @@
   ``H``, so its float32 copy (and with a :class:`llmq.streaming.RowReader`, the checkpoint's
   weight) is never whole in memory.
 
-For an 8192-input layer that is 132 MiB of block rows where the dense solver holds three 256 MiB
-matrices. :func:`out_of_core` is the one place that picks this solver.
+For an 8192-input layer that is 132 MiB of block rows where the dense solver holds up to three
+256 MiB matrices. :func:`out_of_core` is the one place that picks this solver.
 """
 
 from __future__ import annotations
