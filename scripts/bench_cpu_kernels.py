@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from llmq.kernels import cpu
 
 # (K, N): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 7B-sized square one.

@@ -13,10 +13,10 @@ import zlib
 
 import pytest
 import torch
-from llmq.kernels import cpu, cpu_build
-from llmq.kernels.reference import quant_matmul_torch
 
 from llmq import packing
+from llmq.kernels import cpu, cpu_build
+from llmq.kernels.reference import quant_matmul_torch
 
 # N per width: a multiple of the qzeros packing run and of 8 but not of 32, except 3 bits (needs 32).
 N_FOR = {2: 112, 3: 96, 4: 104, 8: 104}

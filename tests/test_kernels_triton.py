@@ -18,9 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from llmq.kernels import triton_gemm as tg  # noqa: E402
-
 from llmq import QuantLinear, kernels, packing  # noqa: E402
+from llmq.kernels import triton_gemm as tg  # noqa: E402
 from llmq.quantizers.rtn import rtn_quantize  # noqa: E402
 
 if tg.INTERPRET:

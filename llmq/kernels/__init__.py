@@ -13,6 +13,7 @@ import functools
 import os
 
 import torch
+
 from llmq.kernels.reference import half_matmul_torch, quant_matmul_torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
