@@ -40,7 +40,7 @@ def load_texts(source: str) -> list[str]:
     if source == "bundled":
         return assets.bundled_corpus()[:CALIBRATION_DOCS]
     if source.startswith("hf:"):
-        return _hub_texts(source)
+        return [t for t in hub_rows(source) if t.strip()]
     texts = []
     for part in source.split(","):
         path = Path(part).expanduser()
@@ -52,10 +52,12 @@ def load_texts(source: str) -> list[str]:
     return texts
 
 
-def _hub_texts(source: str) -> list[str]:
+def hub_rows(source: str) -> list[str]:
+    """The string values of one field of a hub dataset split, ``source`` = ``hf:NAME[:CONFIG]:SPLIT:FIELD``
+    (empty rows included)."""
     parts = source[3:].split(":")
     if len(parts) not in (3, 4):
-        raise ValueError(f"hub calibration source must be hf:NAME[:CONFIG]:SPLIT:FIELD, got {source!r}")
+        raise ValueError(f"a hub dataset is named hf:NAME[:CONFIG]:SPLIT:FIELD, got {source!r}")
     name, config, split, field = parts if len(parts) == 4 else (parts[0], None, parts[1], parts[2])
     try:
         import datasets
@@ -63,10 +65,10 @@ def _hub_texts(source: str) -> list[str]:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; the user needs one line)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(f"cannot load calibration dataset {source!r}: {first}") from None
+        raise FileNotFoundError(f"cannot load hub dataset {source!r}: {first}") from None
     if field not in data.column_names:
         raise ValueError(f"dataset {name!r} has no field {field!r} (fields: {', '.join(data.column_names)})")
-    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+    return [t for t in data[field] if isinstance(t, str)]
 
 
 def _chat_wrap(tokenizer, text: str) -> str:

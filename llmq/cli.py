@@ -62,7 +62,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + ", quantized or not")
     p.add_argument("--baseline", help="unquantized model to compare with (KL divergence, top-1 agreement); "
                                       "required for encoders")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | bundled | a text file")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="wikitext2 (the WikiText-2 raw test split shipped with llmq; default) | bundled (held-out "
+                        "documents of the bundled corpus) | hf:NAME[:CONFIG]:SPLIT:FIELD (a hub dataset, e.g. "
+                        "hf:wikitext:wikitext-2-raw-v1:test:text) | a text file")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only")
     p.add_argument("--stride", type=int, default=None, help="sliding-window variant with this stride")

@@ -1,4 +1,4 @@
-"""The evaluation protocol (../shared/docs/eval-protocol.md), implemented once.
+"""The evaluation protocol of ``docs/evaluation.md``, implemented once.
 
 Causal LMs: perplexity over non-overlapping windows (or the sliding-window variant), and KL
 divergence / top-1 agreement against an unquantized model on the same windows. Encoders:
@@ -8,65 +8,63 @@ pseudo-perplexity when the model has a masked-LM head.
 
 from __future__ import annotations
 
+import hashlib
+import lzma
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.calibration import CALIBRATION_DOCS
+from llmq.calibration import CALIBRATION_DOCS, hub_rows
 
-WIKITEXT2_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# The WikiText-2 raw test text shipped with llmq (see llmq/data/README.md) and the SHA-256 of
+# its decompressed bytes, checked on every read.
+WIKITEXT2_XZ = resources.files("llmq") / "data" / "wiki.test.raw.xz"
+WIKITEXT2_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+WIKITEXT2_LABEL = "wikitext-2-raw test (wiki.test.raw)"
 
 
-def _wikitext2_file() -> Path | None:
-    env = os.environ.get("LLMQ_WIKITEXT2")
-    if env:
-        return Path(env).expanduser()
-    here = Path.cwd().resolve()
-    for base in [here, *here.parents]:
-        for candidate in (base / WIKITEXT2_RELATIVE, base.parent / WIKITEXT2_RELATIVE):
-            if candidate.is_file():
-                return candidate
-    return None
+def wikitext2_text(source: Traversable | Path = WIKITEXT2_XZ, sha256: str = WIKITEXT2_SHA256) -> str:
+    """The WikiText-2 raw test split as one string, from the xz file shipped with llmq; raises
+    ``ValueError`` when the decompressed bytes do not have the expected SHA-256."""
+    data = lzma.decompress(source.read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{source.name} is damaged: its text has SHA-256 {digest}, expected {sha256}")
+    return _normalize(data.decode("utf-8"))
 
 
 def load_eval_text(dataset: str = "wikitext2") -> tuple[str, str]:
-    """``(text, label)`` for ``wikitext2`` (the raw test split: a local copy found through
-    ``LLMQ_WIKITEXT2`` or a ``shared/data`` folder above the working directory, else the hub),
-    ``bundled`` (held-out documents of the bundled corpus) or a text file path."""
+    """``(text, label)`` of an evaluation corpus (``docs/evaluation.md``): ``wikitext2`` (the raw
+    test split shipped with llmq), ``bundled`` (held-out documents of the bundled corpus),
+    ``hf:NAME[:CONFIG]:SPLIT:FIELD`` (a hub dataset, its rows joined by blank lines) or a text file."""
     if dataset == "wikitext2":
-        local = _wikitext2_file()
-        if local is not None:
-            return _read_text(local), f"wikitext-2-raw test ({local.name})"
-        try:
-            import datasets
-
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        except Exception as e:  # noqa: BLE001 (offline hub errors vary by version)
-            raise FileNotFoundError(
-                "wikitext2 needs the dataset hub or a local wiki.test.raw (set LLMQ_WIKITEXT2=PATH or pass the "
-                f"file path): {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
-            ) from None
-        return "\n\n".join(rows), "wikitext-2-raw test (hub)"
+        return wikitext2_text(), WIKITEXT2_LABEL
     if dataset == "bundled":
         from llmq.assets import bundled_corpus
 
         return "\n\n".join(bundled_corpus()[CALIBRATION_DOCS:]), "bundled corpus (held-out documents)"
+    if dataset.startswith("hf:"):
+        return "\n\n".join(hub_rows(dataset)), f"hub dataset {dataset[3:]}"
     path = Path(dataset).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled' or a text file")
-    return _read_text(path), f"file {path.name}"
+        raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled', "
+                                "'hf:NAME[:CONFIG]:SPLIT:FIELD' or a text file")
+    return _normalize(path.read_text(encoding="utf-8")), f"file {path.name}"
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+def _normalize(text: str) -> str:
+    return text.replace("\r\n", "\n")
 
 
 def uses_bos(tokenizer) -> bool:
