@@ -35,9 +35,21 @@ def test_quantize_errors(src, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_quantize_defaults_are_the_best_int4_configuration():
+    """`llmq quantize --model M --out O` is GPTQ int4 g128 on an asymmetric grid with act-order."""
+    from llmq.cli import build_parser
+    from llmq.config import QuantConfig
+
+    args = build_parser().parse_args(["quantize", "--out", "o"])
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
+                         desc_act=args.desc_act)
+    assert config.describe() == "gptq int4 g128 asym act-order"
+    assert build_parser().parse_args(["quantize", "--out", "o", "--sym"]).sym
+
+
 def test_quantize_inspect_eval(src, tmp_path):
     out = tmp_path / "q"
-    r = llmq("quantize", "--model", src, "--out", out, "--bits", "4", "--group-size", "32", "--asym")
+    r = llmq("quantize", "--model", src, "--out", out, "--method", "rtn", "--bits", "4", "--group-size", "32")
     assert r.returncode == 0, r.stderr
     assert "14 layers quantized" in r.stdout
     r = llmq("quantize", "--model", src, "--out", out)
@@ -58,7 +70,8 @@ def test_quantize_command_keeps_triton_out(src, tmp_path, interpret):
             "try:\n    runpy.run_module('llmq.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
             "print('triton', sys.modules.get('triton') is not None, 'dynamo', 'torch._dynamo' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(src), "--out", str(tmp_path / "q")],
+    r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(src), "--out", str(tmp_path / "q"),
+                        "--method", "rtn"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": interpret})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "config.json").exists()
