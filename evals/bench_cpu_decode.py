@@ -12,8 +12,9 @@ Quantized layers run whatever ``QuantLinear`` calls (``llmq.kernels.quant_matmul
     python evals/bench_cpu_decode.py                    # all five, ~128 new tokens x 4 generations each
     python evals/bench_cpu_decode.py --configs fp32 int4-g128-asym --runs 1 --new-tokens 16
 
-Prints a markdown table and writes ``evals/results/cpu_decode.json``. The quantized checkpoints
-are made once (RTN) under ``--ckpt-dir``.
+Prints a markdown table and writes ``evals/results/cpu_decode.json``, each row with its provenance
+(command, commit, machine, date; ``python evals/report.py`` puts it into the README). The quantized
+checkpoints are made once (RTN) under ``--ckpt-dir``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import provenance, write_json
 
 from llmq.assets import cache_dir, resolve_model
 from llmq.config import QuantConfig
@@ -64,21 +65,6 @@ PROMPT = (
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch version and threads."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_default_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _rss_mb() -> float:
@@ -180,7 +166,7 @@ def run_config(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any
     loads.append(result["load_seconds"])
     result["load_seconds"], result["load_seconds_runs"] = _median(loads), loads
     qconfig, _ = CONFIGS[name]
-    return {"config": name, "quantization": qconfig.describe() if qconfig else "none", "checkpoint": str(path),
+    return {"config": name, "quantization": qconfig.describe() if qconfig else "none",
             "size_on_disk_mb": _size_mb(path), **result, "wall_seconds": time.perf_counter() - started,
             # Other processes on the machine slow every number down; the 1-minute load average shows it.
             "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
@@ -228,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"threads": rows[0]["torch_threads"], "batch": 1, "greedy": True, "new_tokens": args.new_tokens,
                 "prompt_tokens": args.prompt_tokens,
                 "runs": args.runs, "warmup_tokens": WARMUP_TOKENS, "statistic": "median"}
-    report = {"model": "smollm2-135m", "machine": machine(), "settings": settings, "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    m = report["machine"]
+    prov = provenance()
+    report = {"model": "smollm2-135m", "settings": settings, "results": [{**r, "provenance": prov} for r in rows]}
+    write_json(args.json, report)
+    m = prov["machine"]
     print(f"SmolLM2-135M on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {settings['threads']} threads); "
           f"batch 1, greedy, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.runs}\n")
     print(table(rows))
