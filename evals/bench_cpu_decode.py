@@ -126,13 +126,13 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     }
 
 
-def checkpoint_for(name: str, ckpt_dir: Path) -> Path:
-    """The checkpoint of configuration ``name``, quantized (RTN) into ``ckpt_dir`` if missing."""
+def checkpoint_for(name: str, ckpt_dir: Path, requantize: bool = False) -> Path:
+    """The checkpoint of configuration ``name``, quantized (RTN) into ``ckpt_dir`` if missing or asked."""
     qconfig, _ = CONFIGS[name]
     if qconfig is None:
         return resolve_model("smollm2-135m")
     out = ckpt_dir / name
-    if not (out / "config.json").exists():
+    if requantize or not (out / "config.json").exists():
         from llmq.pipeline import quantize
 
         print(f"quantizing {name} into {out}", file=sys.stderr)
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--ckpt-dir", type=Path, default=cache_dir() / "bench-cpu-decode",
                    help="where the quantized checkpoints are made and kept (default: $LLMQ_CACHE/bench-cpu-decode)")
+    p.add_argument("--requantize", action="store_true", help="quantize the checkpoints again even if they exist")
     p.add_argument("--json", type=Path, default=RESULTS / "cpu_decode.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.dtype, args.runs, args.new_tokens, args.prompt_tokens,
                                 args.threads, args.load_only)))
         return 0
-    paths = {name: checkpoint_for(name, args.ckpt_dir) for name in args.configs}
+    paths = {name: checkpoint_for(name, args.ckpt_dir, args.requantize) for name in args.configs}
     rows = []
     for name, path in paths.items():
         print(f"running {name} ...", file=sys.stderr, flush=True)

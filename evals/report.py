@@ -217,13 +217,32 @@ COLORS = {"RTN": "#d95f02", "GPTQ": "#1b9e77"}
 
 
 def _short(row: dict[str, Any]) -> str:
-    """A point's annotation: the label without the method and bits, which the axes already show."""
-    return label(row).split(" ", 2)[2].replace("`", "").replace("calibration samples", "samples")
+    """A point's annotation: the label without the method, which the colour shows."""
+    return label(row).split(" ", 1)[1].replace("`", "").replace("calibration tokens", "calibration")
+
+
+def _annotate(ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label ``(x, y, text, colour)`` points in a column right of the axes, in the order of their
+    heights and spread apart, each with a leader line to its point."""
+    to_axes = ax.transData + ax.transAxes.inverted()
+    placed = sorted((*to_axes.transform((x, y)), text, color) for x, y, text, color in points)
+    placed.sort(key=lambda p: p[1])
+    gap = min(0.05, 1.0 / max(len(placed), 1))
+    ys = [p[1] for p in placed]
+    for i in range(1, len(ys)):
+        ys[i] = max(ys[i], ys[i - 1] + gap)
+    shift = max(0.0, ys[-1] - 1.0) if ys else 0.0
+    for (ax_x, ax_y, text, color), y in zip(placed, ys, strict=True):
+        ax.annotate(text, (ax_x, ax_y), xycoords="axes fraction", xytext=(1.04, max(y - shift, 0.0)),
+                    textcoords="axes fraction", fontsize=7.5, color=color, va="center",
+                    arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.5})
 
 
 def _method_lines(ax, runs: list[dict[str, Any]], y: Callable[[dict[str, Any]], float],
                   higher_is_better: bool = False) -> None:
-    """Every configuration as a point (hollow: older code), and a line per method along its front."""
+    """Every configuration as a labelled point (hollow: older code), and a line per method along
+    its front: the configurations no smaller one beats."""
+    labels = []
     for name, color in COLORS.items():
         mine = [r for r in runs if method(r) == name]
         if not mine:
@@ -233,43 +252,45 @@ def _method_lines(ax, runs: list[dict[str, Any]], y: Callable[[dict[str, Any]], 
                    facecolors=["none" if code(r) == OLDER else color for r in mine], label=f"{name} configurations")
         front = _front(pts, higher_is_better)
         ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1.6, label=f"{name}: best at each size")
-        for r, (px, py) in zip(mine, pts, strict=True):
-            ax.annotate(_short(r), (px, py), textcoords="offset points", xytext=(5, 2), fontsize=6.5, color=color)
+        labels += [(px, py, _short(r), color) for r, (px, py) in zip(mine, pts, strict=True)]
+    ax.autoscale_view()
+    _annotate(ax, labels)
+
+
+def _quality_figure(plt, runs: list[dict[str, Any]], panels: list[tuple[Callable[[dict[str, Any]], float], str]],
+                    higher_is_better: bool, title: str) -> Any:
+    """Two panels of quality against bits per weight, one point per configuration; log scale for
+    errors (lower is better), linear for similarities."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 10))
+    for ax, (y, ylabel) in zip(axes, panels, strict=True):
+        if not higher_is_better:
+            ax.set_yscale("log")
+        _method_lines(ax, runs, y, higher_is_better)
+        ax.set_xlabel("bits per weight (scales, zeros and g_idx included)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].legend(fontsize=8, loc="lower right" if higher_is_better else "lower left")
+    fig.subplots_adjust(left=0.09, right=0.6, top=0.94, bottom=0.06, hspace=0.2)
+    better = "higher" if higher_is_better else "lower"
+    fig.suptitle(f"{title}: {better} is better; hollow points: older code", fontsize=10)
+    return fig
 
 
 def plot_smollm2(plt) -> Any:
     data = load("smollm2_wikitext")
-    runs, base = list(data["runs"].values()), data["baseline"]["perplexity"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    panels = [(axes[0], lambda r: 100 * (r["eval"]["perplexity"] / base - 1), "Δ perplexity vs unquantized (%)"),
-              (axes[1], lambda r: r["eval"]["kl_divergence"], "KL(unquantized ‖ quantized), nats/token")]
-    for ax, y, ylabel in panels:
-        ax.set_yscale("log")
-        _method_lines(ax, runs, y)
-        ax.set_xlabel("bits per weight (scales, zeros and g_idx included)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.25)
-    axes[0].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"SmolLM2-135M on WikiText-2 ({data['windows']} windows of {data['seqlen']}): lower is better; "
-                 "hollow points: older code", fontsize=10)
-    return fig
+    base = data["baseline"]["perplexity"]
+    panels = [(lambda r: 100 * (r["eval"]["perplexity"] / base - 1), "Δ perplexity vs unquantized (%)"),
+              (lambda r: r["eval"]["kl_divergence"], "KL(unquantized ‖ quantized), nats/token")]
+    title = f"SmolLM2-135M on WikiText-2 ({data['windows']} windows of {data['seqlen']})"
+    return _quality_figure(plt, list(data["runs"].values()), panels, False, title)
 
 
 def plot_minilm(plt) -> Any:
     data = load("minilm_encoder")
-    runs = list(data["runs"].values())
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    panels = [(axes[0], lambda r: r["eval"]["cosine_mean"], "mean cosine similarity to the unquantized embeddings"),
-              (axes[1], lambda r: 100 * r["eval"]["top10_overlap"], "top-10 neighbour overlap (%)")]
-    for ax, y, ylabel in panels:
-        _method_lines(ax, runs, y, higher_is_better=True)
-        ax.set_xlabel("bits per weight")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.25)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"all-MiniLM-L6-v2, {data['sentences']:,} held-out sentences: higher is better; "
-                 "hollow points: older code", fontsize=10)
-    return fig
+    panels = [(lambda r: r["eval"]["cosine_mean"], "mean cosine similarity to the unquantized embeddings"),
+              (lambda r: 100 * r["eval"]["top10_overlap"], "top-10 neighbour overlap (%)")]
+    title = f"all-MiniLM-L6-v2, {data['sentences']:,} held-out sentences"
+    return _quality_figure(plt, list(data["runs"].values()), panels, True, title)
 
 
 def plot_cpu_decode(plt) -> Any:
@@ -288,6 +309,7 @@ def plot_cpu_decode(plt) -> Any:
         ax.grid(True, axis="y", alpha=0.25)
     fig.suptitle(f"SmolLM2-135M generation on CPU ({rows[0]['torch_threads']} threads, batch 1): unquantized in "
                  "purple, llmq checkpoints in green", fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -305,6 +327,7 @@ def plot_block_errors(plt) -> Any | None:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M: per-block weight error, from the quantize report", fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -332,7 +355,6 @@ def write_plots() -> list[Path]:
         fig = make(plt)
         if fig is None:
             continue
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
         plt.close(fig)

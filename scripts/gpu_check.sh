@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent H100/H200 (no registry there; see /work/.library/device):
-# Triton kernels against the float64 reference on CUDA, then the kernel and end-to-end decode
-# benchmarks. Results (logs, JSON) go to $OUT (default out/gpu).
+# The GPU checks in one run, for a machine with a CUDA GPU that already has torch, triton and
+# transformers installed: the Triton kernels against the float64 reference on CUDA, then the
+# kernel and end-to-end decode benchmarks. Logs and JSON go to $OUT (default out/gpu).
 #
-#   bash scripts/gpu_check.sh --prepare   # here, once: wheels of llmq's pure-Python deps into .whl/
-#   bash scripts/gpu_check.sh             # there: run with carry [".whl"]; about 8 minutes
+#   bash scripts/gpu_check.sh            # installs llmq's missing pure-Python dependencies with pip
+#
+# For a GPU machine without access to a package index (offline install):
+#
+#   bash scripts/gpu_check.sh --prepare  # on a machine with the index: wheels of those dependencies into .whl/
+#   bash scripts/gpu_check.sh            # then on the GPU machine, with .whl/ copied beside this repository
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DEPS="accelerate safetensors tqdm huggingface_hub"
 if [ "${1:-}" = "--prepare" ]; then
-  python3 -m pip download -q --no-deps -d .whl accelerate safetensors tqdm huggingface_hub
+  python3 -m pip download -q --no-deps -d .whl $DEPS
   exit
 fi
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-# The machine has torch, triton and transformers; add what is missing from the carried wheels, then llmq.
-$PY -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -2
+# torch, triton and transformers stay as the machine has them; llmq itself goes in without its dependencies.
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -2
+else
+  $PY -m pip install -q $DEPS 2>&1 | tail -2
+fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
 $PY -c 'import torch, triton, transformers; print(torch.cuda.get_device_name(), "torch", torch.__version__,
 "triton", triton.__version__, "transformers", transformers.__version__)' | tee "$OUT/versions.txt"
