@@ -119,7 +119,12 @@ def smollm2_table() -> str:
               "quantize (s)", "peak RSS (MiB)", "code"]
     intro = (f"{data['corpus']}, seqlen {data['seqlen']}, first {data['windows']} windows "
              f"({data['tokens']:,} scored tokens), every checkpoint against the unquantized model on the same windows.")
-    return f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes([base, *runs])}\n"
+    text = f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes([base, *runs])}\n"
+    if any(r.get("block_errors") for r in runs):
+        text += ("\n![Per-block relative weight error](docs/plots/block_errors.png)\n\nPer-block errors come from the "
+                 "quantize report (`block_errors`): the mean relative error of the quantized weights of each block's "
+                 "linears.\n")
+    return text
 
 
 def cpu_decode_table() -> str:
