@@ -121,9 +121,10 @@ def smollm2_table() -> str:
              f"({data['tokens']:,} scored tokens), every checkpoint against the unquantized model on the same windows.")
     text = f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes([base, *runs])}\n"
     if any(r.get("block_errors") for r in runs):
-        text += ("\n![Per-block relative weight error](docs/plots/block_errors.png)\n\nPer-block errors come from the "
-                 "quantize report (`block_errors`): the mean relative error of the quantized weights of each block's "
-                 "linears.\n")
+        text += ("\n![Per-block error from the quantize report](docs/plots/block_errors.png)\n\nPer-block errors "
+                 "come from the quantize report (`block_errors`), the mean over each block's linears of what the "
+                 "method measures: RTN the relative weight error ‖W − Q‖ / ‖W‖, GPTQ the share of the linear's "
+                 "output energy lost on the calibration inputs, tr(E H Eᵀ) / tr(W H Wᵀ).\n")
     return text
 
 
@@ -318,20 +319,28 @@ def plot_cpu_decode(plt) -> Any:
     return fig
 
 
+# What each method's quantize report measures per linear (the block's value is their mean).
+BLOCK_ERROR = {"RTN": "RTN: ‖W − Q‖ / ‖W‖ (weights)",
+               "GPTQ": "GPTQ: tr(E H Eᵀ) / tr(W H Wᵀ)\n(output energy lost on the calibration inputs)"}
+
+
 def plot_block_errors(plt) -> Any | None:
     runs = [r for r in load("smollm2_wikitext")["runs"].values() if r.get("block_errors")]
-    if not runs:
+    methods = [m for m in BLOCK_ERROR if any(method(r) == m for r in runs)]
+    if not methods:
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    for r in runs:
-        ax.plot(range(len(r["block_errors"])), r["block_errors"], marker="o", ms=3, color=COLORS[method(r)],
-                label=label(r).replace("`", ""))
-    ax.set_yscale("log")
-    ax.set_xlabel("block (decoder layer)")
-    ax.set_ylabel("mean relative error of the block's linears")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M: per-block weight error, from the quantize report", fontsize=10)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], methods, strict=True):
+        for r in runs:
+            if method(r) == name:
+                ax.plot(range(len(r["block_errors"])), r["block_errors"], marker="o", ms=3,
+                        color=COLORS[name] if len(runs) == len(methods) else None, label=label(r).replace("`", ""))
+        ax.set_xlabel("block (decoder layer)")
+        ax.set_ylabel(BLOCK_ERROR[name], fontsize=8)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: per-block error from the quantize report (each method reports its own measure)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
