@@ -269,8 +269,8 @@ def _half_tables(model: nn.Module, keys: streaming.KeyMap) -> dict[str, torch.dt
     found: dict[str, torch.dtype] = {}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     for module, cls in ((inp, nn.Embedding), (out, nn.Linear)):
-        if type(module) is not cls or id(module) not in names:
-            continue
+        if type(module) is not cls or id(module) not in names or keys.source(f"{names[id(module)]}.qweight"):
+            continue  # a quantized head runs through the kernels
         key = keys.source(f"{names[id(module)]}.weight")
         if key is None and module is out and inp is not None and id(inp) in names:
             key = keys.source(f"{names[id(inp)]}.weight")  # tied to the embeddings
