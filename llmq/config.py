@@ -145,6 +145,9 @@ class QuantConfig:
     checkpoint_format: str | None = None  # None: default_format(sym)
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-module overrides, see dynamic_override
     lm_head: bool = False  # the output head is quantized too
+    # optimum's key (transformers' loader): "" makes it build every linear of the model quantized, which
+    # a quantized head needs there (by default it quantizes the blocks only); None leaves it out
+    block_name_to_quantize: str | None = None
     head_bits: int | None = None  # quantize: the output head at this width (RTN), None to keep it unquantized
     group_fit: str = "shrink"  # quantize: see fit_groups
     meta: dict[str, Any] = field(default_factory=dict)
@@ -197,6 +200,8 @@ class QuantConfig:
         }
         if self.dynamic:
             d["dynamic"] = self.dynamic
+        if self.block_name_to_quantize is not None:
+            d["block_name_to_quantize"] = self.block_name_to_quantize
         return d
 
     @classmethod

@@ -313,7 +313,9 @@ def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, 
                 config: QuantConfig) -> tuple[QuantConfig, list[str]]:
     """``config`` with the group sizes ``fit_groups`` picks for the planned linears (and the
     quantized head), written as the base group size or ``dynamic`` rules; the head's width goes
-    into ``dynamic`` too when it differs from the rest. Returns the config and what changed."""
+    into ``dynamic`` too when it differs from the rest, and when every linear of the model is
+    quantized, ``block_name_to_quantize`` tells transformers' loader so. Returns the config and
+    what changed."""
     inputs = {layout.block_prefix(i) + n: models.linear_shape(layout.blocks[i].get_submodule(n))[0]
               for i, names in enumerate(plan) for n in names}
     if head is not None:
@@ -324,8 +326,9 @@ def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, 
         settings.setdefault(head, {})["bits"] = config.head_bits
     meta = dict(config.meta, group_size_requested=config.group_size) if note else config.meta
     dynamic = {**config.dynamic, **dynamic_rules(settings, inputs)}
-    return config.replace(group_size=group_size, dynamic=dynamic, lm_head=head is not None, meta=meta), \
-        [note] if note else []
+    everything = head is not None and set(inputs) == {n for n, m in model.named_modules() if models.is_linear(m)}
+    return config.replace(group_size=group_size, dynamic=dynamic, lm_head=head is not None, meta=meta,
+                          block_name_to_quantize="" if everything else None), [note] if note else []
 
 
 def _quantize_head(model: nn.Module, head: str, keys: streaming.KeyMap, config: QuantConfig, device: torch.device,

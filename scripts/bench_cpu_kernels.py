@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from llmq import packing
 from llmq.kernels import cpu
+
+from llmq import packing
 
 # (K, N): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 7B-sized square one.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096)]
