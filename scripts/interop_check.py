@@ -245,7 +245,8 @@ def run_worker(python: Path, jobs: list[dict], work: Path) -> list[dict]:
     """Run ``jobs`` in GPTQModel's environment and return their results."""
     jobs_file = work / f"jobs-{jobs[0]['kind']}.json"
     jobs_file.write_text(json.dumps(jobs))
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "1"),
+    # GPTQModel sizes its CPU pool from the core count (1 on 2 cores), and its model loader asks for 2.
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
                TOKENIZERS_PARALLELISM="false")
     subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", str(jobs_file)], env=env,
                    cwd=work, check=False)
