@@ -55,7 +55,6 @@ LLMQ_CONFIGS: dict[str, list[str]] = {
     "rtn-int4-g128-sym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym"],
     "rtn-int4-g128-asym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--asym"],
     "rtn-int3-g128-asym": ["--method", "rtn", "--bits", "3", "--group-size", "128", "--asym"],
-    "rtn-int8-pc-sym": ["--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym"],
     "rtn-int4-g64-asym-head8": ["--method", "rtn", "--bits", "4", "--group-size", "64", "--asym",
                                 "--quantize-head", "8"],
     "rtn-int4-g128-sym-head4": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym",
@@ -65,7 +64,6 @@ LLMQ_CONFIGS: dict[str, list[str]] = {
     "rtn-int4-g128-asym-partial": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--asym",
                                    "--group-fit", "partial"],
     "gptq-int4-g128-asym-actorder": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--asym"],
-    "gptq-int3-g64-sym-actorder": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--sym"],
     "gptq-int8-pc-asym-actorder-head8": ["--method", "gptq", "--bits", "8", "--group-size", "-1", "--asym",
                                          "--quantize-head", "8"],
 }
@@ -276,15 +274,19 @@ def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return float(nll.exp())
 
 
-def quantize_llmq(name: str, args: list[str], out: Path) -> dict:
-    """``llmq quantize`` into ``out``; what it printed (group-size changes) and its JSON report."""
-    report = out.with_suffix(".json")
+def quantize_llmq(name: str, args: list[str], out: Path) -> None:
+    """``llmq quantize`` into ``out``, its JSON report beside it."""
     cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "smollm2-135m", "--out", str(out), "--overwrite",
-           "--nsamples", str(CALIB_SAMPLES), "--calib-seqlen", str(CALIB_SEQLEN), "--json", str(report), *args]
+           "--nsamples", str(CALIB_SAMPLES), "--calib-seqlen", str(CALIB_SEQLEN),
+           "--json", str(out.with_suffix(".json")), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     if done.returncode:
         raise RuntimeError(f"llmq quantize {name} failed: {done.stderr.strip().splitlines()[-1]}")
-    data = json.loads(report.read_text())
+
+
+def quantize_report(out: Path) -> dict:
+    """What ``llmq quantize`` reported for ``out``: group-size changes, bits per weight, its config."""
+    data = json.loads(out.with_suffix(".json").read_text())
     return {"notes": data["notes"], "bits_per_weight": round(data["bits_per_weight"], 3),
             "bits_per_param_overall": round(data["bits_per_param_overall"], 3),
             "quantization_config": data["config"]}
@@ -306,15 +308,42 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['checkpoint']:<40} {r['loader']:<13} {'no':<6} {'':>11} {'':>7} {'':>9}  {r['error'][:90]}")
 
 
+def markdown(data: dict) -> str:
+    """The README's table: one line per checkpoint, one column per loader (max |Δlogit| against the
+    float64 dequantization, perplexity on the same tokens), or why it did not load."""
+    loaders = [lo for lo in LOADERS if any(r["loader"] == lo for r in data["rows"])]
+    cells: dict[str, dict[str, str]] = {}
+    for r in data["rows"]:
+        cell = (f"{r['max_abs_dlogit']:.3f} / {r['perplexity']:.2f}" if r["loads"]
+                else "no: " + r["error"].split(":")[0])
+        cells.setdefault(r["checkpoint"], {})[r["loader"]] = cell
+    lines = ["| checkpoint | format | reference ppl | " + " | ".join(loaders) + " |",
+             "|---|---|---:|" + "---|" * len(loaders)]
+    for name, ckpt in data["checkpoints"].items():
+        qc = ckpt["quantization_config"]
+        fmt = qc.get("checkpoint_format") or qc.get("format")
+        extra = [f"g{qc['group_size']}" if qc["group_size"] != -1 else "per-channel"]
+        extra += ["dynamic"] * bool(qc.get("dynamic")) + ["lm_head"] * bool(qc.get("lm_head"))
+        lines.append(f"| {name} | {fmt}, {', '.join(extra)} | {ckpt['reference_perplexity']:.2f} | "
+                     + " | ".join(cells[name].get(lo, "") for lo in loaders) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated checkpoint names (default: all)")
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset of " + ", ".join(LOADERS))
     p.add_argument("--out", default="evals/results/interop.json")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep llmq checkpoints already quantized under the cache (after an interrupted run)")
+    p.add_argument("--table", action="store_true", help="print the README table of --out and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(Path(args.worker))
+        return
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
         return
 
     from transformers import AutoTokenizer
@@ -338,8 +367,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, qargs in LLMQ_CONFIGS.items():
         if only and name not in only:
             continue
-        print(f"llmq quantize {name}", flush=True)
-        checkpoints[name] = {"writer": "llmq", "args": qargs, **quantize_llmq(name, qargs, work / name)}
+        if not (args.reuse and (work / name).with_suffix(".json").exists()):
+            print(f"llmq quantize {name}", flush=True)
+            quantize_llmq(name, qargs, work / name)
+        checkpoints[name] = {"writer": "llmq", "args": qargs, **quantize_report(work / name)}
     texts = None
     for name, settings in GPTQMODEL_CONFIGS.items():
         if only and name not in only:
