@@ -289,7 +289,18 @@ def quantize_report(out: Path) -> dict:
     data = json.loads(out.with_suffix(".json").read_text())
     return {"notes": data["notes"], "bits_per_weight": round(data["bits_per_weight"], 3),
             "bits_per_param_overall": round(data["bits_per_param_overall"], 3),
-            "quantization_config": data["config"]}
+            "quantization_config": shown_config(data["config"])}
+
+
+# The quantization_config keys the table shows (GPTQModel's meta also holds a temporary folder of its run).
+SHOWN_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format", "pack_dtype",
+              "lm_head", "dynamic", "block_name_to_quantize")
+
+
+def shown_config(qc: dict) -> dict:
+    """The keys of a ``quantization_config`` that decide how it loads, and its producer."""
+    return {**{k: qc[k] for k in SHOWN_KEYS if k in qc},
+            "quantizer": (qc.get("meta") or {}).get("quantizer", qc.get("quantizer"))}
 
 
 def git_commit() -> str:
@@ -389,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError(f"GPTQModel could not quantize {name}: {res['error']}")
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         checkpoints[name] = {"writer": "gptqmodel", "settings": settings, "path": str(out),
-                             "quantization_config": qc}
+                             "quantization_config": shown_config(qc)}
 
     others = [lo for lo in loaders if lo != "llmq"]
     jobs = [{"kind": "load", "name": f"{name}.{lo}", "loader": lo, "path": str(ckpt.get("path", work / name)),
@@ -431,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
            "date": time.strftime("%Y-%m-%d"), "checkpoints": sorted(checkpoints)}
     if only and out.exists():  # a partial run replaces its own checkpoints' rows in the table
         old = json.loads(out.read_text())
-        checkpoints = {**{n: c for n, c in old["checkpoints"].items() if n not in checkpoints}, **checkpoints}
+        checkpoints = {**{n: {**c, "quantization_config": shown_config(c["quantization_config"])}
+                          for n, c in old["checkpoints"].items() if n not in checkpoints}, **checkpoints}
         rows = [r for r in old["rows"] if r["checkpoint"] not in only] + rows
         runs = old["runs"] + [run]
     else:
