@@ -247,7 +247,9 @@ class QuantConfig:
         return " ".join(parts)
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """A copy with ``changes`` applied (and validated)."""
+        """A copy with ``changes`` applied (and validated); a new ``sym`` brings its own default format."""
+        if "sym" in changes and "checkpoint_format" not in changes:
+            changes["checkpoint_format"] = None
         return QuantConfig(**{**asdict(self), **changes})
 
 

@@ -69,6 +69,7 @@ def test_config_round_trip(sym):
     assert d["quant_method"] == "gptq" and d["checkpoint_format"] == d["format"] == fmt and d["pack_dtype"] == "int32"
     assert d["lm_head"] is True and d["dynamic"] == {r"+:^lm_head$": {"bits": 8}}
     assert QuantConfig.from_dict(d).to_dict() == d
+    assert c.replace(sym=not sym).checkpoint_format == ("gptq_v2" if sym else "gptq")
 
 
 @pytest.mark.parametrize("group_size", [-1, 128, 48])
