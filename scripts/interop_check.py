@@ -123,9 +123,10 @@ def reference_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     files = sorted(path.glob("*.safetensors"))
     raw: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(file, "np") as f:
+        with safe_open(file, "pt") as f:  # numpy has no bfloat16: float tensors are widened first
             for key in f.keys():
-                raw[key] = f.get_tensor(key)
+                t = f.get_tensor(key)
+                raw[key] = (t.double() if t.is_floating_point() else t).numpy()
     state = {}
     for key in [k for k in raw if k.endswith(".qweight")]:
         prefix = key.removesuffix("qweight")
