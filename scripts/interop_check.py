@@ -55,6 +55,7 @@ LLMQ_CONFIGS: dict[str, list[str]] = {
     "rtn-int4-g128-sym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym"],
     "rtn-int4-g128-asym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--asym"],
     "rtn-int3-g128-asym": ["--method", "rtn", "--bits", "3", "--group-size", "128", "--asym"],
+    "rtn-int8-pc-sym": ["--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym"],
     "rtn-int4-g64-asym-head8": ["--method", "rtn", "--bits", "4", "--group-size", "64", "--asym",
                                 "--quantize-head", "8"],
     "rtn-int4-g128-sym-head4": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym",
