@@ -26,6 +26,7 @@ there too, so a second run reuses both. Not part of CI.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
 import os
@@ -243,7 +244,7 @@ def venv_python(root: Path) -> Path:
 
 def run_worker(python: Path, jobs: list[dict], work: Path) -> list[dict]:
     """Run ``jobs`` in GPTQModel's environment and return their results."""
-    jobs_file = work / f"jobs-{jobs[0]['kind']}.json"
+    jobs_file = work / f"jobs-{jobs[0]['name']}.json"
     jobs_file.write_text(json.dumps(jobs))
     # GPTQModel sizes its CPU pool from the core count (1 on 2 cores), and its model loader asks for 2.
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset of " + ", ".join(LOADERS))
     p.add_argument("--out", default="evals/results/interop.json")
     p.add_argument("--reuse", action="store_true",
-                   help="keep llmq checkpoints already quantized under the cache (after an interrupted run)")
+                   help="keep llmq checkpoints and loader outputs already under the cache (after an interrupted run)")
     p.add_argument("--table", action="store_true", help="print the README table of --out and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -408,8 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [{"kind": "load", "name": f"{name}.{lo}", "loader": lo, "path": str(ckpt.get("path", work / name)),
              "tokens": str(tokens_file), "logits": str(work / f"{name}.{lo}.safetensors"),
              "result": str(work / f"{name}.{lo}.json")} for name, ckpt in checkpoints.items() for lo in others]
+    done = {j["name"]: json.loads(Path(j["result"]).read_text()) for j in jobs
+            if args.reuse and Path(j["result"]).exists() and Path(j["logits"]).exists()}
+    jobs = [j for j in jobs if j["name"] not in done]
     # One process for every load: GPTQModel compiles its kernels once.
     outcomes = dict(zip([j["name"] for j in jobs], run_worker(python, jobs, work) if jobs else [], strict=True))
+    outcomes.update(done)
     rows = []
     for name, ckpt in checkpoints.items():
         path = Path(ckpt.get("path", work / name))
@@ -442,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     run = {"command": f"python scripts/interop_check.py {shown}".strip(), "git_commit": git_commit(),
            "date": time.strftime("%Y-%m-%d"), "checkpoints": sorted(checkpoints)}
+    lock = open(out.with_suffix(".lock"), "w")  # noqa: SIM115 -- partial runs in parallel merge one at a time
+    fcntl.flock(lock, fcntl.LOCK_EX)
     if only and out.exists():  # a partial run replaces its own checkpoints' rows in the table
         old = json.loads(out.read_text())
         checkpoints = {**{n: {**c, "quantization_config": shown_config(c["quantization_config"])}
@@ -463,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoints": {n: {k: v for k, v in c.items() if k != "path"} for n, c in checkpoints.items()},
         "rows": rows,
     }, indent=2))
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+    out.with_suffix(".lock").unlink(missing_ok=True)
     print(f"wrote {out}")
 
 
