@@ -28,7 +28,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(default) uses the largest power of two that divides every layer, a checkpoint every "
                         "loader reads; 'per-module' shrinks only those layers, written as GPTQModel 'dynamic' "
                         "rules that GPTQModel and vLLM read but transformers (optimum) does not; 'partial' keeps "
-                        "a shorter last group, which transformers' CPU int4 kernel and vLLM refuse")
+                        "a shorter last group, which GPTQModel's and transformers' CPU int4 kernel and vLLM refuse")
     p.add_argument("--quantize-head", type=int, choices=(4, 8), default=None, metavar="BITS",
                    help="also quantize the output head (a tied head gets its own tensors; the embeddings stay "
                         "unquantized) with RTN at 4 or 8 bits, marked lm_head as GPTQModel does; transformers "

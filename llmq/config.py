@@ -98,7 +98,7 @@ def fit_groups(in_features: dict[str, int], group_size: int, fit: str) -> tuple[
     ``shrink``: one group size for every module, the largest power of two up to ``group_size``
     (and at least ``MIN_FIT_GROUP``) dividing all inputs; ``per-module``: such a size for each
     misfit alone (written as ``dynamic`` rules); ``partial``: keep ``group_size`` with a shorter
-    last group, which only llmq and GPTQModel's torch kernels run.
+    last group, which GPTQModel's and transformers' CPU int4 kernel and vLLM refuse.
     """
     if fit not in GROUP_FITS:
         raise ValueError(f"group fit must be one of {GROUP_FITS}, got {fit!r}")
