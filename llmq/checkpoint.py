@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, GenerationConfig
 
-from llmq import models, streaming
-from llmq.config import QuantConfig
+from llmq import models, packing, streaming
+from llmq.config import ModuleSpec, QuantConfig
 from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -152,14 +153,17 @@ def write_config(src_config, qconfig: QuantConfig, dst: Path, dtype: torch.dtype
     """``config.json`` carrying ``quantization_config``, and ``quantize_config.json``."""
     config = src_config.to_dict()
     config["quantization_config"] = qconfig.to_dict()
+    if qconfig.lm_head:  # the head has tensors of its own; the embeddings stay a table for lookups
+        config["tie_word_embeddings"] = False
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (dst / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
 
 
-def read_quant_config(path: str | Path) -> QuantConfig:
-    """The ``QuantConfig`` of a quantized checkpoint folder."""
+def read_quantization_config(path: str | Path) -> dict:
+    """The ``quantization_config`` of a checkpoint folder as the file holds it (``config.json``,
+    else ``quantize_config.json``)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -169,7 +173,12 @@ def read_quant_config(path: str | Path) -> QuantConfig:
         qc = json.loads((path / "quantize_config.json").read_text())
     if qc is None:
         raise NotQuantizedError(f"{path} has no quantization_config: not a quantized checkpoint")
-    return QuantConfig.from_dict(qc)
+    return qc
+
+
+def read_quant_config(path: str | Path) -> QuantConfig:
+    """The ``QuantConfig`` of a quantized checkpoint folder."""
+    return QuantConfig.from_dict(read_quantization_config(path))
 
 
 def load_quantized(
@@ -178,8 +187,11 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     half_tables: bool | None = None,
 ) -> nn.Module:
-    """Load a GPTQ v1 checkpoint (llmq's or another tool's) as a transformers model with
-    ``QuantLinear`` layers, without allocating full-precision weights for them.
+    """Load a GPTQ checkpoint (``gptq`` or ``gptq_v2``, llmq's or another tool's) as a transformers
+    model with ``QuantLinear`` layers, without allocating full-precision weights for them.
+    Per-module ``dynamic`` widths and group sizes and a quantized output head (``lm_head``) are
+    read; v1 zero points are read as CUDA kernels read them (``stored + 1``, see
+    :func:`llmq.packing.unpack_qzeros`), with a warning where that differs from other readers.
 
     ``dtype`` is the compute dtype of the unquantized tensors and of ``scales`` (default: the
     checkpoint's; float32 on CPU when the checkpoint is half precision, since half-precision
@@ -199,6 +211,8 @@ def load_quantized(
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if qconfig.lm_head:  # a quantized head is never tied to the embeddings (GPTQModel refuses that too)
+        config.tie_word_embeddings = False
     reader = streaming.ShardReader(path)
     if dtype is None:
         dtype = reader.dtype()
@@ -219,18 +233,23 @@ def load_quantized(
             continue
         in_f, out_f = models.linear_shape(module)
         has_bias = keys.source(f"{name}.bias") is not None
-        qlinear = QuantLinear(in_f, out_f, qconfig.bits, qconfig.group_size, has_bias, device="meta", dtype=dtype)
-        model.set_submodule(name, qlinear)
+        spec = module_spec(qconfig, qkey)
+        model.set_submodule(name, QuantLinear(in_f, out_f, spec.bits, spec.group_size, has_bias, device="meta",
+                                              dtype=dtype))
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise NotQuantizedError(f"{path} has a quantization_config but no quantized tensors (*.qweight)")
     reader.preload()  # every tensor is kept: read each shard once
+    ambiguous: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            _load_qlinear(module, name + ".", keys, dtype)
+            if _load_qlinear(module, name + ".", keys, dtype, qconfig.checkpoint_format):
+                ambiguous.append(name)
             continue
         streaming.materialize(module, f"{name}." if name else "", keys, "cpu", half.get(name, dtype), recurse=False,
                               strict=False)
     reader.release()
+    if ambiguous:
+        warnings.warn(_ambiguous_zeros_message(path, ambiguous), stacklevel=2)
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
@@ -250,8 +269,8 @@ def _half_tables(model: nn.Module, keys: streaming.KeyMap) -> dict[str, torch.dt
     found: dict[str, torch.dtype] = {}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     for module, cls in ((inp, nn.Embedding), (out, nn.Linear)):
-        if type(module) is not cls or id(module) not in names:
-            continue
+        if type(module) is not cls or id(module) not in names or keys.source(f"{names[id(module)]}.qweight"):
+            continue  # a quantized head runs through the kernels
         key = keys.source(f"{names[id(module)]}.weight")
         if key is None and module is out and inp is not None and id(inp) in names:
             key = keys.source(f"{names[id(inp)]}.weight")  # tied to the embeddings
@@ -276,26 +295,53 @@ def _swap_half_tables(model: nn.Module, half: dict[str, torch.dtype], dtype: tor
         model.set_submodule(name, new)
 
 
-def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype) -> None:
-    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-        expected = getattr(layer, name)
-        if expected is None:
-            continue
+def module_spec(qconfig: QuantConfig, qweight_key: str) -> ModuleSpec:
+    """Width and group size of the module whose ``qweight`` is checkpoint tensor ``qweight_key``
+    (its ``dynamic`` rules match the module's name in the checkpoint)."""
+    module = qweight_key.removesuffix(".qweight")
+    spec = qconfig.for_module(module)
+    if spec is None:
+        raise streaming.CorruptCheckpointError(
+            f"checkpoint has quantized tensors for {module}, which a '-:' dynamic rule leaves unquantized")
+    return spec
+
+
+def _ambiguous_zeros_message(path: Path, layers: list[str]) -> str:
+    return (f"{path}: GPTQ v1 checkpoint with zero points stored as all ones in {len(layers)} layers (first: "
+            f"{layers[0]}); read as 2**bits like the CUDA kernels of vLLM and AutoGPTQ, while GPTQModel's torch "
+            "kernel reads 0: other loaders may compute different weights. Re-quantize to gptq_v2 to remove "
+            "the ambiguity.")
+
+
+def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype,
+                  checkpoint_format: str) -> bool:
+    """Fill ``layer`` from the checkpoint tensors under ``prefix``, unpacking ``qzeros`` into
+    ``layer.zeros``; returns whether a v1 zero point was stored as all ones (ambiguous)."""
+    shapes = {"qweight": layer.qweight.shape, "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
+              "scales": layer.scales.shape, "g_idx": layer.g_idx.shape}
+    if layer.bias is not None:
+        shapes["bias"] = layer.bias.shape
+    tensors = {}
+    for name, shape in shapes.items():
         key = keys.source(prefix + name)
         if key is None:
             if name == "g_idx":  # some writers omit it when there is no act-order
                 from llmq.quantizers.grid import group_index
 
-                layer.g_idx = group_index(layer.in_features, layer.group_size)
+                tensors[name] = group_index(layer.in_features, layer.group_size)
                 continue
             raise streaming.CorruptCheckpointError(f"checkpoint has no tensor {prefix + name}")
         value = keys.reader.get(key)
-        if value.shape != expected.shape:
+        if tuple(value.shape) != tuple(shape):
             raise streaming.CorruptCheckpointError(
-                f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected.shape)} "
+                f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)} "
                 f"for {layer.bits}-bit group size {layer.group_size}"
             )
+        tensors[name] = value
+    layer.zeros = packing.unpack_qzeros(tensors.pop("qzeros").to(torch.int32), layer.bits, checkpoint_format)
+    for name, value in tensors.items():
         layer._buffers[name] = value.to(dtype) if value.is_floating_point() else value.to(torch.int32)
+    return checkpoint_format == "gptq" and bool((layer.zeros == 2**layer.bits).any())
 
 
 def is_quantized(path: str | Path) -> bool:

@@ -27,6 +27,16 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 (default) or 8")
     p.add_argument("--group-size", default="128",
                    help="columns per group (default 128), or -1 for one group per output channel")
+    p.add_argument("--group-fit", choices=("shrink", "per-module", "partial"), default="shrink",
+                   help="when the group size does not divide a layer's input (SmolLM2: 576 at 128): 'shrink' "
+                        "(default) uses the largest power of two that divides every layer, a checkpoint every "
+                        "loader reads; 'per-module' shrinks only those layers, written as GPTQModel 'dynamic' "
+                        "rules that GPTQModel and vLLM read but transformers (optimum) does not; 'partial' keeps "
+                        "a shorter last group, which GPTQModel's and transformers' CPU int4 kernel and vLLM refuse")
+    p.add_argument("--quantize-head", type=int, choices=(4, 8), default=None, metavar="BITS",
+                   help="also quantize the output head (a tied head gets its own tensors; the embeddings stay "
+                        "unquantized) with RTN at 4 or 8 bits, marked lm_head as GPTQModel does; transformers "
+                        "(optimum) loads it only at the model's own width")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
     g.add_argument("--asym", dest="sym", action="store_false", default=False,
@@ -109,7 +119,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
                          desc_act=args.desc_act, static_groups=args.static_groups,
                          true_sequential=args.true_sequential, damp_percent=args.damp, mse=args.mse,
-                         skip_unpackable=args.skip_unpackable)
+                         skip_unpackable=args.skip_unpackable, group_fit=args.group_fit, head_bits=args.quantize_head)
     report = quantize(args.model, config, args.out, calib_source=args.calib, nsamples=args.nsamples,
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
@@ -118,16 +128,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
-    print(f"wrote {report.out}: {config.describe()}, {len(report.quantized)} layers quantized, "
-          f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight, "
-          f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")
+    for note in report.notes:
+        print(note)
+    print(f"wrote {report.out}: {report.config.describe()}, {len(report.quantized)} layers quantized, "
+          f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight "
+          f"({info['bits_per_param_overall']:.3f} over every parameter), {report.seconds:.1f} s, "
+          f"peak RSS {report.peak_rss_mb:.0f} MiB")
     for why in report.skipped.values():
         print(f"left unquantized: {why}", file=sys.stderr)
     result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": report.config.to_dict(),
                               "quantize_seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
                               "size_on_disk_bytes": info["size_on_disk_bytes"],
-                              "bits_per_weight": info["bits_per_weight"], "skipped": report.skipped,
-                              "block_errors": report.block_errors}
+                              "bits_per_weight": info["bits_per_weight"],
+                              "bits_per_param_overall": info["bits_per_param_overall"], "skipped": report.skipped,
+                              "block_errors": report.block_errors, "notes": report.notes}
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)
@@ -190,12 +204,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     print(f"{info['path']}: {info['quantization']}")
+    print(f"  format:              {info['checkpoint_format']}, written by {info['producer'] or 'unknown'}")
     print(f"  size on disk:        {info['size_on_disk_bytes'] / 1e6:.2f} MB")
     print(f"  quantized layers:    {info['quantized_layers']} ({info['quantized_weights']:,} weights)")
     print(f"  bits per weight:     {info['bits_per_weight']:.3f} (qweight + qzeros + scales + g_idx)")
     print(f"  unquantized params:  {info['unquantized_params']:,}")
     print(f"  bits per parameter:  {info['bits_per_param_overall']:.3f} (whole checkpoint)")
-    print("  config: " + json.dumps(info["quantization_config"]))
+    print("  quantization_config (as in the file): " + json.dumps(info["quantization_config"]))
     for layer in info["layers"]:
         print(f"    {layer}")
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from llmq import assets, checkpoint, models, packing, streaming
 from llmq.calibration import Calibration, get_calibration
-from llmq.config import QuantConfig
+from llmq.config import ModuleSpec, QuantConfig, default_format, dynamic_rules, fit_groups
 from llmq.quantizers.grid import QuantizedWeight, dequant_rows
 from llmq.quantizers.rtn import rtn_quantize
 
@@ -51,6 +51,7 @@ class QuantizeReport:
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     block_errors: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
 
 
 def peak_rss_mb() -> float:
@@ -103,6 +104,9 @@ def quantize(
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
     """
     started = time.perf_counter()
+    if config.checkpoint_format != default_format(config.sym):
+        raise ValueError(f"llmq writes {'symmetric' if config.sym else 'asymmetric'} checkpoints as "
+                         f"{default_format(config.sym)}, not {config.checkpoint_format}")
     if Path(out).expanduser().exists() and not overwrite:
         raise checkpoint.OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
     src = assets.resolve_model(model)
@@ -124,6 +128,8 @@ def quantize(
     if not any(plan):
         reason = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
+    head = _head_name(skeleton, config)
+    config, notes = _fit_config(layout, plan, skeleton, head, config)
     from llmq.quantizers.gptq import LEAN_FROM
 
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
@@ -147,7 +153,7 @@ def quantize(
         meta["first_token_weight"] = first_token_weight
     config = config.replace(meta=meta)
 
-    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped)
+    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
     with checkpoint.atomic_output(out, overwrite) as tmp:
         writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
         written: set[str] = set()
@@ -173,17 +179,19 @@ def quantize(
                 # solution is written as soon as it exists.
                 linears = list(models.block_linears(block))
                 streaming.materialize(block, prefix, keys, device, fwd_dtype, skip={f"{n}.weight" for n in linears})
-                errors, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
+                specs = {name: config.for_module(prefix + name) for name in plan[i]}
+                errors, inputs = _gptq_block(block, specs, inputs, config, original, first_token_weight,
                                              linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide,
                                              keep_inputs=not wide)  # wide: memory comes first
             else:  # RTN needs no forward: each weight comes from the shards, is read once and written at once
                 errors = {}
                 for name in plan[i]:
+                    spec = config.for_module(prefix + name)
                     w = original(name).to(device, torch.float32)
-                    qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
+                    qw = rtn_quantize(w, spec.bits, spec.group_size, config.sym, config.mse)
                     errors[name] = _relative_error(w, qw)
                     del w
-                    write(name, qw.pack())
+                    write(name, qw.pack(config.checkpoint_format))
                     del qw
             report.block_errors.append(sum(errors.values()) / max(len(errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
@@ -191,6 +199,10 @@ def quantize(
             _copy_untouched(block, prefix, keys, writer, written, out_dtype, bias_dtype=torch.float16,
                             quantized=set(errors))
             _trim_heap()
+        if head is not None:
+            report.block_errors.append(_quantize_head(skeleton, head, keys, config, device, writer))
+            written.add(f"{head}.weight")
+            report.quantized.append(head)
         _copy_untouched(skeleton, "", keys, writer, written, out_dtype)
         writer.close()
         checkpoint.write_config(hf_config, config, tmp, out_dtype)
@@ -264,18 +276,80 @@ def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], 
     for i, block in enumerate(layout.blocks):
         names = []
         for name, module in models.block_linears(block).items():
+            full = layout.block_prefix(i) + name
+            spec = config.for_module(full)
+            if spec is None:
+                continue
             in_f, out_f = models.linear_shape(module)
-            unit = packing.pack_unit(config.bits)[0]
-            if packing.packable(in_f, config.bits) and packing.packable(out_f, config.bits):
+            unit = packing.pack_unit(spec.bits)[0]
+            if packing.packable(in_f, spec.bits) and packing.packable(out_f, spec.bits):
                 names.append(name)
                 continue
-            full = layout.block_prefix(i) + name
-            why = f"{full} has in={in_f}, out={out_f}: {config.bits}-bit packing needs multiples of {unit}"
+            why = f"{full} has in={in_f}, out={out_f}: {spec.bits}-bit packing needs multiples of {unit}"
             if not config.skip_unpackable:
                 raise ValueError(f"cannot quantize {why} (pass --skip-unpackable to leave such layers unquantized)")
             skipped[full] = why
         plan.append(names)
     return plan, skipped
+
+
+def _head_name(model: nn.Module, config: QuantConfig) -> str | None:
+    """Name of the output head when ``config.head_bits`` asks for it to be quantized, else None."""
+    if config.head_bits is None:
+        return None
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is None or not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear output head to quantize")
+    out_f, in_f = head.weight.shape
+    if not (packing.packable(in_f, config.head_bits) and packing.packable(out_f, config.head_bits)):
+        unit = packing.pack_unit(config.head_bits)[0]
+        raise ValueError(f"cannot quantize the output head {name} ({out_f} x {in_f}) at {config.head_bits} bits: "
+                         f"packing needs multiples of {unit}")
+    return name
+
+
+def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, head: str | None,
+                config: QuantConfig) -> tuple[QuantConfig, list[str]]:
+    """``config`` with the group sizes ``fit_groups`` picks for the planned linears (and the
+    quantized head), written as the base group size or ``dynamic`` rules; the head's width goes
+    into ``dynamic`` too when it differs from the rest, and when every linear of the model is
+    quantized, ``block_name_to_quantize`` tells transformers' loader so. Returns the config and
+    what changed."""
+    inputs = {layout.block_prefix(i) + n: models.linear_shape(layout.blocks[i].get_submodule(n))[0]
+              for i, names in enumerate(plan) for n in names}
+    if head is not None:
+        inputs[head] = model.get_submodule(head).in_features
+    group_size, sizes, note = fit_groups(inputs, config.group_size, config.group_fit)
+    settings = {name: {"group_size": g} for name, g in sizes.items()}
+    if head is not None and config.head_bits != config.bits:
+        settings.setdefault(head, {})["bits"] = config.head_bits
+    meta = dict(config.meta, group_size_requested=config.group_size) if note else config.meta
+    dynamic = {**config.dynamic, **dynamic_rules(settings, inputs)}
+    everything = head is not None and set(inputs) == {n for n, m in model.named_modules() if models.is_linear(m)}
+    return config.replace(group_size=group_size, dynamic=dynamic, lm_head=head is not None, meta=meta,
+                          block_name_to_quantize="" if everything else None), [note] if note else []
+
+
+def _quantize_head(model: nn.Module, head: str, keys: streaming.KeyMap, config: QuantConfig, device: torch.device,
+                   writer: checkpoint.ShardWriter) -> float:
+    """RTN-quantize the output head (a tied head from the embeddings' tensor, which stays as it is
+    for lookups), write its tensors and return its relative error."""
+    key = keys.source(f"{head}.weight")
+    if key is None:  # tied to the input embeddings
+        inp = model.get_input_embeddings()
+        key = keys.source(next(n for n, m in model.named_modules() if m is inp) + ".weight")
+    spec = config.for_module(head)
+    w = keys.reader.get(key).to(device, torch.float32)
+    qw = rtn_quantize(w, spec.bits, spec.group_size, config.sym, config.mse)
+    error = _relative_error(w, qw)
+    del w
+    for tname, t in qw.pack(config.checkpoint_format).items():
+        writer.add(f"{head}.{tname}", t)
+    bias = keys.source(f"{head}.bias")
+    if bias is not None:
+        writer.add(f"{head}.bias", keys.reader.get(bias).to(torch.float16))
+    return error
 
 
 def _copy_untouched(module: nn.Module, prefix: str, keys: streaming.KeyMap, writer: checkpoint.ShardWriter,
@@ -719,14 +793,15 @@ class _WeightsOnCall:
         self.release()
 
 
-def _packed_linear(packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
+def _packed_linear(packed: dict[str, torch.Tensor], checkpoint_format: str, dtype: torch.dtype,
                    bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x @ Wᵀ + bias`` for the packed GPTQ tensors of ``W`` ``[out, in]``, dequantized a slice of
     output rows at a time (each as :meth:`QuantizedWeight.dequantize` computes it: in float32,
     stored in ``dtype``), so that the whole weight is never in memory in ``dtype``."""
     qweight, scales, g = packed["qweight"], packed["scales"], packed["g_idx"].long()
-    zeros = packing.unpack_qzeros(packed["qzeros"], bits)
-    in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    in_features, out_features = g.numel(), qweight.shape[1]
+    bits = qweight.shape[0] * 32 // in_features
+    zeros = packing.unpack_qzeros(packed["qzeros"], bits, checkpoint_format)
     step = max(1, packing.CHUNK_ELEMENTS // 4 // in_features)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -740,13 +815,14 @@ def _packed_linear(packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtyp
     return forward
 
 
-def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config: QuantConfig,
+def _gptq_block(block: nn.Module, names: dict[str, ModuleSpec], inputs: list[tuple], config: QuantConfig,
                 original: Callable[[str], torch.Tensor], first_token_weight: float, linears: list[str],
                 dtype: torch.dtype, device: torch.device,
                 write: Callable[[str, dict[str, torch.Tensor]], None], spill_dir: str | Path | None = None,
                 trim: bool = False, keep_inputs: bool = True) -> tuple[dict[str, float], list[tuple]]:
-    """Solve every planned linear of ``block`` with GPTQ, handing each packed solution to
-    ``write(name, tensors)`` at once; return each one's relative error and the block's outputs.
+    """Solve every planned linear of ``block`` (``names``: each one's width and group size) with
+    GPTQ, handing each packed solution to ``write(name, tensors)`` at once; return each one's
+    relative error and the block's outputs.
 
     With true-sequential, each input group is solved before the next group's Hessian is
     collected, so later layers see the already-quantized earlier ones. The forwards run in
@@ -763,26 +839,26 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
     def load(name: str) -> torch.Tensor:
         module = block.get_submodule(name)
         if name in solved:
-            w = QuantizedWeight.from_packed(solved[name][0], config.bits).dequantize(dtype=dtype)
+            w = QuantizedWeight.from_packed(solved[name][0], config.checkpoint_format).dequantize(dtype=dtype)
         else:
             w = original(name)
         return models.linear_weight(module, w).to(device, dtype).contiguous()  # Conv1D: back to [in, out]
 
     def streamed(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         bias = block.get_submodule(name).bias
-        return _packed_linear(solved[name][0], config.bits, dtype, bias)
+        return _packed_linear(solved[name][0], config.checkpoint_format, dtype, bias)
 
     with _WeightsOnCall(block, linears, load) as weights:
-        groups, tails = _input_groups(block, names, inputs[0])
+        groups, tails = _input_groups(block, list(names), inputs[0])
         weights.release()
         stages = groups if config.true_sequential else [[n for g in groups for n in g]]
         # Kept tail inputs: at most 4x the block's inputs (SmolLM2's MLP inputs are 2.7x), and none for wide models.
         keep_bytes = 4 * sum(args[0].nbytes for args, _ in inputs) if keep_inputs else 0
-        with ForwardMemo(block, names, tails, keep_bytes) as memo:
+        with ForwardMemo(block, list(names), tails, keep_bytes) as memo:
             for stage in stages:
                 stage_groups = [g for g in groups if g[0] in stage]
                 # A group's linears share one input: the pass can stop where the last group's first one is called.
-                _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, original,
+                _solve_stage(block, stage_groups, stage_groups[-1][0], inputs, config, names, original,
                              first_token_weight, memo, solved, weights, streamed, device, write, spill_dir, trim)
             memo.storing = False  # nothing runs after the output pass
             outputs = _run_block(block, inputs, memo, trim)
@@ -790,7 +866,8 @@ def _gptq_block(block: nn.Module, names: list[str], inputs: list[tuple], config:
 
 
 def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inputs: list[tuple],
-                 config: QuantConfig, original: Callable[[str], torch.Tensor], first_token_weight: float,
+                 config: QuantConfig, specs: dict[str, ModuleSpec], original: Callable[[str], torch.Tensor],
+                 first_token_weight: float,
                  memo: ForwardMemo, solved: dict[str, tuple[dict[str, torch.Tensor], float]],
                  weights: _WeightsOnCall, streamed: Callable[[str], Callable[[torch.Tensor], torch.Tensor]],
                  device: torch.device,
@@ -828,11 +905,11 @@ def _solve_stage(block: nn.Module, stage_groups: list[list[str]], last: str, inp
             # GPTQ makes its own float32 copy; on CPU it solves in row chunks, read from the shards as needed.
             w = original(name, lazy=True) if device.type == "cpu" else original(name).to(device)
             last = name == group[-1]  # the group's last linear consumes the shared Hessian
-            qw = gptq.solve(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
+            qw = gptq.solve(w, bits=specs[name].bits, group_size=specs[name].group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,
                             damp_percent=config.damp_percent, block_size=config.block_size, mse=config.mse,
                             free_hessian=last)
-            packed = qw.pack()
+            packed = qw.pack(config.checkpoint_format)
             del w, qw
             write(name, packed)
             solved[name] = (packed, gptq.info.relative_error)  # from the solve's loss: no extra matmuls

@@ -1,4 +1,4 @@
-"""``QuantLinear``: a linear layer holding GPTQ v1 buffers; its forward calls ``llmq.kernels``."""
+"""``QuantLinear``: a linear layer holding GPTQ buffers; its forward calls ``llmq.kernels``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from llmq.quantizers.grid import QuantizedWeight, num_groups
 
 class QuantLinear(nn.Module):
     """``y = x @ dequant(qweight) + bias`` with buffers ``qweight`` int32 ``[in*bits/32, out]``,
-    ``qzeros`` int32 ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` int32
-    ``[in]`` and optional ``bias`` ``[out]``."""
+    ``zeros`` int16 ``[groups, out]`` (the zero points themselves: a checkpoint's packed ``qzeros``,
+    v1 or v2, are unpacked once at load by :func:`llmq.packing.unpack_qzeros`), ``scales``
+    ``[groups, out]``, ``g_idx`` int32 ``[in]`` and optional ``bias`` ``[out]``."""
 
     def __init__(
         self,
@@ -37,7 +38,7 @@ class QuantLinear(nn.Module):
         groups = num_groups(in_features, group_size)
         kw = {"device": device}
         self.register_buffer("qweight", torch.empty(in_features * bits // 32, out_features, dtype=torch.int32, **kw))
-        self.register_buffer("qzeros", torch.empty(groups, out_features * bits // 32, dtype=torch.int32, **kw))
+        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=packing.ZERO_DTYPE, **kw))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, **kw))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         if bias:
@@ -51,18 +52,20 @@ class QuantLinear(nn.Module):
         """Build from a solved matrix (``qw.q`` is ``[out, in]``) and an optional bias."""
         out_features, in_features = qw.q.shape
         layer = cls(in_features, out_features, qw.bits, group_size, bias is not None, device="cpu", dtype=dtype)
-        for name, t in qw.pack().items():
-            getattr(layer, name).copy_(t)
+        layer.qweight.copy_(packing.pack_qweight(qw.q.t(), qw.bits))
+        layer.zeros.copy_(qw.zeros)
+        layer.scales.copy_(qw.scales)
+        layer.g_idx.copy_(qw.g_idx)
         if bias is not None:
             layer.bias.copy_(bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        return kernels.quant_matmul(x, self.qweight, self.zeros, self.scales, self.g_idx, self.bits, self.bias)
 
     def dequantize_weight(self) -> torch.Tensor:
         """Full weight ``[out, in]`` in the dtype of ``scales`` (for inspection and tests)."""
-        return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).t()
+        return packing.dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits).t()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmq import packing
 from llmq.kernels import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,15 +63,14 @@ def time_ms(fns: dict[str, Callable[[], object]], budget_s: float = 0.5, max_rou
 
 
 def random_gptq(k: int, n: int, bits: int, group_size: int) -> dict:
-    """GPTQ v1 buffers with uniformly random codes (any bit pattern is a valid packed weight)."""
+    """GPTQ buffers with uniformly random codes (any bit pattern is a valid packed weight) and the
+    symmetric zero point ``2**(bits-1)``."""
     groups = 1 if group_size == -1 else -(-k // group_size)
     words = torch.randint(-(2**31), 2**31, (k * bits // 32, n), dtype=torch.int64).to(torch.int32)
-    zero = 2 ** (bits - 1) - 1  # v1 stores zero - 1: symmetric zero point 2**(bits-1)
-    one_word = sum(zero << (bits * i) for i in range(32 // bits))
-    qzeros = torch.full((groups, n * bits // 32), one_word - (2**32 if one_word >= 2**31 else 0), dtype=torch.int32)
+    zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=packing.ZERO_DTYPE)
     scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
     g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
-    return dict(qweight=words, qzeros=qzeros, scales=scales, g_idx=g_idx, bits=bits)
+    return dict(qweight=words, zeros=zeros, scales=scales, g_idx=g_idx, bits=bits)
 
 
 def bench_shape(k: int, n: int, m: int) -> dict:

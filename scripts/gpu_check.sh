@@ -33,3 +33,13 @@ TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/tes
   | tail -15 | tee "$OUT/tests.txt"
 timeout 240 $PY scripts/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log"
 timeout 150 $PY scripts/bench_decode_e2e.py --out "$OUT/bench_decode_e2e.json" 2>&1 | tee "$OUT/bench_decode_e2e.log"
+
+# --- vLLM interop (needs vLLM installed on the GPU machine; skipped otherwise) -------------------
+# vLLM's prompt log-probabilities against llmq's loader on llmq's checkpoints: symmetric v1,
+# asymmetric gptq_v2, per-module `dynamic` group sizes, a quantized head at another width.
+if $PY -c 'import vllm' 2>/dev/null; then
+  timeout 600 $PY scripts/vllm_check.py --out "$OUT/vllm_check.json" 2>&1 | tail -20 | tee "$OUT/vllm_check.log"
+else
+  echo "vLLM not installed: vLLM interop not checked" | tee "$OUT/vllm_check.log"
+fi
+# --- end vLLM interop ----------------------------------------------------------------------------

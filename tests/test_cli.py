@@ -1,5 +1,6 @@
 """The command line: a one-line error for each kind of bad input, and nothing left behind."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,26 @@ def test_quantize_inspect_eval(src, tmp_path):
     assert r.returncode == 2  # the tiny checkpoint has no tokenizer
     r = llmq("inspect", src)
     assert r.returncode == 2 and "not a quantized checkpoint" in r.stderr
+
+
+def test_group_fit_head_and_the_files_own_config(src, tmp_path):
+    """The CLI says when it changes the group size, quantizes the head on request, and ``inspect``
+    shows the file's quantization_config and producer as written, not llmq's defaults."""
+    out = tmp_path / "fit"
+    r = llmq("quantize", "--model", src, "--out", out, "--group-size", "128", "--asym", "--quantize-head", "8")
+    assert r.returncode == 0, r.stderr
+    assert "group size 128 -> 64: 13 of 15 quantized layers" in r.stdout and "15 layers quantized" in r.stdout
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert (qc["format"], qc["group_size"], qc["lm_head"]) == ("gptq_v2", 64, True)
+    assert config["tie_word_embeddings"] is False
+    qc.update(meta={"quantizer": ["gptqmodel:7.6.0"], "damp_percent": 0.05})  # as another tool writes it
+    qc.pop("damp_percent")
+    (out / "config.json").write_text(json.dumps(config))
+    r = llmq("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert "written by ['gptqmodel:7.6.0']" in r.stdout and '"damp_percent": 0.05' in r.stdout
+    assert "llmq:" not in r.stdout and '"damp_percent": 0.01' not in r.stdout and "lm_head" in r.stdout
 
 
 @pytest.mark.parametrize("interpret", ["0", "1"])

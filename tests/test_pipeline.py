@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from llmq import QuantConfig, QuantLinear, models, packing, pipeline, streaming
-from llmq.checkpoint import load_quantized
+from llmq.checkpoint import load_quantized, read_quant_config
 from llmq.pipeline import quantize
 from llmq.quantizers.rtn import rtn_quantize
 
@@ -38,10 +38,11 @@ def _reference_from_files(src, out, dtype=torch.float32):
     """The original model with each quantized linear's weight rebuilt straight from the files."""
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     tensors = load_file(out / "model.safetensors")
-    bits = 4
+    bits, fmt = 4, read_quant_config(out).checkpoint_format
     for name, module in ref.named_modules():
         if f"{name}.qweight" in tensors:
-            w = packing.dequantize(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
+            zeros = packing.unpack_qzeros(tensors[f"{name}.qzeros"], bits, fmt)
+            w = packing.dequantize(tensors[f"{name}.qweight"], zeros, tensors[f"{name}.scales"],
                                    tensors[f"{name}.g_idx"], bits, dtype=torch.float32)
             module.weight.data = w.t().contiguous() if not isinstance(module, models.Conv1D) else w
     return ref, tensors
@@ -311,7 +312,7 @@ def test_wide_hessian_passes_run_solved_linears_from_packed(tmp_path, monkeypatc
     bias = torch.randn(96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     monkeypatch.setattr(pipeline.packing, "CHUNK_ELEMENTS", 4 * 64 * 10)  # 10 output rows per slice
-    y = pipeline._packed_linear(qw.pack(), 4, torch.bfloat16, bias)(x)
+    y = pipeline._packed_linear(qw.pack("gptq_v2"), "gptq_v2", torch.bfloat16, bias)(x)
     expected = torch.nn.functional.linear(x, qw.dequantize(dtype=torch.bfloat16), bias)
     assert y.dtype == torch.bfloat16 and y.shape == expected.shape
     torch.testing.assert_close(y, expected, rtol=0.01, atol=0.01)
