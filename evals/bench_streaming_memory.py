@@ -57,6 +57,23 @@ def build(folder: Path, layers: int, hidden: int, intermediate: int) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def write_results(path: Path, checkpoint: dict, runs: dict) -> dict:
+    """Write ``{checkpoint, machine, llmq, runs}`` as JSON to ``path``, keeping the runs of an
+    existing file for the same checkpoint that were not run again; return what was written."""
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous and previous.get("checkpoint") == checkpoint:
+        runs = {**{k: v for k, v in previous["runs"].items() if k not in runs}, **runs}
+    table = {
+        "checkpoint": checkpoint,
+        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
+        "llmq": __version__,
+        "runs": runs,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2))
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22)
@@ -83,17 +100,8 @@ def main() -> None:
 
     checkpoint = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "dtype": "bfloat16", "bytes": size}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and previous.get("checkpoint") == checkpoint:  # keep the methods not re-run
-        runs = {**{k: v for k, v in previous["runs"].items() if k not in runs}, **runs}
-    table = {
-        "checkpoint": checkpoint,
-        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
-        "llmq": __version__,
-        "runs": runs,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(table, indent=2))
+    table = write_results(Path(args.json), checkpoint, runs)
+    runs = table["runs"]
     print(f"\nrandom Llama {args.layers} x {args.hidden} x {args.intermediate}, {size / 1e9:.2f} GB of bf16 "
           f"safetensors, {table['machine']['cpu']}")
     print("| method | peak RSS (MiB) | RSS / checkpoint size | quantize (s) | output (MB) |")

@@ -31,11 +31,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from llmq import __version__
 from llmq.assets import cache_dir, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from smollm2_wikitext import cpu_name  # noqa: E402
+from bench_streaming_memory import write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # Runs llmq's command-line main() and writes this process's peak RSS (MiB) to a file. VmHWM, not
@@ -107,17 +106,7 @@ def main() -> None:
             ["chat", "--model", str(q), "--prompt", "Hello", "--greedy", "--max-new-tokens", "8"], work),
     }
     run["eval"] = {k: v for k, v in json.loads(report.read_text()).items() if k not in ("model", "baseline")}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    runs = previous["runs"] if previous and previous.get("checkpoint") == checkpoint else {}
-    runs[args.label] = run
-    table = {
-        "checkpoint": checkpoint,
-        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
-        "llmq": __version__,
-        "runs": runs,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(table, indent=2))
+    runs = write_results(Path(args.json), checkpoint, {args.label: run})["runs"]
     print(f"\nrandom Gemma-3-style model, vocabulary {args.vocab}, width {args.hidden}, "
           f"{checkpoint['bytes'] / 1e6:.0f} MB of bf16 safetensors")
     print("| run | eval seqlen x windows | eval int4 vs baseline (MiB) | chat unquantized (MiB) | chat int4 (MiB) |")
