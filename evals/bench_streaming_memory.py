@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from provenance import provenance, write_json
+from provenance import provenance, update_runs
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmq.assets import cache_dir, resolve_model
@@ -83,10 +83,7 @@ def main() -> None:
 
     checkpoint = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "dtype": "bfloat16", "bytes": size}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and previous.get("checkpoint") == checkpoint:  # keep the methods not re-run
-        runs = {**previous["runs"], **runs}
-    write_json(Path(args.json), {"checkpoint": checkpoint, "runs": {k: runs[k] for k in METHODS if k in runs}})
+    update_runs(Path(args.json), checkpoint, runs, order=list(METHODS))
     print(f"wrote {args.json}; python evals/report.py puts it into the README")
 
 

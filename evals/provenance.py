@@ -83,3 +83,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def update_runs(path: Path, checkpoint: dict[str, Any], runs: dict[str, Any],
+                order: list[str] | None = None) -> dict[str, Any]:
+    """Write ``{checkpoint, runs}`` to ``path``, keeping the runs of an existing file for the same
+    ``checkpoint`` that were not run again (in ``order`` when given); return the runs written."""
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous and previous.get("checkpoint") == checkpoint:
+        runs = {**previous["runs"], **runs}
+    if order is not None:
+        runs = {k: runs[k] for k in order if k in runs}
+    write_json(path, {"checkpoint": checkpoint, "runs": runs})
+    return runs

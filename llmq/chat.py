@@ -32,9 +32,13 @@ PROMPT = "you> "
 COMMANDS_HELP = ("/reset  clear the history    /system TEXT  set the system prompt (no TEXT: clear it)\n"
                  "/stats  history size and speed of the last reply    /exit  quit (also Ctrl-D)\n"
                  "Ctrl-C stops the reply being generated.")
-# Transcript used when the tokenizer has no chat template; generation stops at the next "User:".
+# Transcript used when the tokenizer has no chat template. A base model continues it past its
+# own turn, writing the user's next line or another "Assistant:" one: the reply ends (and is cut)
+# where any role's line starts, matched in the decoded text whatever the tokens.
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_STOP = "\nUser:"
+PLAIN_STOPS = tuple(f"\n{label}:" for label in PLAIN_ROLES.values())
+NO_TEMPLATE_NOTICE = ("[the tokenizer has no chat template: using a plain User:/Assistant: transcript; "
+                      "each reply ends where the model starts a new turn]")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 Message = dict[str, str]
@@ -115,27 +119,40 @@ class Reply:
 
 
 class _StopFlag:
-    """Stopping criterion that ends generation once Ctrl-C was pressed or a stop string was seen."""
+    """Stopping criterion that ends generation once Ctrl-C was pressed, or once the reply (the
+    tokens after the first ``prompt_tokens``) decodes to text holding one of ``stop_strings``: on
+    the step whose token completes it (``generate`` calls the streamer only after this)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, stop_strings: Sequence[str] = (),
+                 prompt_tokens: int = 0) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_tokens = tokenizer, tuple(stop_strings), prompt_tokens
         self.interrupted = False
         self.stop_string_seen = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self.stop_strings and not self.stop_string_seen:
+            text = self.tokenizer.decode(input_ids[0, self.prompt_tokens:], skip_special_tokens=True)
+            self.stop_string_seen = _cut_at_stop(text, self.stop_strings)[1]
         stop = self.interrupted or self.stop_string_seen
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stop_strings`` in it, and whether it held one."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
 class _Streamer:
     """``generate`` streamer: decodes the reply as tokens arrive, writes the new text to ``out``
     and records when each ``put`` came (the first one is the prompt, just before the prefill).
 
-    Text that could be the start of a stop string is held back until it is known not to be one.
+    The reply is cut at the first stop string, and text that could be the start of one is held
+    back until it is known not to be one.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO | None, stop_strings: Sequence[str],
-                 flag: _StopFlag) -> None:
-        self.tokenizer, self.out, self.stop_strings, self.flag = tokenizer, out, tuple(stop_strings), flag
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO | None, stop_strings: Sequence[str]) -> None:
+        self.tokenizer, self.out, self.stop_strings = tokenizer, out, tuple(stop_strings)
         self.times: list[float] = []
         self.ids: list[int] = []
         self.shown = ""
@@ -150,12 +167,8 @@ class _Streamer:
         self._show(final=True)
 
     def _show(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for stop in self.stop_strings:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, final = text[:cut], True
-                self.flag.stop_string_seen = True
+        text, stopped = _cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop_strings)
+        final = final or stopped
         if not final:
             text = text.rstrip("\ufffd")  # a multi-byte character split across tokens
             text = text[:len(text) - _held_back(text, self.stop_strings)]
@@ -220,8 +233,8 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, input_i
     """
     from transformers import StoppingCriteriaList
 
-    flag = _StopFlag()
-    streamer = _Streamer(tokenizer, out, stop_strings, flag)
+    flag = _StopFlag(tokenizer, stop_strings, len(input_ids))
+    streamer = _Streamer(tokenizer, out, stop_strings)
     config = sampling.generation_config(model.generation_config, min_new_tokens)
     config.eos_token_id = eos_token_ids(model, tokenizer) or None
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
@@ -275,7 +288,7 @@ class Conversation:
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        return () if self.tokenizer.chat_template else (PLAIN_STOP,)
+        return () if self.tokenizer.chat_template else PLAIN_STOPS
 
     def _with_system(self, messages: list[Message]) -> list[Message]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
@@ -328,6 +341,8 @@ class ChatSession:
         self.notices = notices or sys.stderr
         self.last: ReplyStats | None = None
         self.context_tokens = 0
+        if not tokenizer.chat_template:
+            self.notice(NO_TEMPLATE_NOTICE)
 
     def notice(self, text: str) -> None:
         """One line on the notices stream (stderr), so that stdout carries replies only."""

@@ -17,7 +17,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from llmq import models, packing, streaming
 from llmq.config import ModuleSpec, QuantConfig
-from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear
+from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear, lookup_scale
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -224,7 +224,7 @@ def load_quantized(
         from llmq.kernels.cpu import cpu_available
 
         half_tables = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_available()
-    half = _half_tables(model, keys) if half_tables and dtype == torch.float32 else {}
+    half = _half_tables(model, keys, dtype) if half_tables and dtype == torch.float32 else {}
     for name, module in list(model.named_modules()):
         if not models.is_linear(module):
             continue
@@ -261,15 +261,17 @@ def load_quantized(
     return model.to(device).eval()
 
 
-def _half_tables(model: nn.Module, keys: streaming.KeyMap) -> dict[str, torch.dtype]:
-    """Module name -> stored dtype of the input embeddings and the unquantized output head whose
+def _half_tables(model: nn.Module, keys: streaming.KeyMap, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Module name -> stored dtype of the input embeddings (any whose forward is a table lookup,
+    scaled or not: see :func:`~llmq.qlinear.lookup_scale`) and the unquantized output head whose
     checkpoint tensors are fp16/bf16 (a tied head without a tensor of its own follows the
-    embeddings)."""
+    embeddings); ``dtype`` is the compute dtype."""
     names = {id(m): n for n, m in model.named_modules()}
     found: dict[str, torch.dtype] = {}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    for module, cls in ((inp, nn.Embedding), (out, nn.Linear)):
-        if type(module) is not cls or id(module) not in names or keys.source(f"{names[id(module)]}.qweight"):
+    lookup = isinstance(inp, nn.Embedding) and lookup_scale(inp, dtype) is not None
+    for module, eligible in ((inp, lookup), (out, type(out) is nn.Linear)):
+        if not eligible or id(module) not in names or keys.source(f"{names[id(module)]}.qweight"):
             continue  # a quantized head runs through the kernels
         key = keys.source(f"{names[id(module)]}.weight")
         if key is None and module is out and inp is not None and id(inp) in names:

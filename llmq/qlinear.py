@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -100,18 +102,51 @@ class HalfLinear(nn.Module):
 
 class HalfEmbedding(nn.Embedding):
     """``nn.Embedding`` over an fp16/bf16 table (a buffer) whose looked-up rows are widened,
-    exactly, to ``compute_dtype``: the input side of a tied :class:`HalfLinear` head."""
+    exactly, to ``compute_dtype``, then multiplied by the constant factor of ``source``'s forward
+    (see :func:`lookup_scale`: Gemma's embeddings scale rows by sqrt(hidden)) in ``compute_dtype``,
+    so that it returns what ``source`` returns with the widened table. The input side of a tied
+    :class:`HalfLinear` head."""
 
     def __init__(self, source: nn.Embedding, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        scale = lookup_scale(source, compute_dtype)
+        if scale is None:
+            raise ValueError(f"{type(source).__name__}'s forward is not a (scaled) table lookup")
         super().__init__(source.num_embeddings, source.embedding_dim, padding_idx=source.padding_idx,
                          max_norm=source.max_norm, norm_type=source.norm_type,
                          scale_grad_by_freq=source.scale_grad_by_freq, sparse=source.sparse, device="meta")
         del self.weight
         self.register_buffer("weight", weight.detach() if weight.requires_grad else weight)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.scale = compute_dtype, scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return super().forward(input).to(self.compute_dtype)
+        rows = super().forward(input).to(self.compute_dtype)
+        return rows if self.scale == 1 else rows * self.scale
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", weight_dtype={self.weight.dtype}, compute_dtype={self.compute_dtype}"
+        return (super().extra_repr() + f", weight_dtype={self.weight.dtype}, compute_dtype={self.compute_dtype}"
+                + (f", scale={self.scale}" if self.scale != 1 else ""))
+
+
+def lookup_scale(module: nn.Embedding, dtype: torch.dtype) -> float | None:
+    """The constant ``c`` such that ``module(ids) == weight[ids] * c`` when ``module``'s table is in
+    ``dtype`` (1 for ``nn.Embedding``; sqrt(hidden) for Gemma's scaled embeddings, whatever the
+    subclass), or None when its forward is not such a lookup (a norm after it, ``max_norm``).
+
+    Found by running ``module``'s own forward on a two-row probe table (ones, then random values):
+    row 0 gives ``c`` exactly, and row 1 must come back as ``row * c``, bit for bit.
+    """
+    if module.max_norm is not None:
+        return None
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    table = torch.stack([torch.ones(module.embedding_dim), torch.randn(module.embedding_dim,
+                         generator=torch.Generator().manual_seed(0))]).to(dtype)
+    probe = copy.copy(module)  # the same class and attributes, with a parameter dict of its own
+    probe._parameters = {"weight": nn.Parameter(table, requires_grad=False)}
+    probe.padding_idx = None
+    with torch.no_grad():
+        out = type(module).forward(probe, torch.tensor([0, 1]))
+    if out.shape != table.shape or out.dtype != dtype or not torch.equal(out[0], out[0, :1].expand_as(out[0])):
+        return None
+    c = out[0, 0]
+    return c.item() if torch.equal(out[1], table[1] * c) else None
