@@ -72,7 +72,7 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         runs[name] = json.loads(report.read_text())
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     baseline = load_model(base_path)
     results = {}
     for name in names:

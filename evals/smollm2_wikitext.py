@@ -86,7 +86,7 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         runs[name] = json.loads(report.read_text())
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     candidates = {name: load_model(work / name) for name in names}
     results = compare_lms(candidates, tokenizer, "wikitext2", args.seqlen, args.windows, baseline=load_model(base_path))
 

@@ -41,6 +41,7 @@ class QuantConfig:
     mse: bool = False
     block_size: int = 128
     skip_unpackable: bool = False
+    skip_nonfinite: bool = False  # leave layers whose weights no grid holds (NaN, inf, huge) unquantized
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,7 +49,8 @@ class QuantConfig:
         self.group_size = check_group_size(self.group_size)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 0 < self.damp_percent < 1:
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
+                or not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
         if self.desc_act is None:
             self.desc_act = self.method == "gptq"
@@ -86,6 +88,8 @@ class QuantConfig:
         fmt = d.get("checkpoint_format", "gptq")
         if fmt != "gptq":
             raise ValueError(f"unsupported checkpoint_format {fmt!r}: llmq loads GPTQ v1 ('gptq') checkpoints")
+        if not isinstance(d.get("meta") or {}, dict):
+            raise ValueError(f"quantization_config meta must be a JSON object, got {d['meta']!r}")
         meta = dict(d.get("meta") or {})
         known = {f.name for f in fields(cls)} - {"meta", "method", "mse"}
         kwargs = {k: d[k] for k in known if k in d}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.calibration import CALIBRATION_DOCS
+from llmq.calibration import CALIBRATION_DOCS, read_text
 
 WIKITEXT2_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -44,7 +44,7 @@ def load_eval_text(dataset: str = "wikitext2") -> tuple[str, str]:
     if dataset == "wikitext2":
         local = _wikitext2_file()
         if local is not None:
-            return _read_text(local), f"wikitext-2-raw test ({local.name})"
+            return read_text(local, "evaluation text"), f"wikitext-2-raw test ({local.name})"
         try:
             import datasets
 
@@ -62,11 +62,7 @@ def load_eval_text(dataset: str = "wikitext2") -> tuple[str, str]:
     path = Path(dataset).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled' or a text file")
-    return _read_text(path), f"file {path.name}"
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    return read_text(path, "evaluation text"), f"file {path.name}"
 
 
 def uses_bos(tokenizer) -> bool:

@@ -6,18 +6,29 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmq import streaming
-from llmq.checkpoint import read_quant_config
+import torch
+
+from llmq import models, streaming
+from llmq.assets import load_config, resolve_model
+from llmq.checkpoint import read_quant_config, replace_quantized_linears, validate_quantized_layers
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Config, size on disk, bits per quantized weight (``qweight``, ``qzeros``, ``scales`` and
-    ``g_idx`` counted), and which layers are quantized."""
-    path = Path(path)
+    ``g_idx`` counted), and which layers are quantized; after the same checks as loading it
+    (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
+    path = resolve_model(path)
     qconfig = read_quant_config(path)
+    config = load_config(path)
+    if hasattr(config, "quantization_config"):  # the skeleton is built unquantized; its linears are replaced below
+        del config.quantization_config
     reader = streaming.ShardReader(path)
+    skeleton = models.build_skeleton(config)
+    keys = streaming.KeyMap(skeleton, reader)
+    replace_quantized_linears(skeleton, keys, qconfig, torch.float16)
+    validate_quantized_layers(skeleton, keys)
     layers: dict[str, dict[str, int]] = {}
     other_bytes = other_params = 0
     for key in reader.keys():

@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
-from llmq import assets, checkpoint, models, packing, streaming
-from llmq.calibration import Calibration, get_calibration
+from llmq import assets, checkpoint, models, outdir, packing, streaming
+from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig
+from llmq.quantizers.gptq import CalibrationError
 from llmq.quantizers.grid import QuantizedWeight, dequant_rows
 from llmq.quantizers.rtn import rtn_quantize
 
@@ -103,10 +103,12 @@ def quantize(
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
     """
     started = time.perf_counter()
-    if Path(out).expanduser().exists() and not overwrite:
-        raise checkpoint.OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
     src = assets.resolve_model(model)
-    hf_config = AutoConfig.from_pretrained(src)
+    sources = {src: "input model"}
+    if config.method == "gptq" and calibration is None:
+        sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
+    outdir.check_output(out, overwrite, sources)  # fail now rather than after loading the model
+    hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
     reader = streaming.ShardReader(src)
@@ -121,6 +123,10 @@ def quantize(
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, reader)
     plan, skipped = _plan(layout, config)
+    planned = [layout.block_prefix(i) + n for i, ns in enumerate(plan) for n in ns]
+    kept = streaming.check_weights(keys, skeleton, planned, config.bits, out_dtype, config.skip_nonfinite)
+    plan = [[n for n in ns if layout.block_prefix(i) + n not in kept] for i, ns in enumerate(plan)]
+    skipped.update(kept)
     if not any(plan):
         reason = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
@@ -128,13 +134,15 @@ def quantize(
 
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
     wide = widest >= LEAN_FROM
+    if config.group_size >= widest:  # one group per row in every layer: say so (-1) in the checkpoint
+        config = config.replace(group_size=-1)
     if wide:  # keep freed memory from staying resident: tensors of 4 MiB and up mapped, the heap trimmed per batch
         _limit_heap_retention()
     if batch_size is None:  # wide MLPs' activations per batch are what the forwards add to the peak on CPU
         batch_size = 2 if wide and device.type == "cpu" else 8
 
     if config.method == "gptq" and calibration is None:
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = assets.load_tokenizer(src)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
         calibration = get_calibration(tokenizer, calib_source, nsamples, min(calib_seqlen, max_pos), seed,
                                       chat_template)
@@ -148,7 +156,7 @@ def quantize(
     config = config.replace(meta=meta)
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped)
-    with checkpoint.atomic_output(out, overwrite) as tmp:
+    with outdir.atomic_output(out, overwrite, sources) as tmp:
         writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
         written: set[str] = set()
         if config.method == "gptq":
@@ -173,9 +181,12 @@ def quantize(
                 # solution is written as soon as it exists.
                 linears = list(models.block_linears(block))
                 streaming.materialize(block, prefix, keys, device, fwd_dtype, skip={f"{n}.weight" for n in linears})
-                errors, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
-                                             linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide,
-                                             keep_inputs=not wide)  # wide: memory comes first
+                try:
+                    errors, inputs = _gptq_block(block, plan[i], inputs, config, original, first_token_weight,
+                                                 linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide,
+                                                 keep_inputs=not wide)  # wide: memory comes first
+                except CalibrationError as e:
+                    raise CalibrationError(f"{prefix[:-1]}: {e}") from None
             else:  # RTN needs no forward: each weight comes from the shards, is read once and written at once
                 errors = {}
                 for name in plan[i]:

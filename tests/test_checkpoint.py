@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from llmq import QuantConfig, QuantLinear, models
-from llmq.checkpoint import NotQuantizedError, OutputExistsError, load_quantized
+from llmq.checkpoint import NotQuantizedError, load_quantized
+from llmq.outdir import OutputExistsError
 from llmq.pipeline import NothingToQuantizeError, quantize
 from llmq.qlinear import HalfEmbedding, HalfLinear
 from llmq.quantizers.rtn import rtn_quantize
