@@ -161,12 +161,10 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_config(path: Path) -> PretrainedConfig:
-    """The transformers config of checkpoint folder ``path``, without running any code it brings
-    (``trust_remote_code=False``). Raises ``ValueError`` with a one-line message for a missing,
-    invalid or non-object ``config.json``, a ``quantization_config`` that is not an object, and a
-    checkpoint that needs its own code (an ``auto_map`` for a model type transformers lacks)."""
-    from transformers import AutoConfig
+def _checked_config(path: Path) -> dict:
+    """``config.json`` of ``path`` as a dict, refused (one-line ``ValueError``) when it is not a JSON
+    object, its ``quantization_config`` is not one, or it needs the checkpoint's own code (an
+    ``auto_map`` for a model type transformers lacks)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from llmq.streaming import read_json_object
@@ -178,6 +176,16 @@ def load_config(path: Path) -> PretrainedConfig:
     if "auto_map" in data and model_type not in CONFIG_MAPPING:
         raise ValueError(f"{path} needs custom code (config.json maps model type {model_type!r}, unknown to "
                          "transformers, to its own Python files): llmq never runs code from a checkpoint")
+    return data
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    """The transformers config of checkpoint folder ``path``, checked first (see :func:`_checked_config`)
+    and read without running any code it brings (``trust_remote_code=False``); ``ValueError`` with
+    a one-line message when it cannot be read."""
+    from transformers import AutoConfig
+
+    _checked_config(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
@@ -185,10 +193,12 @@ def load_config(path: Path) -> PretrainedConfig:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of checkpoint folder ``path``, without running any code it brings
-    (``trust_remote_code=False``); ``ValueError`` with a one-line message when it cannot be loaded."""
+    """The tokenizer of checkpoint folder ``path`` (whose ``config.json`` transformers reads too, so
+    it is checked first), without running any code it brings (``trust_remote_code=False``);
+    ``ValueError`` with a one-line message when it cannot be loaded."""
     from transformers import AutoTokenizer
 
+    _checked_config(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
