@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -995,6 +996,9 @@ def run_in_process(root: Path, argv: list[str]) -> Result:
     from llmq import cli
 
     out, err = io.StringIO(), io.StringIO()
+    # transformers logs through a handler bound to the stderr of its import: listen to it as well.
+    listener = logging.StreamHandler(err)
+    logging.getLogger("transformers").addHandler(listener)
     cwd = Path.cwd()
     os.chdir(root)
     try:
@@ -1005,6 +1009,7 @@ def run_in_process(root: Path, argv: list[str]) -> Result:
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(cwd)
+        logging.getLogger("transformers").removeHandler(listener)
     return Result(code, out.getvalue(), err.getvalue())
 
 
