@@ -91,7 +91,7 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
 
     from llmq import models
 
-    models.model_class(AutoConfig.from_pretrained(resolve_model(model)))
+    models.model_class(AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=False))
     import_seconds = time.perf_counter() - started
     started = time.perf_counter()
     m, _ = load_chat_model(model, "cpu", getattr(torch, dtype))
@@ -99,7 +99,7 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     if load_only:
         return {"import_seconds": import_seconds, "load_seconds": load_seconds}
     rss_loaded = _rss_mb()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=False)
     ids = tokenizer(PROMPT)["input_ids"]
     if len(ids) < prompt_tokens:
         raise ValueError(f"the fixed prompt has {len(ids)} tokens, fewer than --prompt-tokens {prompt_tokens}")

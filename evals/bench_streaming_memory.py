@@ -49,7 +49,7 @@ def build(folder: Path, layers: int, hidden: int, intermediate: int) -> int:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, max_shard_size="500MB")
-        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"), trust_remote_code=False).save_pretrained(tmp)
         del model
         tmp.rename(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))

@@ -71,7 +71,7 @@ def main() -> None:
         quantized = json.loads(report.read_text())
         runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     baseline = load_model(base_path)
     results = {}
     for name in names:

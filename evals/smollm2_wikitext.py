@@ -85,7 +85,7 @@ def main() -> None:
         quantized = json.loads(report.read_text())
         runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     candidates = {name: load_model(work / name) for name in names}
     results = compare_lms(candidates, tokenizer, "wikitext2", args.seqlen, args.windows, baseline=load_model(base_path))
 

@@ -33,6 +33,13 @@ class Calibration:
                                 "chat_template": self.chat_template}}
 
 
+def calibration_files(source: str) -> list[Path]:
+    """The local files a calibration ``source`` names (none for ``bundled`` and ``hf:...``)."""
+    if source == "bundled" or source.startswith("hf:"):
+        return []
+    return [Path(part).expanduser() for part in source.split(",")]
+
+
 def load_texts(source: str) -> list[str]:
     """The documents of a calibration ``source`` (see the module docstring)."""
     from llmq import assets
@@ -42,14 +49,23 @@ def load_texts(source: str) -> list[str]:
     if source.startswith("hf:"):
         return [t for t in hub_rows(source) if t.strip()]
     texts = []
-    for part in source.split(","):
-        path = Path(part).expanduser()
+    for path in calibration_files(source):
         if not path.is_file():
-            raise FileNotFoundError(f"calibration source {part!r} is not 'bundled', 'hf:...' or a text file")
+            raise FileNotFoundError(f"calibration source {str(path)!r} is not 'bundled', 'hf:...' or a text file")
         if path.name in EVAL_TEXT_NAMES:
             raise ValueError(f"calibration text {path} is the evaluation corpus: calibrate on other text")
-        texts.append(path.read_text(encoding="utf-8").replace("\r\n", "\n"))
+        texts.append(read_text(path, "calibration file"))
     return texts
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (CRLF read as LF); a one-line ``ValueError`` naming ``what`` and the
+    file when it is not UTF-8 text (a binary file, say)."""
+    try:
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+            from None
 
 
 def hub_rows(source: str) -> list[str]:

@@ -10,6 +10,7 @@ transformers is imported inside functions only, so that ``llmq --help`` stays fa
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import math
@@ -421,9 +422,7 @@ def context_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
 def load_chat_model(name_or_path: str, device: str = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A generation-capable model (quantized or not) and its tokenizer."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from llmq.assets import resolve_model
+    from llmq.assets import load_generation_config, load_tokenizer, resolve_model
     from llmq.checkpoint import load_model
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -432,16 +431,12 @@ def load_chat_model(name_or_path: str, device: str = "cpu",
     model = load_model(path, device=device, dtype=dtype)
     if not hasattr(model, "generate") or not model.can_generate():
         raise ValueError(f"{name_or_path} ({type(model).__name__}) is not a text-generation model")
-    if (path / "generation_config.json").exists():
+    generation_config = load_generation_config(path)
+    if generation_config is not None:
         # load_quantized builds the model from config.json alone and so misses the checkpoint's
         # generation settings (several EOS ids, for one); read them here.
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load a tokenizer from {path}: {first}") from None
-    return model, tokenizer
+        model.generation_config = generation_config
+    return model, load_tokenizer(path)
 
 
 def describe_model(model: nn.Module) -> str:
@@ -479,6 +474,28 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(sub.add_parser("chat", help="chat with a checkpoint in the terminal, streaming replies"))
 
 
+def _stdin_encoding() -> str:
+    return codecs.lookup(sys.stdin.encoding or "utf-8").name.upper()
+
+
+def _read_line() -> str:
+    """One line of the conversation, without its newline: through ``input()`` (line editing) on a
+    terminal, else read as bytes, so that a line that is not text is skipped alone rather than
+    ending the session. ``EOFError`` at the end; ``UnicodeError`` for a line that is not text."""
+    encoding = _stdin_encoding()
+    try:
+        if sys.stdin.isatty():
+            # Decoding strictly, input() raises; with surrogateescape, bad bytes arrive as surrogates.
+            return input(PROMPT).encode(encoding, "surrogateescape").decode(encoding)
+        print(PROMPT, end="", flush=True)  # as input() does without a terminal
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            raise EOFError
+        return raw.decode(encoding).removesuffix("\n")
+    except UnicodeError:
+        raise UnicodeError(f"not valid {encoding} text") from None
+
+
 def _interactive(session: ChatSession, model_name: str) -> None:
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -486,13 +503,16 @@ def _interactive(session: ChatSession, model_name: str) -> None:
                    f"tokens, replies up to {session.sampling.max_new_tokens} tokens. /help lists commands.")
     while True:
         try:
-            line = input(PROMPT)
+            line = _read_line()
         except EOFError:
             print(file=session.out)
             return
         except KeyboardInterrupt:
             print(file=session.out)
             session.notice("(/exit or Ctrl-D quits)")
+            continue
+        except UnicodeError as e:
+            session.notice(f"({e}: line ignored)")
             continue
         if not line.strip():
             continue
@@ -513,7 +533,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-context must be positive, got {args.max_context}")
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode(_stdin_encoding())
+        except UnicodeError:
+            raise ValueError(f"--prompt -: stdin is not valid {_stdin_encoding()} text") from None
     if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty")
     if args.threads is not None:

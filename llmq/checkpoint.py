@@ -1,19 +1,16 @@
-"""Save quantized checkpoints (atomic, sharded safetensors + config) and load them back."""
+"""Save quantized checkpoints (sharded safetensors + config) and load them back, checked first."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig
 
 from llmq import models, packing, streaming
 from llmq.config import ModuleSpec, QuantConfig
@@ -24,36 +21,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 SKIP_FILES = {"config.json", "quantize_config.json", streaming.INDEX_NAME, "pytorch_model.bin.index.json"}
 
 
-class OutputExistsError(FileExistsError):
-    """The output folder exists and overwriting was not asked for."""
-
-
 class NotQuantizedError(ValueError):
     """A checkpoint given to ``load_quantized`` has no ``quantization_config``."""
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out`` that is renamed to ``out`` only on success.
-
-    A crash leaves no folder at ``out`` (only a ``.tmp-*`` folder that is removed on the way out).
-    """
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".old-{out.name}-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _ST_DTYPES = {dtype: name for name, dtype in streaming.DTYPES.items()}
@@ -168,11 +137,13 @@ def read_quantization_config(path: str | Path) -> dict:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    qc = json.loads(config_file.read_text()).get("quantization_config")
+    qc = streaming.read_json_object(config_file).get("quantization_config")
     if qc is None and (path / "quantize_config.json").exists():
-        qc = json.loads((path / "quantize_config.json").read_text())
+        qc = streaming.read_json_object(path / "quantize_config.json")
     if qc is None:
         raise NotQuantizedError(f"{path} has no quantization_config: not a quantized checkpoint")
+    if not isinstance(qc, dict):
+        raise streaming.CorruptCheckpointError(f"{config_file}: quantization_config is not a JSON object")
     return qc
 
 
@@ -204,11 +175,11 @@ def load_quantized(
     changing any value it computes. Default: on CPU with fp32 compute when the compiled CPU
     kernels are available.
     """
-    from llmq.assets import resolve_model
+    from llmq.assets import load_config, load_generation_config, resolve_model
 
     path = resolve_model(path)
     qconfig = read_quant_config(path)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if qconfig.lm_head:  # a quantized head is never tied to the embeddings (GPTQModel refuses that too)
@@ -225,20 +196,9 @@ def load_quantized(
 
         half_tables = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_available()
     half = _half_tables(model, keys, dtype) if half_tables and dtype == torch.float32 else {}
-    for name, module in list(model.named_modules()):
-        if not models.is_linear(module):
-            continue
-        qkey = keys.source(f"{name}.qweight")
-        if qkey is None:
-            continue
-        in_f, out_f = models.linear_shape(module)
-        has_bias = keys.source(f"{name}.bias") is not None
-        spec = module_spec(qconfig, qkey)
-        model.set_submodule(name, QuantLinear(in_f, out_f, spec.bits, spec.group_size, has_bias, device="meta",
-                                              dtype=dtype))
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise NotQuantizedError(f"{path} has a quantization_config but no quantized tensors (*.qweight)")
+    replace_quantized_linears(model, keys, qconfig, dtype)
     reader.preload()  # every tensor is kept: read each shard once
+    validate_quantized_layers(model, keys)
     ambiguous: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -256,9 +216,79 @@ def load_quantized(
         raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
     _swap_half_tables(model, half, dtype)
     model.config.quantization_config = qconfig.to_dict()
-    if (path / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    generation_config = load_generation_config(path)
+    if generation_config is not None:
+        model.generation_config = generation_config
     return model.to(device).eval()
+
+
+def replace_quantized_linears(model: nn.Module, keys: streaming.KeyMap, qconfig: QuantConfig,
+                              dtype: torch.dtype) -> None:
+    """Replace each linear of ``model`` whose checkpoint has a ``qweight`` by a ``QuantLinear``
+    on the meta device (buffers in ``dtype`` where floating); ``NotQuantizedError`` when none has."""
+    for name, module in list(model.named_modules()):
+        if not models.is_linear(module):
+            continue
+        qkey = keys.source(f"{name}.qweight")
+        if qkey is None:
+            continue
+        in_f, out_f = models.linear_shape(module)
+        has_bias = keys.source(f"{name}.bias") is not None
+        spec = module_spec(qconfig, qkey)
+        try:
+            qlinear = QuantLinear(in_f, out_f, spec.bits, spec.group_size, has_bias, device="meta", dtype=dtype)
+        except ValueError as e:
+            raise streaming.CorruptCheckpointError(f"quantized layer {name}: {e}") from None
+        model.set_submodule(name, qlinear)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise NotQuantizedError(f"{keys.reader.folder} has a quantization_config but no quantized tensors (*.qweight)")
+
+
+# What each tensor of a GPTQ layer may be stored as (safetensors dtype names).
+_FLOATS = ("F16", "BF16", "F32")
+QUANTIZED_DTYPES = {"qweight": ("I32",), "qzeros": ("I32",), "scales": _FLOATS, "g_idx": ("I32", "I64"),
+                    "bias": _FLOATS}
+
+
+def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
+    """Check the checkpoint tensors of every ``QuantLinear`` of ``model`` (on any device, meta
+    included) before any forward: each one present (``g_idx`` may be absent), stored in a dtype
+    of ``QUANTIZED_DTYPES``, of the shape the layer expects (``qweight`` ``[in*bits/32, out]``,
+    ``qzeros`` ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``, ``bias``
+    ``[out]``), ``scales`` and ``bias`` finite, every ``g_idx`` in ``[0, groups)``.
+
+    Raises ``CorruptCheckpointError`` with a one-line message naming the layer.
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        what = f"{layer.bits}-bit, group size {layer.group_size}, {layer.in_features} -> {layer.out_features}"
+        for leaf, allowed in QUANTIZED_DTYPES.items():
+            expected = getattr(layer, leaf)
+            key = keys.source(f"{name}.{leaf}")
+            if expected is None or (key is None and leaf == "g_idx"):
+                continue
+            if key is None:
+                raise streaming.CorruptCheckpointError(f"quantized layer {name} has no tensor {leaf}")
+            dtype, shape = keys.reader.info(key)
+            if dtype not in allowed:
+                raise streaming.CorruptCheckpointError(
+                    f"quantized layer {name}: {leaf} is stored as {dtype}, GPTQ stores it as {' or '.join(allowed)}")
+            if tuple(shape) != tuple(expected.shape):
+                raise streaming.CorruptCheckpointError(f"quantized layer {name}: {leaf} has shape {tuple(shape)}, "
+                                                       f"expected {tuple(expected.shape)} ({what})")
+            if leaf in ("scales", "bias"):
+                bad = int((~torch.isfinite(keys.reader.get(key))).sum())
+                if bad:
+                    raise streaming.CorruptCheckpointError(
+                        f"quantized layer {name}: {bad} of its {leaf} are NaN or infinite")
+            elif leaf == "g_idx" and shape[0]:
+                g = keys.reader.get(key)
+                lo, hi, groups = int(g.min()), int(g.max()), layer.scales.shape[0]
+                if lo < 0 or hi >= groups:
+                    raise streaming.CorruptCheckpointError(
+                        f"quantized layer {name}: g_idx holds group {lo if lo < 0 else hi}, the layer has groups "
+                        f"0 to {groups - 1} ({what})")
 
 
 def _half_tables(model: nn.Module, keys: streaming.KeyMap, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -359,14 +389,14 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> nn.Module:
     """Any checkpoint llmq knows: quantized ones through :func:`load_quantized`, others through
     transformers (safetensors only), in float32 on CPU by default."""
-    from llmq.assets import resolve_model
+    from llmq.assets import load_config, resolve_model
 
     path = resolve_model(name_or_path)
     if is_quantized(path):
         return load_quantized(path, device=device, dtype=dtype)
     streaming.ShardReader(path)  # validates the shards before transformers reads them
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     cls = models.model_class(config)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False).to(device).eval()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="dtype of unquantized tensors (default: bfloat16 for bf16 checkpoints, else float16)")
     p.add_argument("--skip-unpackable", action="store_true",
                    help="leave layers whose dimensions the packing cannot hold unquantized instead of failing")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="leave layers whose weights hold NaN, infinite values or magnitudes beyond fp16 scales "
+                        "unquantized (with a warning) instead of failing; other tensors with such values are kept")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval-windows", type=int, default=0,
@@ -106,20 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: str | None, data: dict[str, Any]) -> None:
+def _check_json(path: str | None, inputs: dict[Path, str]) -> None:
+    """Refuse a ``--json`` path that is a folder or would write over an input, before any work."""
+    from llmq.outdir import check_apart
+
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, default=str))
+        if Path(path).expanduser().is_dir():
+            raise ValueError(f"--json {path} is a folder: give a file name")
+        check_apart(path, inputs, label="--json")
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    if path:
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _eval_inputs(*names: str | Path | None) -> dict[Path, str]:
+    """Local folders and files among the models and datasets a command reads."""
+    return {Path(n).expanduser(): "input" for n in names if n and Path(n).expanduser().exists()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from llmq.assets import resolve_model
+    from llmq.calibration import calibration_files
     from llmq.config import QuantConfig
     from llmq.pipeline import quantize
 
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
                          desc_act=args.desc_act, static_groups=args.static_groups,
                          true_sequential=args.true_sequential, damp_percent=args.damp, mse=args.mse,
-                         skip_unpackable=args.skip_unpackable, group_fit=args.group_fit, head_bits=args.quantize_head)
+                         skip_unpackable=args.skip_unpackable, group_fit=args.group_fit, head_bits=args.quantize_head,
+                         skip_nonfinite=args.skip_nonfinite)
+    _check_json(args.json, {resolve_model(args.model): "input model",
+                            **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     report = quantize(args.model, config, args.out, calib_source=args.calib, nsamples=args.nsamples,
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
@@ -148,12 +181,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
+    from llmq.assets import load_tokenizer
     from llmq.checkpoint import load_model
     from llmq.evaluate import evaluate_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(quantized)
+    tokenizer = load_tokenizer(quantized)
     res = evaluate_lm(load_model(quantized), tokenizer, seqlen=seqlen, max_windows=max_windows,
                       baseline=load_model(baseline))
     print(f"{res.corpus}, seqlen {res.seqlen}, {res.windows} windows ({res.tokens} tokens scored)")
@@ -164,14 +196,13 @@ def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) ->
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from llmq import evaluate
-    from llmq.assets import resolve_model
+    from llmq.assets import load_tokenizer, resolve_model
     from llmq.checkpoint import load_model
 
     path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    _check_json(args.json, _eval_inputs(path, args.baseline, args.dataset))
+    tokenizer = load_tokenizer(path)
     model = load_model(path, device=args.device)
     baseline = load_model(args.baseline, device=args.device) if args.baseline else None
     is_lm = hasattr(model, "generation_config") and not evaluate.has_mlm_head(model) and \
@@ -218,15 +249,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a scheduler, ``docker stop``): unwind like Ctrl-C, so that
+    partial output is removed, and exit with status 143. Not an ``Exception``, so that no
+    ``except Exception`` on the way swallows it."""
+
+
+def _terminate(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0, 2 for bad input (one line on stderr), 130 after
+    SIGINT (Ctrl-C), 143 after SIGTERM. While it runs, SIGTERM unwinds the command like Ctrl-C."""
     args = build_parser().parse_args(argv)
     handler = COMMANDS[args.command]
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmq {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"llmq {args.command}: interrupted by SIGINT (Ctrl-C); nothing half-written was left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"llmq {args.command}: terminated by SIGTERM; nothing half-written was left", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

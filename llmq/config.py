@@ -150,6 +150,7 @@ class QuantConfig:
     block_name_to_quantize: str | None = None
     head_bits: int | None = None  # quantize: the output head at this width (RTN), None to keep it unquantized
     group_fit: str = "shrink"  # quantize: see fit_groups
+    skip_nonfinite: bool = False  # leave layers whose weights no grid holds (NaN, inf, huge) unquantized
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,7 +167,8 @@ class QuantConfig:
             _check_rule(key, settings)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 0 < self.damp_percent < 1:
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
+                or not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
         if self.desc_act is None:
             self.desc_act = self.method == "gptq"
@@ -209,6 +211,8 @@ class QuantConfig:
         """Read a ``quantization_config``; raises ``ValueError`` for formats llmq does not load."""
         if d.get("quant_method", "gptq") != "gptq":
             raise ValueError(f"unsupported quant_method {d.get('quant_method')!r}: llmq loads GPTQ checkpoints")
+        if not isinstance(d.get("meta") or {}, dict):
+            raise ValueError(f"quantization_config meta must be a JSON object, got {d['meta']!r}")
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         if fmt not in CHECKPOINT_FORMATS:
             raise ValueError(f"unsupported checkpoint_format {fmt!r}: llmq loads {' and '.join(CHECKPOINT_FORMATS)}")
@@ -216,7 +220,7 @@ class QuantConfig:
             raise ValueError(f"unsupported pack_dtype {d['pack_dtype']!r}: llmq loads int32-packed checkpoints")
         meta = dict(d.get("meta") or {})
         known = {f.name for f in fields(cls)} - {"meta", "method", "mse", "checkpoint_format", "head_bits",
-                                                  "group_fit"}
+                                                  "group_fit", "skip_nonfinite"}
         kwargs = {k: d[k] for k in known if d.get(k) is not None}
         method = meta.get("method", "gptq")
         return cls(method=method if method in METHODS else "gptq", mse=bool(meta.get("mse", False)),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.calibration import CALIBRATION_DOCS, hub_rows
+from llmq.calibration import CALIBRATION_DOCS, hub_rows, read_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -61,7 +61,7 @@ def load_eval_text(dataset: str = "wikitext2") -> tuple[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled', "
                                 "'hf:NAME[:CONFIG]:SPLIT:FIELD' or a text file")
-    return _normalize(path.read_text(encoding="utf-8")), f"file {path.name}"
+    return read_text(path, "evaluation text"), f"file {path.name}"
 
 
 def _normalize(text: str) -> str:

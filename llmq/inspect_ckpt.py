@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmq import streaming
-from llmq.checkpoint import module_spec, read_quantization_config
+import torch
+
+from llmq import models, streaming
+from llmq.assets import load_config, resolve_model
+from llmq.checkpoint import module_spec, read_quantization_config, replace_quantized_linears, validate_quantized_layers
 from llmq.config import QuantConfig
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -16,11 +19,21 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """The file's own ``quantization_config`` and producer (``meta.quantizer``), size on disk, bits
     per quantized weight (``qweight``, ``qzeros``, ``scales`` and ``g_idx`` counted) and per
-    parameter of the whole checkpoint, and which layers are quantized."""
-    path = Path(path)
+    parameter of the whole checkpoint, and which layers are quantized; after the same checks as
+    loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
+    path = resolve_model(path)
     raw = read_quantization_config(path)
     qconfig = QuantConfig.from_dict(raw)
+    config = load_config(path)
+    if hasattr(config, "quantization_config"):  # the skeleton is built unquantized; its linears are replaced below
+        del config.quantization_config
+    if qconfig.lm_head:
+        config.tie_word_embeddings = False
     reader = streaming.ShardReader(path)
+    skeleton = models.build_skeleton(config)
+    keys = streaming.KeyMap(skeleton, reader)
+    replace_quantized_linears(skeleton, keys, qconfig, torch.float16)
+    validate_quantized_layers(skeleton, keys)
     layers: dict[str, dict[str, int]] = {}
     other_bytes = other_params = 0
     for key in reader.keys():

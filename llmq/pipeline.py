@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
-from llmq import assets, checkpoint, models, packing, streaming
-from llmq.calibration import Calibration, get_calibration
+from llmq import assets, checkpoint, models, outdir, packing, streaming
+from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import ModuleSpec, QuantConfig, default_format, dynamic_rules, fit_groups
+from llmq.quantizers.gptq import CalibrationError
 from llmq.quantizers.grid import QuantizedWeight, dequant_rows
 from llmq.quantizers.rtn import rtn_quantize
 
@@ -107,10 +107,12 @@ def quantize(
     if config.checkpoint_format != default_format(config.sym):
         raise ValueError(f"llmq writes {'symmetric' if config.sym else 'asymmetric'} checkpoints as "
                          f"{default_format(config.sym)}, not {config.checkpoint_format}")
-    if Path(out).expanduser().exists() and not overwrite:
-        raise checkpoint.OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
     src = assets.resolve_model(model)
-    hf_config = AutoConfig.from_pretrained(src)
+    sources = {src: "input model"}
+    if config.method == "gptq" and calibration is None:
+        sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
+    outdir.check_output(out, overwrite, sources)  # fail now rather than after loading the model
+    hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
     reader = streaming.ShardReader(src)
@@ -125,6 +127,10 @@ def quantize(
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, reader)
     plan, skipped = _plan(layout, config)
+    planned = [layout.block_prefix(i) + n for i, ns in enumerate(plan) for n in ns]
+    kept = streaming.check_weights(keys, skeleton, planned, config.bits, out_dtype, config.skip_nonfinite)
+    plan = [[n for n in ns if layout.block_prefix(i) + n not in kept] for i, ns in enumerate(plan)]
+    skipped.update(kept)
     if not any(plan):
         reason = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
@@ -134,13 +140,15 @@ def quantize(
 
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
     wide = widest >= LEAN_FROM
+    if config.group_size >= widest:  # one group per row in every layer: say so (-1) in the checkpoint
+        config = config.replace(group_size=-1)
     if wide:  # keep freed memory from staying resident: tensors of 4 MiB and up mapped, the heap trimmed per batch
         _limit_heap_retention()
     if batch_size is None:  # wide MLPs' activations per batch are what the forwards add to the peak on CPU
         batch_size = 2 if wide and device.type == "cpu" else 8
 
     if config.method == "gptq" and calibration is None:
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = assets.load_tokenizer(src)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
         calibration = get_calibration(tokenizer, calib_source, nsamples, min(calib_seqlen, max_pos), seed,
                                       chat_template)
@@ -154,7 +162,7 @@ def quantize(
     config = config.replace(meta=meta)
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
-    with checkpoint.atomic_output(out, overwrite) as tmp:
+    with outdir.atomic_output(out, overwrite, sources) as tmp:
         writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
         written: set[str] = set()
         if config.method == "gptq":
@@ -180,9 +188,12 @@ def quantize(
                 linears = list(models.block_linears(block))
                 streaming.materialize(block, prefix, keys, device, fwd_dtype, skip={f"{n}.weight" for n in linears})
                 specs = {name: config.for_module(prefix + name) for name in plan[i]}
-                errors, inputs = _gptq_block(block, specs, inputs, config, original, first_token_weight,
-                                             linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide,
-                                             keep_inputs=not wide)  # wide: memory comes first
+                try:
+                    errors, inputs = _gptq_block(block, specs, inputs, config, original, first_token_weight,
+                                                 linears, fwd_dtype, device, write, spill_dir=tmp, trim=wide,
+                                                 keep_inputs=not wide)  # wide: memory comes first
+                except CalibrationError as e:
+                    raise CalibrationError(f"{prefix[:-1]}: {e}") from None
             else:  # RTN needs no forward: each weight comes from the shards, is read once and written at once
                 errors = {}
                 for name in plan[i]:

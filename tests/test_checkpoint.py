@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from llmq import QuantConfig, QuantLinear, models
-from llmq.checkpoint import NotQuantizedError, OutputExistsError, load_quantized
+from llmq.checkpoint import NotQuantizedError, load_quantized
+from llmq.outdir import OutputExistsError
 from llmq.pipeline import NothingToQuantizeError, quantize
 from llmq.qlinear import HalfEmbedding, HalfLinear, lookup_scale
 from llmq.quantizers.rtn import rtn_quantize

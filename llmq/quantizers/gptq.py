@@ -34,6 +34,10 @@ class HessianError(ValueError):
     """The Hessian cannot be factorized (not positive definite even after extra damping)."""
 
 
+class CalibrationError(ValueError):
+    """The calibration activations reaching a layer are NaN or infinite."""
+
+
 @dataclass
 class GPTQInfo:
     """What a solve did, for logs and progress bars.
@@ -87,6 +91,10 @@ class GPTQ:
             raise ValueError(f"expected inputs [..., {self.in_features}], got shape {tuple(x.shape)}")
         if first_token_weight <= 0:
             raise ValueError(f"first_token_weight must be positive, got {first_token_weight}")
+        if not torch.isfinite(x).all():
+            dtype = str(x.dtype).removeprefix("torch.")
+            raise CalibrationError(f"calibration activations are NaN or infinite (the forwards in {dtype} "
+                                   "overflowed, or an earlier layer's weights are not finite)")
         if self.H is None:
             if self.device is None:
                 self.device = x.device
@@ -246,6 +254,8 @@ def _gptq(weight: torch.Tensor, owned: list[torch.Tensor | UpperPanels], bits: i
 
     def rows(r0: int, r1: int) -> torch.Tensor:  # float32 working copy of weight rows [r0, r1)
         W = torch.empty((r1 - r0, cols), dtype=torch.float32, device=device).copy_(weight[r0:r1])
+        if not torch.isfinite(W).all():
+            raise ValueError(f"the weight has NaN or infinite values (in rows {r0}-{r1 - 1}): GPTQ cannot quantize it")
         W[:, dead] = 0
         return W
 
