@@ -67,7 +67,8 @@ def test_group_fit_head_and_the_files_own_config(src, tmp_path):
     """The CLI says when it changes the group size, quantizes the head on request, and ``inspect``
     shows the file's quantization_config and producer as written, not llmq's defaults."""
     out = tmp_path / "fit"
-    r = llmq("quantize", "--model", src, "--out", out, "--group-size", "128", "--asym", "--quantize-head", "8")
+    r = llmq("quantize", "--model", src, "--out", out, "--method", "rtn", "--group-size", "128", "--asym",
+             "--quantize-head", "8")
     assert r.returncode == 0, r.stderr
     assert "group size 128 -> 64: 13 of 15 quantized layers" in r.stdout and "15 layers quantized" in r.stdout
     config = json.loads((out / "config.json").read_text())
