@@ -250,6 +250,18 @@ QUANTIZED_DTYPES = {"qweight": ("I32",), "qzeros": ("I32",), "scales": _FLOATS, 
                     "bias": _FLOATS}
 
 
+def stored_shapes(layer: QuantLinear) -> dict[str, tuple[int, ...]]:
+    """Shape of each checkpoint tensor of ``layer`` in GPTQ's layout (``bias`` only when it has one):
+    ``qweight`` ``[in*bits/32, out]``, ``qzeros`` ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``,
+    ``g_idx`` ``[in]``, ``bias`` ``[out]``."""
+    shapes = {"qweight": tuple(layer.qweight.shape),
+              "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
+              "scales": tuple(layer.scales.shape), "g_idx": (layer.in_features,)}
+    if layer.bias is not None:
+        shapes["bias"] = (layer.out_features,)
+    return shapes
+
+
 def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
     """Check the checkpoint tensors of every ``QuantLinear`` of ``model`` (on any device, meta
     included) before any forward: each one present (``g_idx`` may be absent), stored in a dtype
@@ -263,10 +275,10 @@ def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
         if not isinstance(layer, QuantLinear):
             continue
         what = f"{layer.bits}-bit, group size {layer.group_size}, {layer.in_features} -> {layer.out_features}"
+        shapes = stored_shapes(layer)
         for leaf, allowed in QUANTIZED_DTYPES.items():
-            expected = getattr(layer, leaf)
             key = keys.source(f"{name}.{leaf}")
-            if expected is None or (key is None and leaf == "g_idx"):
+            if leaf not in shapes or (key is None and leaf == "g_idx"):
                 continue
             if key is None:
                 raise streaming.CorruptCheckpointError(f"quantized layer {name} has no tensor {leaf}")
@@ -274,9 +286,9 @@ def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
             if dtype not in allowed:
                 raise streaming.CorruptCheckpointError(
                     f"quantized layer {name}: {leaf} is stored as {dtype}, GPTQ stores it as {' or '.join(allowed)}")
-            if tuple(shape) != tuple(expected.shape):
+            if tuple(shape) != shapes[leaf]:
                 raise streaming.CorruptCheckpointError(f"quantized layer {name}: {leaf} has shape {tuple(shape)}, "
-                                                       f"expected {tuple(expected.shape)} ({what})")
+                                                       f"expected {shapes[leaf]} ({what})")
             if leaf in ("scales", "bias"):
                 bad = int((~torch.isfinite(keys.reader.get(key))).sum())
                 if bad:
@@ -349,27 +361,15 @@ def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype
                   checkpoint_format: str) -> bool:
     """Fill ``layer`` from the checkpoint tensors under ``prefix``, unpacking ``qzeros`` into
     ``layer.zeros``; returns whether a v1 zero point was stored as all ones (ambiguous)."""
-    shapes = {"qweight": layer.qweight.shape, "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
-              "scales": layer.scales.shape, "g_idx": layer.g_idx.shape}
-    if layer.bias is not None:
-        shapes["bias"] = layer.bias.shape
     tensors = {}
-    for name, shape in shapes.items():
+    for name in stored_shapes(layer):  # present and of these shapes: checked by validate_quantized_layers
         key = keys.source(prefix + name)
-        if key is None:
-            if name == "g_idx":  # some writers omit it when there is no act-order
-                from llmq.quantizers.grid import group_index
+        if key is None:  # g_idx: some writers omit it when there is no act-order
+            from llmq.quantizers.grid import group_index
 
-                tensors[name] = group_index(layer.in_features, layer.group_size)
-                continue
-            raise streaming.CorruptCheckpointError(f"checkpoint has no tensor {prefix + name}")
-        value = keys.reader.get(key)
-        if tuple(value.shape) != tuple(shape):
-            raise streaming.CorruptCheckpointError(
-                f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)} "
-                f"for {layer.bits}-bit group size {layer.group_size}"
-            )
-        tensors[name] = value
+            tensors[name] = group_index(layer.in_features, layer.group_size)
+            continue
+        tensors[name] = keys.reader.get(key)
     layer.zeros = packing.unpack_qzeros(tensors.pop("qzeros").to(torch.int32), layer.bits, checkpoint_format)
     for name, value in tensors.items():
         layer._buffers[name] = value.to(dtype) if value.is_floating_point() else value.to(torch.int32)

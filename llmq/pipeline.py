@@ -140,8 +140,6 @@ def quantize(
 
     widest = max(models.linear_shape(m)[0] for block in layout.blocks for m in models.block_linears(block).values())
     wide = widest >= LEAN_FROM
-    if config.group_size >= widest:  # one group per row in every layer: say so (-1) in the checkpoint
-        config = config.replace(group_size=-1)
     if wide:  # keep freed memory from staying resident: tensors of 4 MiB and up mapped, the heap trimmed per batch
         _limit_heap_retention()
     if batch_size is None:  # wide MLPs' activations per batch are what the forwards add to the peak on CPU

@@ -672,7 +672,7 @@ def _kept_unquantized(root: Path, res: Result) -> str | None:
 @case("nan-weight-kept-unquantized", 0, "left unquantized", present=("q/config.json",), check=_kept_unquantized)
 def _(root):
     _poison(root, DOWN, float("nan"))
-    return ["quantize", "--model", "m", "--out", "q", "--skip-nonfinite"]
+    return ["quantize", "--model", "m", "--out", "q", "--method", "rtn", "--skip-nonfinite"]
 
 
 @case("nan-in-norm", 2, "model.layers.1.input_layernorm.weight has 1 NaN", absent=("q",))
