@@ -156,3 +156,18 @@ def test_v1_all_ones_zero_reads_as_two_to_the_bits_with_a_warning(source, tmp_pa
     layer = model.model.layers[1].mlp.up_proj
     assert layer.zeros[0, :8].tolist() == [16] * 8
     assert torch.equal(layer.dequantize_weight().double(), ref.model.layers[1].mlp.up_proj.weight)
+
+
+def test_fit_groups_rules():
+    """Shrink picks one power of two dividing every input; per-module only the misfits; partial
+    keeps the size; a size no smaller than every input is per-channel; none that fits is refused."""
+    from llmq.config import fit_groups
+
+    inputs = {"a": 576, "b": 1536}
+    assert fit_groups(inputs, 128, "shrink")[:2] == (64, {})
+    assert fit_groups(inputs, 128, "per-module")[:2] == (128, {"a": 64})
+    assert fit_groups(inputs, 128, "partial") == (128, {}, None)
+    assert fit_groups(inputs, 4096, "shrink") == (-1, {}, None)
+    assert fit_groups({"a": 512}, 128, "shrink") == (128, {}, None)
+    with pytest.raises(ValueError, match="no power of two"):
+        fit_groups({"a": 100}, 64, "shrink")
