@@ -12,8 +12,9 @@ Quantized layers run whatever ``QuantLinear`` calls (``llmq.kernels.quant_matmul
     python evals/bench_cpu_decode.py                    # all five, ~128 new tokens x 4 generations each
     python evals/bench_cpu_decode.py --configs fp32 int4-g128-asym --runs 1 --new-tokens 16
 
-Prints a markdown table and writes ``evals/results/cpu_decode.json``. The quantized checkpoints
-are made once (RTN) under ``--ckpt-dir``.
+Prints a markdown table and writes ``evals/results/cpu_decode.json``, each row with its provenance
+(command, commit, machine, date; ``python evals/report.py`` puts it into the README). The quantized
+checkpoints are made once (RTN) under ``--ckpt-dir``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import provenance, write_json
 
 from llmq.assets import cache_dir, resolve_model
 from llmq.config import QuantConfig
@@ -41,8 +42,9 @@ CONFIGS: dict[str, tuple[QuantConfig | None, str]] = {
     "fp32": (None, "float32"),
     "bf16": (None, "bfloat16"),
     "int8-pc": (QuantConfig(bits=8, group_size=-1, sym=True), "float32"),
-    "int4-g128-sym": (QuantConfig(bits=4, group_size=128, sym=True), "float32"),
-    "int4-g128-asym": (QuantConfig(bits=4, group_size=128, sym=False), "float32"),
+    # g128 as named (SmolLM2's 576-input layers end in a shorter group), as in the README table
+    "int4-g128-sym": (QuantConfig(bits=4, group_size=128, sym=True, group_fit="partial"), "float32"),
+    "int4-g128-asym": (QuantConfig(bits=4, group_size=128, sym=False, group_fit="partial"), "float32"),
 }
 LOADS = 3  # loads per configuration, each in a fresh process (median reported)
 WARMUP_TOKENS = 8  # enough to touch every code path and grow the allocator once
@@ -64,21 +66,6 @@ PROMPT = (
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch version and threads."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_default_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _rss_mb() -> float:
@@ -104,7 +91,7 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
 
     from llmq import models
 
-    models.model_class(AutoConfig.from_pretrained(resolve_model(model)))
+    models.model_class(AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=False))
     import_seconds = time.perf_counter() - started
     started = time.perf_counter()
     m, _ = load_chat_model(model, "cpu", getattr(torch, dtype))
@@ -112,7 +99,7 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     if load_only:
         return {"import_seconds": import_seconds, "load_seconds": load_seconds}
     rss_loaded = _rss_mb()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=False)
     ids = tokenizer(PROMPT)["input_ids"]
     if len(ids) < prompt_tokens:
         raise ValueError(f"the fixed prompt has {len(ids)} tokens, fewer than --prompt-tokens {prompt_tokens}")
@@ -140,13 +127,13 @@ def worker(model: str, dtype: str, runs: int, new_tokens: int, prompt_tokens: in
     }
 
 
-def checkpoint_for(name: str, ckpt_dir: Path) -> Path:
-    """The checkpoint of configuration ``name``, quantized (RTN) into ``ckpt_dir`` if missing."""
+def checkpoint_for(name: str, ckpt_dir: Path, requantize: bool = False) -> Path:
+    """The checkpoint of configuration ``name``, quantized (RTN) into ``ckpt_dir`` if missing or asked."""
     qconfig, _ = CONFIGS[name]
     if qconfig is None:
         return resolve_model("smollm2-135m")
     out = ckpt_dir / name
-    if not (out / "config.json").exists():
+    if requantize or not (out / "config.json").exists():
         from llmq.pipeline import quantize
 
         print(f"quantizing {name} into {out}", file=sys.stderr)
@@ -180,7 +167,7 @@ def run_config(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any
     loads.append(result["load_seconds"])
     result["load_seconds"], result["load_seconds_runs"] = _median(loads), loads
     qconfig, _ = CONFIGS[name]
-    return {"config": name, "quantization": qconfig.describe() if qconfig else "none", "checkpoint": str(path),
+    return {"config": name, "quantization": qconfig.describe() if qconfig else "none",
             "size_on_disk_mb": _size_mb(path), **result, "wall_seconds": time.perf_counter() - started,
             # Other processes on the machine slow every number down; the 1-minute load average shows it.
             "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
@@ -209,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--ckpt-dir", type=Path, default=cache_dir() / "bench-cpu-decode",
                    help="where the quantized checkpoints are made and kept (default: $LLMQ_CACHE/bench-cpu-decode)")
+    p.add_argument("--requantize", action="store_true", help="quantize the checkpoints again even if they exist")
     p.add_argument("--json", type=Path, default=RESULTS / "cpu_decode.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -218,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.dtype, args.runs, args.new_tokens, args.prompt_tokens,
                                 args.threads, args.load_only)))
         return 0
-    paths = {name: checkpoint_for(name, args.ckpt_dir) for name in args.configs}
+    paths = {name: checkpoint_for(name, args.ckpt_dir, args.requantize) for name in args.configs}
     rows = []
     for name, path in paths.items():
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -228,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"threads": rows[0]["torch_threads"], "batch": 1, "greedy": True, "new_tokens": args.new_tokens,
                 "prompt_tokens": args.prompt_tokens,
                 "runs": args.runs, "warmup_tokens": WARMUP_TOKENS, "statistic": "median"}
-    report = {"model": "smollm2-135m", "machine": machine(), "settings": settings, "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    m = report["machine"]
+    prov = provenance()
+    report = {"model": "smollm2-135m", "settings": settings, "results": [{**r, "provenance": prov} for r in rows]}
+    write_json(args.json, report)
+    m = prov["machine"]
     print(f"SmolLM2-135M on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {settings['threads']} threads); "
           f"batch 1, greedy, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.runs}\n")
     print(table(rows))

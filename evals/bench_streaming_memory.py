@@ -10,7 +10,8 @@ means the peak is one block plus the calibration activations plus the runtime, n
     python evals/bench_streaming_memory.py                       # 1.5B, RTN and GPTQ
     python evals/bench_streaming_memory.py --layers 4 --methods rtn   # quick check
 
-Prints a markdown table and writes `evals/results/streaming_memory.json`.
+Writes `evals/results/streaming_memory.json`, each row with its provenance (command, commit,
+machine, date); `python evals/report.py` turns it into the README's table.
 """
 
 from __future__ import annotations
@@ -23,18 +24,15 @@ import sys
 from pathlib import Path
 
 import torch
+from provenance import provenance, update_runs
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llmq import __version__
 from llmq.assets import cache_dir, resolve_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from smollm2_wikitext import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {
-    "rtn": "--method rtn --bits 4 --group-size 128",
-    "gptq": "--method gptq --bits 4 --group-size 128 --nsamples 16 --calib-seqlen 256",
+    "rtn": "--method rtn --bits 4 --group-size 128 --sym",
+    "gptq": "--method gptq --bits 4 --group-size 128 --sym --nsamples 16 --calib-seqlen 256",
 }
 
 
@@ -51,7 +49,7 @@ def build(folder: Path, layers: int, hidden: int, intermediate: int) -> int:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, max_shard_size="500MB")
-        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"), trust_remote_code=False).save_pretrained(tmp)
         del model
         tmp.rename(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
@@ -78,29 +76,15 @@ def main() -> None:
                "--overwrite", "--json", str(report), *METHODS[method].split()]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        runs[method] = json.loads(report.read_text())
+        quantized = json.loads(report.read_text())
+        runs[method] = {"args": METHODS[method], **{k: v for k, v in quantized.items() if k not in ("model", "out")},
+                        "provenance": provenance()}
         shutil.rmtree(work / method)
 
     checkpoint = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "dtype": "bfloat16", "bytes": size}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and previous.get("checkpoint") == checkpoint:  # keep the methods not re-run
-        runs = {**{k: v for k, v in previous["runs"].items() if k not in runs}, **runs}
-    table = {
-        "checkpoint": checkpoint,
-        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
-        "llmq": __version__,
-        "runs": runs,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(table, indent=2))
-    print(f"\nrandom Llama {args.layers} x {args.hidden} x {args.intermediate}, {size / 1e9:.2f} GB of bf16 "
-          f"safetensors, {table['machine']['cpu']}")
-    print("| method | peak RSS (MiB) | RSS / checkpoint size | quantize (s) | output (MB) |")
-    print("|---|---|---|---|---|")
-    for method, run in runs.items():
-        print(f"| {METHODS[method]} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] * 2**20 / size:.2f} "
-              f"| {run['quantize_seconds']:.1f} | {run['size_on_disk_bytes'] / 1e6:.1f} |")
+    update_runs(Path(args.json), checkpoint, runs, order=list(METHODS))
+    print(f"wrote {args.json}; python evals/report.py puts it into the README")
 
 
 if __name__ == "__main__":

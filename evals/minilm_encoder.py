@@ -4,13 +4,15 @@ Each configuration is quantized in a fresh subprocess (`llmq quantize`, so wall 
 RSS are that run's own), then every checkpoint is compared with the unquantized encoder on the
 same held-out sentences of the bundled corpus (documents never used for calibration): mean and
 minimum cosine similarity of the mean-pooled sentence embeddings, top-1 nearest-neighbour
-agreement and top-10 neighbour overlap. Writes `evals/results/minilm_encoder.json` and prints a
-markdown table.
+agreement and top-10 neighbour overlap. Writes `evals/results/minilm_encoder.json`, each row with
+its provenance (command, commit, machine, date); `python evals/report.py` turns it into the
+README's table and plot.
 
-    python evals/minilm_encoder.py                      # every configuration, 2000 sentences
+    python evals/minilm_encoder.py --requantize         # every configuration, 2000 sentences
     python evals/minilm_encoder.py --only rtn-int8-pc gptq-int4-g128 --sentences 500
 
 Runs of configurations not re-run are kept from an existing JSON with the same sentence count.
+Without --requantize, a checkpoint quantized by an earlier run is evaluated again as it is.
 """
 
 from __future__ import annotations
@@ -21,16 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from provenance import provenance, write_json
 from transformers import AutoTokenizer
 
-from llmq import __version__
 from llmq.assets import cache_dir, resolve_model
 from llmq.checkpoint import load_model
 from llmq.evaluate import evaluate_encoder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from smollm2_wikitext import cpu_name  # noqa: E402
 
 # name: llmq quantize arguments (MiniLM's widths are 384 and 1536: group 128 divides both)
 CONFIGS = {
@@ -64,45 +62,31 @@ def main() -> None:
     runs = {}
     for name in names:
         out, report = work / name, work / f"{name}.json"
+        options = f"--nsamples {args.nsamples} --calib-seqlen {args.calib_seqlen} {CONFIGS[name]}"
         if args.requantize or not report.exists():
-            cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", str(base_path), "--out", str(out),
-                   "--overwrite", "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen),
-                   "--json", str(report), *CONFIGS[name].split()]
+            cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "bert-minilm", "--out", str(out),
+                   "--overwrite", "--json", str(report), *options.split()]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        runs[name] = json.loads(report.read_text())
+        quantized = json.loads(report.read_text())
+        runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     baseline = load_model(base_path)
     results = {}
     for name in names:
         print(f"evaluating {name}", flush=True)
         results[name] = evaluate_encoder(load_model(work / name), baseline, tokenizer, args.sentences)
 
-    merged = {name: {**runs[name], "eval": results[name]} for name in names}
+    prov = provenance()
+    merged = {name: {**runs[name], "eval": results[name], "provenance": prov} for name in names}
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
     if previous and previous.get("sentences") == args.sentences:  # keep the configurations not re-run
-        merged = {**{k: v for k, v in previous["runs"].items() if k not in merged}, **merged}
-    table = {
-        "model": "all-MiniLM-L6-v2 (bundled)",
-        "sentences": args.sentences,
-        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__},
-        "llmq": __version__,
-        "runs": merged,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(table, indent=2))
-
-    print(f"\nall-MiniLM-L6-v2, {args.sentences} held-out sentences of the bundled corpus, {table['machine']['cpu']}")
-    print("| configuration | cosine mean | cosine min | top-1 agree | top-10 overlap | size (MB) | bits/weight "
-          "| quantize (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, run in merged.items():
-        r = run["eval"]
-        top10 = next(v for k, v in r.items() if k.startswith("top") and k.endswith("_overlap"))
-        print(f"| {name} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {100 * r['top1_agreement']:.1f}% "
-              f"| {100 * top10:.1f}% | {run['size_on_disk_bytes'] / 1e6:.1f} | {run['bits_per_weight']:.3f} "
-              f"| {run['quantize_seconds']:.1f} | {run['peak_rss_mb']:.0f} |")
+        merged = {**previous["runs"], **merged}
+    table = {"model": "all-MiniLM-L6-v2 (bundled)", "sentences": args.sentences,
+             "runs": {k: merged[k] for k in CONFIGS if k in merged}}
+    write_json(Path(args.json), table)
+    print(f"wrote {args.json}; python evals/report.py puts it into the README")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Compiled CPU path for ``y = x @ dequant(W) + b`` on GPTQ v1 buffers (AVX2, both cores).
+"""Compiled CPU path for ``y = x @ dequant(W) + b`` on GPTQ buffers (AVX2, both cores).
 
 Up to ``GEMV_MAX_M`` rows (decode, short prompts) a fused kernel multiplies straight from the
 packed int32 ``qweight``: no full-precision weight is ever materialized, 4-bit weights move 8x
@@ -7,9 +7,10 @@ fewer bytes than fp32 ones, and row tiles of 4 keep it level with torch's fp32 G
 and use torch's fp32 GEMM; with one chunk (layers up to 16 MiB in fp32) that path is
 bit-identical to :func:`llmq.kernels.reference.quant_matmul_torch` for fp32 inputs.
 
-Preparation happens once per weight and keeps only small tensors besides the GPTQ buffers
-themselves: zero points unpacked to uint8 ``[G, N]``, per-group row offsets ``[G + 1]``, an fp32
-copy of the bias, and an fp32 copy of the scales ``[G, N]`` for act-order or non-fp16 scales.
+Preparation happens once per weight and keeps only small tensors besides the layer's buffers
+themselves (``qweight``, the unpacked int16 ``zeros`` ``[G, N]``, ``scales``, ``g_idx``):
+per-group row offsets ``[G + 1]``, an fp32 copy of the bias, and an fp32 copy of the scales
+``[G, N]`` for act-order or non-fp16 scales.
 
 Coverage: every bit width (2, 3, 4, 8), symmetric or asymmetric zeros, any group size (a
 shorter last group included), bias, and any ``g_idx``. When groups are contiguous runs of whole
@@ -30,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from llmq.packing import SUPPORTED_BITS, pack_unit, unpack_qzeros
+from llmq.packing import SUPPORTED_BITS, ZERO_DTYPE, pack_unit
 
 from . import cpu_build
 from .reference import half_matmul_torch, quant_matmul_torch
@@ -71,13 +72,13 @@ class CpuQuantState:
         self._tensors = tensors
 
 
-def _stamp(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+def _stamp(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
            bias: torch.Tensor | None, bits: int) -> tuple:
     """Storage and version counters of the inputs, to notice in-place updates."""
     if qweight.is_inference():  # no version counters (checked first: the exception costs ~7 us)
         return (qweight.data_ptr(), bits)
     try:
-        return (qweight.data_ptr(), bits, qweight._version, qzeros._version, scales._version, g_idx._version,
+        return (qweight.data_ptr(), bits, qweight._version, zeros._version, scales._version, g_idx._version,
                 None if bias is None else bias._version)
     except RuntimeError:  # inference-mode tensors have no version counter: identity must do
         return (qweight.data_ptr(), bits)
@@ -95,24 +96,24 @@ def _contiguous_groups(g_idx: torch.Tensor, groups: int, unit: int) -> torch.Ten
     return gstart.to(torch.int32)
 
 
-def _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight: bool) -> CpuQuantState | None:
+def _prepare(qweight, zeros, scales, g_idx, bits, bias, hold_qweight: bool) -> CpuQuantState | None:
     ext = cpu_build.load()
     if ext is None or bits not in SUPPORTED_BITS:
         return None
-    tensors = (qweight, qzeros, scales, g_idx) + ((bias,) if bias is not None else ())
+    tensors = (qweight, zeros, scales, g_idx) + ((bias,) if bias is not None else ())
     if any(t.device.type != "cpu" for t in tensors) or qweight.dtype != torch.int32 or qweight.dim() != 2:
         return None
     unit, words = pack_unit(bits)
     k, n = g_idx.numel(), qweight.shape[1]
     groups = scales.shape[0] if scales.dim() == 2 else -1
     if (not k or n % 8 or n % unit or k % unit or qweight.shape[0] != k // unit * words or scales.shape != (groups, n)
-            or qzeros.shape != (groups, n * bits // 32) or (bias is not None and bias.numel() != n)):
+            or zeros.shape != (groups, n) or zeros.dtype != ZERO_DTYPE or (bias is not None and bias.numel() != n)):
         return None
     g32 = g_idx.to(torch.int32).contiguous()
     if int(g32.min()) < 0 or int(g32.max()) >= groups:
         return None
     qw = qweight.contiguous()
-    zeros = unpack_qzeros(qzeros, bits).to(torch.uint8).contiguous()
+    zeros = zeros.contiguous()
     gstart = _contiguous_groups(g32, groups, unit)
     # Act-order reads a scale per row and weight vector: fp32 saves the conversion there.
     scales_fp32 = scales.dtype != torch.float16 or gstart is None
@@ -131,21 +132,22 @@ def _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight: bool) -> 
 
 def prepare_cpu(
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
 ) -> CpuQuantState | None:
-    """Prepare GPTQ v1 buffers for :func:`quant_matmul_prepared`; ``None`` when unsupported.
+    """Prepare GPTQ buffers for :func:`quant_matmul_prepared`; ``None`` when unsupported.
 
-    ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``, ``scales``
-    ``[G, N]``, ``g_idx`` int ``[K]``, ``bias`` ``[N]``, all on CPU. The state keeps references
-    to (not copies of) ``qweight``, ``scales`` and ``g_idx``: prepare again after modifying them.
+    ``qweight`` int32 ``[K*bits/32, N]``, ``zeros`` int16 ``[G, N]`` (unpacked zero points),
+    ``scales`` ``[G, N]``, ``g_idx`` int ``[K]``, ``bias`` ``[N]``, all on CPU. The state keeps
+    references to (not copies of) ``qweight``, ``zeros``, ``scales`` and ``g_idx``: prepare again
+    after modifying them.
     Returns ``None`` when the kernels are unavailable or the layout is not covered (then use
     the torch reference).
     """
-    return _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight=True)
+    return _prepare(qweight, zeros, scales, g_idx, bits, bias, hold_qweight=True)
 
 
 def quant_matmul_prepared(x: torch.Tensor, state: CpuQuantState) -> torch.Tensor:
@@ -197,7 +199,7 @@ def _dequant_matmul(x: torch.Tensor, state: CpuQuantState) -> torch.Tensor:
 def quant_matmul_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
@@ -205,25 +207,25 @@ def quant_matmul_cpu(
 ) -> torch.Tensor:
     """Same contract as :func:`llmq.kernels.reference.quant_matmul_torch`, on the compiled path.
 
-    ``x`` ``[..., K]`` (fp32, bf16 or fp16), ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32
-    ``[G, N*bits/32]``, ``scales`` ``[G, N]``, ``g_idx`` ``[K]``, ``bias`` ``[N]``; returns
+    ``x`` ``[..., K]`` (fp32, bf16 or fp16), ``qweight`` int32 ``[K*bits/32, N]``, ``zeros`` int16
+    ``[G, N]``, ``scales`` ``[G, N]``, ``g_idx`` ``[K]``, ``bias`` ``[N]``; returns
     ``[..., N]`` in ``x``'s dtype. The prepared state is cached on ``qweight`` and rebuilt when
     any buffer is replaced or modified in place. Falls back to the torch reference for layouts
     the kernels do not cover, for non-CPU tensors and when autograd needs the graph.
     """
     if not (x.is_cpu and qweight.is_cpu) or (x.requires_grad and torch.is_grad_enabled()):
-        return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
-    stamp = _stamp(qweight, qzeros, scales, g_idx, bias, bits)
+        return quant_matmul_torch(x, qweight, zeros, scales, g_idx, bits, bias)
+    stamp = _stamp(qweight, zeros, scales, g_idx, bias, bits)
     cached = getattr(qweight, _STATE_ATTR, None)
     # Identity by ``is``: ``==`` on tensors compares elements.
-    if (cached is None or cached[0] != stamp or cached[1] is not qzeros or cached[2] is not scales
+    if (cached is None or cached[0] != stamp or cached[1] is not zeros or cached[2] is not scales
             or cached[3] is not g_idx or cached[4] is not bias):
-        state = _prepare(qweight, qzeros, scales, g_idx, bits, bias, hold_qweight=False)
-        cached = (stamp, qzeros, scales, g_idx, bias, state)
+        state = _prepare(qweight, zeros, scales, g_idx, bits, bias, hold_qweight=False)
+        cached = (stamp, zeros, scales, g_idx, bias, state)
         setattr(qweight, _STATE_ATTR, cached)
     state = cached[5]
     if state is None:
-        return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
+        return quant_matmul_torch(x, qweight, zeros, scales, g_idx, bits, bias)
     return quant_matmul_prepared(x, state)
 
 

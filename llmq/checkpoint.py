@@ -1,58 +1,28 @@
-"""Save quantized checkpoints (atomic, sharded safetensors + config) and load them back."""
+"""Save quantized checkpoints (sharded safetensors + config) and load them back, checked first."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig
 
-from llmq import models, streaming
-from llmq.config import QuantConfig
-from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear
+from llmq import models, packing, streaming
+from llmq.config import ModuleSpec, QuantConfig
+from llmq.qlinear import HalfEmbedding, HalfLinear, QuantLinear, lookup_scale
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SKIP_FILES = {"config.json", "quantize_config.json", streaming.INDEX_NAME, "pytorch_model.bin.index.json"}
 
 
-class OutputExistsError(FileExistsError):
-    """The output folder exists and overwriting was not asked for."""
-
-
 class NotQuantizedError(ValueError):
     """A checkpoint given to ``load_quantized`` has no ``quantization_config``."""
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out`` that is renamed to ``out`` only on success.
-
-    A crash leaves no folder at ``out`` (only a ``.tmp-*`` folder that is removed on the way out).
-    """
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".old-{out.name}-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _ST_DTYPES = {dtype: name for name, dtype in streaming.DTYPES.items()}
@@ -152,24 +122,34 @@ def write_config(src_config, qconfig: QuantConfig, dst: Path, dtype: torch.dtype
     """``config.json`` carrying ``quantization_config``, and ``quantize_config.json``."""
     config = src_config.to_dict()
     config["quantization_config"] = qconfig.to_dict()
+    if qconfig.lm_head:  # the head has tensors of its own; the embeddings stay a table for lookups
+        config["tie_word_embeddings"] = False
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (dst / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
 
 
-def read_quant_config(path: str | Path) -> QuantConfig:
-    """The ``QuantConfig`` of a quantized checkpoint folder."""
+def read_quantization_config(path: str | Path) -> dict:
+    """The ``quantization_config`` of a checkpoint folder as the file holds it (``config.json``,
+    else ``quantize_config.json``)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    qc = json.loads(config_file.read_text()).get("quantization_config")
+    qc = streaming.read_json_object(config_file).get("quantization_config")
     if qc is None and (path / "quantize_config.json").exists():
-        qc = json.loads((path / "quantize_config.json").read_text())
+        qc = streaming.read_json_object(path / "quantize_config.json")
     if qc is None:
         raise NotQuantizedError(f"{path} has no quantization_config: not a quantized checkpoint")
-    return QuantConfig.from_dict(qc)
+    if not isinstance(qc, dict):
+        raise streaming.CorruptCheckpointError(f"{config_file}: quantization_config is not a JSON object")
+    return qc
+
+
+def read_quant_config(path: str | Path) -> QuantConfig:
+    """The ``QuantConfig`` of a quantized checkpoint folder."""
+    return QuantConfig.from_dict(read_quantization_config(path))
 
 
 def load_quantized(
@@ -178,8 +158,11 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     half_tables: bool | None = None,
 ) -> nn.Module:
-    """Load a GPTQ v1 checkpoint (llmq's or another tool's) as a transformers model with
-    ``QuantLinear`` layers, without allocating full-precision weights for them.
+    """Load a GPTQ checkpoint (``gptq`` or ``gptq_v2``, llmq's or another tool's) as a transformers
+    model with ``QuantLinear`` layers, without allocating full-precision weights for them.
+    Per-module ``dynamic`` widths and group sizes and a quantized output head (``lm_head``) are
+    read; v1 zero points are read as CUDA kernels read them (``stored + 1``, see
+    :func:`llmq.packing.unpack_qzeros`), with a warning where that differs from other readers.
 
     ``dtype`` is the compute dtype of the unquantized tensors and of ``scales`` (default: the
     checkpoint's; float32 on CPU when the checkpoint is half precision, since half-precision
@@ -192,13 +175,15 @@ def load_quantized(
     changing any value it computes. Default: on CPU with fp32 compute when the compiled CPU
     kernels are available.
     """
-    from llmq.assets import resolve_model
+    from llmq.assets import load_config, load_generation_config, resolve_model
 
     path = resolve_model(path)
     qconfig = read_quant_config(path)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if qconfig.lm_head:  # a quantized head is never tied to the embeddings (GPTQModel refuses that too)
+        config.tie_word_embeddings = False
     reader = streaming.ShardReader(path)
     if dtype is None:
         dtype = reader.dtype()
@@ -210,7 +195,37 @@ def load_quantized(
         from llmq.kernels.cpu import cpu_available
 
         half_tables = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_available()
-    half = _half_tables(model, keys) if half_tables and dtype == torch.float32 else {}
+    half = _half_tables(model, keys, dtype) if half_tables and dtype == torch.float32 else {}
+    replace_quantized_linears(model, keys, qconfig, dtype)
+    reader.preload()  # every tensor is kept: read each shard once
+    validate_quantized_layers(model, keys)
+    ambiguous: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            if _load_qlinear(module, name + ".", keys, dtype, qconfig.checkpoint_format):
+                ambiguous.append(name)
+            continue
+        streaming.materialize(module, f"{name}." if name else "", keys, "cpu", half.get(name, dtype), recurse=False,
+                              strict=False)
+    reader.release()
+    if ambiguous:
+        warnings.warn(_ambiguous_zeros_message(path, ambiguous), stacklevel=2)
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
+    _swap_half_tables(model, half, dtype)
+    model.config.quantization_config = qconfig.to_dict()
+    generation_config = load_generation_config(path)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model.to(device).eval()
+
+
+def replace_quantized_linears(model: nn.Module, keys: streaming.KeyMap, qconfig: QuantConfig,
+                              dtype: torch.dtype) -> None:
+    """Replace each linear of ``model`` whose checkpoint has a ``qweight`` by a ``QuantLinear``
+    on the meta device (buffers in ``dtype`` where floating); ``NotQuantizedError`` when none has."""
     for name, module in list(model.named_modules()):
         if not models.is_linear(module):
             continue
@@ -219,39 +234,87 @@ def load_quantized(
             continue
         in_f, out_f = models.linear_shape(module)
         has_bias = keys.source(f"{name}.bias") is not None
-        qlinear = QuantLinear(in_f, out_f, qconfig.bits, qconfig.group_size, has_bias, device="meta", dtype=dtype)
+        spec = module_spec(qconfig, qkey)
+        try:
+            qlinear = QuantLinear(in_f, out_f, spec.bits, spec.group_size, has_bias, device="meta", dtype=dtype)
+        except ValueError as e:
+            raise streaming.CorruptCheckpointError(f"quantized layer {name}: {e}") from None
         model.set_submodule(name, qlinear)
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise NotQuantizedError(f"{path} has a quantization_config but no quantized tensors (*.qweight)")
-    reader.preload()  # every tensor is kept: read each shard once
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            _load_qlinear(module, name + ".", keys, dtype)
+        raise NotQuantizedError(f"{keys.reader.folder} has a quantization_config but no quantized tensors (*.qweight)")
+
+
+# What each tensor of a GPTQ layer may be stored as (safetensors dtype names).
+_FLOATS = ("F16", "BF16", "F32")
+QUANTIZED_DTYPES = {"qweight": ("I32",), "qzeros": ("I32",), "scales": _FLOATS, "g_idx": ("I32", "I64"),
+                    "bias": _FLOATS}
+
+
+def stored_shapes(layer: QuantLinear) -> dict[str, tuple[int, ...]]:
+    """Shape of each checkpoint tensor of ``layer`` in GPTQ's layout (``bias`` only when it has one):
+    ``qweight`` ``[in*bits/32, out]``, ``qzeros`` ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``,
+    ``g_idx`` ``[in]``, ``bias`` ``[out]``."""
+    shapes = {"qweight": tuple(layer.qweight.shape),
+              "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
+              "scales": tuple(layer.scales.shape), "g_idx": (layer.in_features,)}
+    if layer.bias is not None:
+        shapes["bias"] = (layer.out_features,)
+    return shapes
+
+
+def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
+    """Check the checkpoint tensors of every ``QuantLinear`` of ``model`` (on any device, meta
+    included) before any forward: each one present (``g_idx`` may be absent), stored in a dtype
+    of ``QUANTIZED_DTYPES``, of the shape the layer expects (``qweight`` ``[in*bits/32, out]``,
+    ``qzeros`` ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``, ``bias``
+    ``[out]``), ``scales`` and ``bias`` finite, every ``g_idx`` in ``[0, groups)``.
+
+    Raises ``CorruptCheckpointError`` with a one-line message naming the layer.
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
             continue
-        streaming.materialize(module, f"{name}." if name else "", keys, "cpu", half.get(name, dtype), recurse=False,
-                              strict=False)
-    reader.release()
-    model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise streaming.CorruptCheckpointError(f"checkpoint {path} has no tensor for {leftover[0]}")
-    _swap_half_tables(model, half, dtype)
-    model.config.quantization_config = qconfig.to_dict()
-    if (path / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.to(device).eval()
+        what = f"{layer.bits}-bit, group size {layer.group_size}, {layer.in_features} -> {layer.out_features}"
+        shapes = stored_shapes(layer)
+        for leaf, allowed in QUANTIZED_DTYPES.items():
+            key = keys.source(f"{name}.{leaf}")
+            if leaf not in shapes or (key is None and leaf == "g_idx"):
+                continue
+            if key is None:
+                raise streaming.CorruptCheckpointError(f"quantized layer {name} has no tensor {leaf}")
+            dtype, shape = keys.reader.info(key)
+            if dtype not in allowed:
+                raise streaming.CorruptCheckpointError(
+                    f"quantized layer {name}: {leaf} is stored as {dtype}, GPTQ stores it as {' or '.join(allowed)}")
+            if tuple(shape) != shapes[leaf]:
+                raise streaming.CorruptCheckpointError(f"quantized layer {name}: {leaf} has shape {tuple(shape)}, "
+                                                       f"expected {shapes[leaf]} ({what})")
+            if leaf in ("scales", "bias"):
+                bad = int((~torch.isfinite(keys.reader.get(key))).sum())
+                if bad:
+                    raise streaming.CorruptCheckpointError(
+                        f"quantized layer {name}: {bad} of its {leaf} are NaN or infinite")
+            elif leaf == "g_idx" and shape[0]:
+                g = keys.reader.get(key)
+                lo, hi, groups = int(g.min()), int(g.max()), layer.scales.shape[0]
+                if lo < 0 or hi >= groups:
+                    raise streaming.CorruptCheckpointError(
+                        f"quantized layer {name}: g_idx holds group {lo if lo < 0 else hi}, the layer has groups "
+                        f"0 to {groups - 1} ({what})")
 
 
-def _half_tables(model: nn.Module, keys: streaming.KeyMap) -> dict[str, torch.dtype]:
-    """Module name -> stored dtype of the input embeddings and the unquantized output head whose
+def _half_tables(model: nn.Module, keys: streaming.KeyMap, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Module name -> stored dtype of the input embeddings (any whose forward is a table lookup,
+    scaled or not: see :func:`~llmq.qlinear.lookup_scale`) and the unquantized output head whose
     checkpoint tensors are fp16/bf16 (a tied head without a tensor of its own follows the
-    embeddings)."""
+    embeddings); ``dtype`` is the compute dtype."""
     names = {id(m): n for n, m in model.named_modules()}
     found: dict[str, torch.dtype] = {}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    for module, cls in ((inp, nn.Embedding), (out, nn.Linear)):
-        if type(module) is not cls or id(module) not in names:
-            continue
+    lookup = isinstance(inp, nn.Embedding) and lookup_scale(inp, dtype) is not None
+    for module, eligible in ((inp, lookup), (out, type(out) is nn.Linear)):
+        if not eligible or id(module) not in names or keys.source(f"{names[id(module)]}.qweight"):
+            continue  # a quantized head runs through the kernels
         key = keys.source(f"{names[id(module)]}.weight")
         if key is None and module is out and inp is not None and id(inp) in names:
             key = keys.source(f"{names[id(inp)]}.weight")  # tied to the embeddings
@@ -276,26 +339,41 @@ def _swap_half_tables(model: nn.Module, half: dict[str, torch.dtype], dtype: tor
         model.set_submodule(name, new)
 
 
-def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype) -> None:
-    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-        expected = getattr(layer, name)
-        if expected is None:
-            continue
-        key = keys.source(prefix + name)
-        if key is None:
-            if name == "g_idx":  # some writers omit it when there is no act-order
-                from llmq.quantizers.grid import group_index
+def module_spec(qconfig: QuantConfig, qweight_key: str) -> ModuleSpec:
+    """Width and group size of the module whose ``qweight`` is checkpoint tensor ``qweight_key``
+    (its ``dynamic`` rules match the module's name in the checkpoint)."""
+    module = qweight_key.removesuffix(".qweight")
+    spec = qconfig.for_module(module)
+    if spec is None:
+        raise streaming.CorruptCheckpointError(
+            f"checkpoint has quantized tensors for {module}, which a '-:' dynamic rule leaves unquantized")
+    return spec
 
-                layer.g_idx = group_index(layer.in_features, layer.group_size)
-                continue
-            raise streaming.CorruptCheckpointError(f"checkpoint has no tensor {prefix + name}")
-        value = keys.reader.get(key)
-        if value.shape != expected.shape:
-            raise streaming.CorruptCheckpointError(
-                f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected.shape)} "
-                f"for {layer.bits}-bit group size {layer.group_size}"
-            )
+
+def _ambiguous_zeros_message(path: Path, layers: list[str]) -> str:
+    return (f"{path}: GPTQ v1 checkpoint with zero points stored as all ones in {len(layers)} layers (first: "
+            f"{layers[0]}); read as 2**bits like the CUDA kernels of vLLM and AutoGPTQ, while GPTQModel's torch "
+            "kernel reads 0: other loaders may compute different weights. Re-quantize to gptq_v2 to remove "
+            "the ambiguity.")
+
+
+def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype,
+                  checkpoint_format: str) -> bool:
+    """Fill ``layer`` from the checkpoint tensors under ``prefix``, unpacking ``qzeros`` into
+    ``layer.zeros``; returns whether a v1 zero point was stored as all ones (ambiguous)."""
+    tensors = {}
+    for name in stored_shapes(layer):  # present and of these shapes: checked by validate_quantized_layers
+        key = keys.source(prefix + name)
+        if key is None:  # g_idx: some writers omit it when there is no act-order
+            from llmq.quantizers.grid import group_index
+
+            tensors[name] = group_index(layer.in_features, layer.group_size)
+            continue
+        tensors[name] = keys.reader.get(key)
+    layer.zeros = packing.unpack_qzeros(tensors.pop("qzeros").to(torch.int32), layer.bits, checkpoint_format)
+    for name, value in tensors.items():
         layer._buffers[name] = value.to(dtype) if value.is_floating_point() else value.to(torch.int32)
+    return checkpoint_format == "gptq" and bool((layer.zeros == 2**layer.bits).any())
 
 
 def is_quantized(path: str | Path) -> bool:
@@ -311,14 +389,14 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> nn.Module:
     """Any checkpoint llmq knows: quantized ones through :func:`load_quantized`, others through
     transformers (safetensors only), in float32 on CPU by default."""
-    from llmq.assets import resolve_model
+    from llmq.assets import load_config, resolve_model
 
     path = resolve_model(name_or_path)
     if is_quantized(path):
         return load_quantized(path, device=device, dtype=dtype)
     streaming.ShardReader(path)  # validates the shards before transformers reads them
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     cls = models.model_class(config)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False).to(device).eval()

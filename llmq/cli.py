@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,27 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint into a GPTQ-format folder")
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
-    p.add_argument("--group-size", default="128", help="columns per group, or -1 for one group per output channel")
+    # The defaults are the best int4 configuration of the README's SmolLM2 table: GPTQ with
+    # act-order on an asymmetric grid, groups of 128 (docs/evaluation.md has the protocol).
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq",
+                   help="gptq (default: calibrated, best quality) or rtn (round to nearest: seconds, no calibration)")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 (default) or 8")
+    p.add_argument("--group-size", default="128",
+                   help="columns per group (default 128), or -1 for one group per output channel")
+    p.add_argument("--group-fit", choices=("shrink", "per-module", "partial"), default="shrink",
+                   help="when the group size does not divide a layer's input (SmolLM2: 576 at 128): 'shrink' "
+                        "(default) uses the largest power of two that divides every layer, a checkpoint every "
+                        "loader reads; 'per-module' shrinks only those layers, written as GPTQModel 'dynamic' "
+                        "rules that GPTQModel and vLLM read but transformers (optimum) does not; 'partial' keeps "
+                        "a shorter last group, which GPTQModel's and transformers' CPU int4 kernel and vLLM refuse")
+    p.add_argument("--quantize-head", type=int, choices=(4, 8), default=None, metavar="BITS",
+                   help="also quantize the output head (a tied head gets its own tensors; the embeddings stay "
+                        "unquantized) with RTN at 4 or 8 bits, marked lm_head as GPTQModel does; transformers "
+                        "(optimum) loads it only at the model's own width")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    g.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
+    g.add_argument("--asym", dest="sym", action="store_false", default=False,
+                   help="asymmetric grid with a zero point per group (default)")
     p.add_argument("--mse", action="store_true", help="shrink each group's range where that lowers the error")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order: solve columns by decreasing Hessian diagonal (default: on for GPTQ)")
@@ -48,6 +66,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="dtype of unquantized tensors (default: bfloat16 for bf16 checkpoints, else float16)")
     p.add_argument("--skip-unpackable", action="store_true",
                    help="leave layers whose dimensions the packing cannot hold unquantized instead of failing")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="leave layers whose weights hold NaN, infinite values or magnitudes beyond fp16 scales "
+                        "unquantized (with a warning) instead of failing; other tensors with such values are kept")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval-windows", type=int, default=0,
@@ -61,7 +82,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + ", quantized or not")
     p.add_argument("--baseline", help="unquantized model to compare with (KL divergence, top-1 agreement); "
                                       "required for encoders")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | bundled | a text file")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="wikitext2 (the WikiText-2 raw test split shipped with llmq; default) | bundled (held-out "
+                        "documents of the bundled corpus) | hf:NAME[:CONFIG]:SPLIT:FIELD (a hub dataset, e.g. "
+                        "hf:wikitext:wikitext-2-raw-v1:test:text) | a text file")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only")
     p.add_argument("--stride", type=int, default=None, help="sliding-window variant with this stride")
@@ -87,20 +111,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: str | None, data: dict[str, Any]) -> None:
+def _check_json(path: str | None, inputs: dict[Path, str]) -> None:
+    """Refuse a ``--json`` path that is a folder or would write over an input, before any work."""
+    from llmq.outdir import check_apart
+
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, default=str))
+        if Path(path).expanduser().is_dir():
+            raise ValueError(f"--json {path} is a folder: give a file name")
+        check_apart(path, inputs, label="--json")
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    if path:
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _eval_inputs(*names: str | Path | None) -> dict[Path, str]:
+    """Local folders and files among the models and datasets a command reads."""
+    return {Path(n).expanduser(): "input" for n in names if n and Path(n).expanduser().exists()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from llmq.assets import resolve_model
+    from llmq.calibration import calibration_files
     from llmq.config import QuantConfig
     from llmq.pipeline import quantize
 
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
                          desc_act=args.desc_act, static_groups=args.static_groups,
                          true_sequential=args.true_sequential, damp_percent=args.damp, mse=args.mse,
-                         skip_unpackable=args.skip_unpackable)
+                         skip_unpackable=args.skip_unpackable, group_fit=args.group_fit, head_bits=args.quantize_head,
+                         skip_nonfinite=args.skip_nonfinite)
+    _check_json(args.json, {resolve_model(args.model): "input model",
+                            **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     report = quantize(args.model, config, args.out, calib_source=args.calib, nsamples=args.nsamples,
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
@@ -109,27 +160,31 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
-    print(f"wrote {report.out}: {config.describe()}, {len(report.quantized)} layers quantized, "
-          f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight, "
-          f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")
+    for note in report.notes:
+        print(note)
+    print(f"wrote {report.out}: {report.config.describe()}, {len(report.quantized)} layers quantized, "
+          f"{info['size_on_disk_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.3f} bits/weight "
+          f"({info['bits_per_param_overall']:.3f} over every parameter), {report.seconds:.1f} s, "
+          f"peak RSS {report.peak_rss_mb:.0f} MiB")
     for why in report.skipped.values():
         print(f"left unquantized: {why}", file=sys.stderr)
     result: dict[str, Any] = {"model": str(args.model), "out": str(report.out), "config": report.config.to_dict(),
                               "quantize_seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
                               "size_on_disk_bytes": info["size_on_disk_bytes"],
-                              "bits_per_weight": info["bits_per_weight"], "skipped": report.skipped}
+                              "bits_per_weight": info["bits_per_weight"],
+                              "bits_per_param_overall": info["bits_per_param_overall"], "skipped": report.skipped,
+                              "block_errors": report.block_errors, "notes": report.notes}
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)
 
 
 def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
+    from llmq.assets import load_tokenizer
     from llmq.checkpoint import load_model
     from llmq.evaluate import evaluate_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(quantized)
+    tokenizer = load_tokenizer(quantized)
     res = evaluate_lm(load_model(quantized), tokenizer, seqlen=seqlen, max_windows=max_windows,
                       baseline=load_model(baseline))
     print(f"{res.corpus}, seqlen {res.seqlen}, {res.windows} windows ({res.tokens} tokens scored)")
@@ -140,14 +195,13 @@ def _eval_pair(quantized: Path, baseline: str, seqlen: int, max_windows: int) ->
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from llmq import evaluate, models
-    from llmq.assets import resolve_model
+    from llmq.assets import load_tokenizer, resolve_model
     from llmq.checkpoint import load_model
 
     path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    _check_json(args.json, _eval_inputs(path, args.baseline, args.dataset))
+    tokenizer = load_tokenizer(path)
     model = load_model(path, device=args.device)
     baseline = load_model(args.baseline, device=args.device) if args.baseline else None
     is_lm = hasattr(model, "generation_config") and not evaluate.has_mlm_head(model) and \
@@ -180,12 +234,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     print(f"{info['path']}: {info['quantization']}")
+    print(f"  format:              {info['checkpoint_format']}, written by {info['producer'] or 'unknown'}")
     print(f"  size on disk:        {info['size_on_disk_bytes'] / 1e6:.2f} MB")
     print(f"  quantized layers:    {info['quantized_layers']} ({info['quantized_weights']:,} weights)")
     print(f"  bits per weight:     {info['bits_per_weight']:.3f} (qweight + qzeros + scales + g_idx)")
     print(f"  unquantized params:  {info['unquantized_params']:,}")
     print(f"  bits per parameter:  {info['bits_per_param_overall']:.3f} (whole checkpoint)")
-    print("  config: " + json.dumps(info["quantization_config"]))
+    print("  quantization_config (as in the file): " + json.dumps(info["quantization_config"]))
     for layer in info["layers"]:
         print(f"    {layer}")
 
@@ -193,15 +248,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a scheduler, ``docker stop``): unwind like Ctrl-C, so that
+    partial output is removed, and exit with status 143. Not an ``Exception``, so that no
+    ``except Exception`` on the way swallows it."""
+
+
+def _terminate(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0, 2 for bad input (one line on stderr), 130 after
+    SIGINT (Ctrl-C), 143 after SIGTERM. While it runs, SIGTERM unwinds the command like Ctrl-C."""
     args = build_parser().parse_args(argv)
     handler = COMMANDS[args.command]
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmq {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"llmq {args.command}: interrupted by SIGINT (Ctrl-C); nothing half-written was left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"llmq {args.command}: terminated by SIGTERM; nothing half-written was left", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (../shared/docs/eval-protocol.md), implemented once.
+"""The evaluation protocol of ``docs/evaluation.md``, implemented once.
 
 Causal LMs: perplexity over non-overlapping windows (or the sliding-window variant), and KL
 divergence / top-1 agreement against an unquantized model on the same windows. Encoders:
@@ -8,65 +8,64 @@ pseudo-perplexity when the model has a masked-LM head.
 
 from __future__ import annotations
 
+import hashlib
+import lzma
 import math
-import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.calibration import CALIBRATION_DOCS
+from llmq.calibration import CALIBRATION_DOCS, hub_rows, read_text
 
-WIKITEXT2_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# The WikiText-2 raw test text shipped with llmq (see llmq/data/README.md) and the SHA-256 of
+# its decompressed bytes, checked on every read.
+WIKITEXT2_XZ = resources.files("llmq") / "data" / "wiki.test.raw.xz"
+WIKITEXT2_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+WIKITEXT2_LABEL = "wikitext-2-raw test (wiki.test.raw)"
 
 
-def _wikitext2_file() -> Path | None:
-    env = os.environ.get("LLMQ_WIKITEXT2")
-    if env:
-        return Path(env).expanduser()
-    here = Path.cwd().resolve()
-    for base in [here, *here.parents]:
-        for candidate in (base / WIKITEXT2_RELATIVE, base.parent / WIKITEXT2_RELATIVE):
-            if candidate.is_file():
-                return candidate
-    return None
+def wikitext2_text(source: Traversable | Path = WIKITEXT2_XZ, sha256: str = WIKITEXT2_SHA256) -> str:
+    """The WikiText-2 raw test split as one string, from the xz file shipped with llmq; raises
+    ``ValueError`` when the decompressed bytes do not have the expected SHA-256."""
+    data = lzma.decompress(source.read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{source.name} is damaged: its text has SHA-256 {digest}, expected {sha256}")
+    return _normalize(data.decode("utf-8"))
 
 
 def load_eval_text(dataset: str = "wikitext2") -> tuple[str, str]:
-    """``(text, label)`` for ``wikitext2`` (the raw test split: a local copy found through
-    ``LLMQ_WIKITEXT2`` or a ``shared/data`` folder above the working directory, else the hub),
-    ``bundled`` (held-out documents of the bundled corpus) or a text file path."""
+    """``(text, label)`` of an evaluation corpus (``docs/evaluation.md``): ``wikitext2`` (the raw
+    test split shipped with llmq), ``bundled`` (held-out documents of the bundled corpus),
+    ``hf:NAME[:CONFIG]:SPLIT:FIELD`` (a hub dataset, its rows joined by blank lines) or a text file."""
     if dataset == "wikitext2":
-        local = _wikitext2_file()
-        if local is not None:
-            return _read_text(local), f"wikitext-2-raw test ({local.name})"
-        try:
-            import datasets
-
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        except Exception as e:  # noqa: BLE001 (offline hub errors vary by version)
-            raise FileNotFoundError(
-                "wikitext2 needs the dataset hub or a local wiki.test.raw (set LLMQ_WIKITEXT2=PATH or pass the "
-                f"file path): {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
-            ) from None
-        return "\n\n".join(rows), "wikitext-2-raw test (hub)"
+        return wikitext2_text(), WIKITEXT2_LABEL
     if dataset == "bundled":
         from llmq.assets import bundled_corpus
 
         return "\n\n".join(bundled_corpus()[CALIBRATION_DOCS:]), "bundled corpus (held-out documents)"
+    if dataset.startswith("hf:"):
+        return "\n\n".join(hub_rows(dataset)), f"hub dataset {dataset[3:]}"
     path = Path(dataset).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled' or a text file")
-    return _read_text(path), f"file {path.name}"
+        raise FileNotFoundError(f"evaluation dataset {dataset!r} is not 'wikitext2', 'bundled', "
+                                "'hf:NAME[:CONFIG]:SPLIT:FIELD' or a text file")
+    return read_text(path, "evaluation text"), f"file {path.name}"
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+def _normalize(text: str) -> str:
+    return text.replace("\r\n", "\n")
 
 
 def uses_bos(tokenizer) -> bool:
@@ -93,18 +92,46 @@ def model_context(model: nn.Module, seqlen: int) -> int:
     return min(seqlen, getattr(model.config, "max_position_embeddings", None) or seqlen)
 
 
-def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None) -> list[torch.Tensor]:
-    """Non-overlapping windows of ``seqlen`` tokens (BOS included when given); the short tail is dropped."""
-    body = seqlen - 1 if bos is not None else seqlen
-    n = ids.numel() // body
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+@dataclass(frozen=True, eq=False)
+class Window:
+    """One evaluation window: the model's input ``ids`` ``[n]`` (BOS first when the model uses
+    one) and how many of its last tokens are scored, each predicted from the tokens before it."""
+
+    ids: torch.Tensor
+    scored: int
+
+
+def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None,
+            stride: int | None = None) -> list[Window]:
+    """The evaluation windows over the token sequence ``ids`` ``[tokens]``: one rule for both variants.
+
+    A window holds BOS (when given) and then up to ``seqlen - 1`` text tokens (``seqlen`` without
+    BOS). BOS is never scored; with BOS a window's first text token is scored (predicted from BOS),
+    without it the first text token has no context and is not. Non-overlapping (``stride`` None):
+    consecutive windows, the short tail dropped. Sliding: windows start ``stride`` text tokens
+    apart, run to the end of the text and score only the tokens no earlier window scored.
+    """
+    body = seqlen - (bos is not None)
+    step = body if stride is None else stride
+    if not 0 < step <= body:
+        raise ValueError(f"stride must be in 1..{body} (the text tokens of a {seqlen}-token window), got {stride}")
+    out: list[Window] = []
+    done = 0  # text tokens before this position are scored (or have no context)
+    for begin in range(0, ids.numel(), step):
+        if max_windows is not None and len(out) == max_windows:
+            break
+        end = min(begin + body, ids.numel())
+        if stride is None and end - begin < body:
+            break
+        w = ids[begin:end]
+        scored = end - max(done, begin if bos is not None else begin + 1)
+        if scored > 0:
+            out.append(Window(torch.cat([torch.tensor([bos]), w]) if bos is not None else w, scored))
+        done = end
+        if end == ids.numel():
+            break
+    if not out:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    out = []
-    for i in range(n):
-        w = ids[i * body:(i + 1) * body]
-        out.append(torch.cat([torch.tensor([bos]), w]) if bos is not None else w)
     return out
 
 
@@ -128,9 +155,57 @@ class LMResult:
         return asdict(self)
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=ids.unsqueeze(0).to(device), use_cache=False).logits[0].float()
+# Each [positions, vocab] float32 tensor of the evaluation is at most this large; a few of them are
+# alive at once, so evaluation needs the models plus about 5x this, whatever the vocabulary.
+CHUNK_BYTES = 32 << 20
+# Positions on which each model's head is checked against its own logits (see _head_applies).
+PROBE_POSITIONS = 8
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Final hidden states ``[n, hidden]`` -> float32 logits ``[n, vocab]``: the output embeddings
+    (tied, half-precision or quantized alike), then Gemma 2/3's final logit soft-capping."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        y = head(hidden)
+        if cap is not None:
+            y = torch.tanh(y / cap) * cap
+        return y.float()
+    return logits
+
+
+def _window_logits(model: nn.Module, ids: torch.Tensor, split: bool) -> Callable[[int, int], torch.Tensor]:
+    """``(a, b)`` -> float32 logits ``[b - a, vocab]`` of ``model`` at positions ``a..b-1`` of ``ids`` ``[n]``.
+
+    ``split``: run the base model once to its final hidden states ``[n, hidden]`` and apply the
+    head to the positions asked for only, so that no ``[n, vocab]`` tensor is ever built. Else
+    the model's own ``[n, vocab]`` logits, sliced.
+    """
+    x = ids.unsqueeze(0).to(_device(model))
+    if split:
+        hidden = model.base_model(input_ids=x, use_cache=False).last_hidden_state[0]
+        head = _head(model)
+        return lambda a, b: head(hidden[a:b])
+    full = model(input_ids=x, use_cache=False).logits[0]
+    return lambda a, b: full[a:b].float()
+
+
+def _head_applies(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are :func:`_head` applied to its base model's final hidden
+    states, checked on the first positions of ``ids``: models that compute logits some other way
+    (a scale, a bias on the hidden states) are evaluated on their own full logits instead."""
+    if model.base_model is model or model.get_output_embeddings() is None:
+        return False
+    probe = ids[:PROBE_POSITIONS]
+    n = probe.numel()
+    ours, theirs = _window_logits(model, probe, split=True)(0, n), _window_logits(model, probe, split=False)(0, n)
+    return ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 @torch.no_grad()
@@ -144,7 +219,8 @@ def evaluate_lm(
     progress: bool = True,
 ) -> LMResult:
     """Perplexity over non-overlapping windows; with ``baseline``, also its perplexity, the mean
-    per-token ``KL(p_base || p_model)`` and top-1 agreement in percent, on the same windows."""
+    per-token ``KL(p_base || p_model)`` and top-1 agreement in percent, on the same windows.
+    Memory: the models plus a fixed budget (see :func:`compare_lms`)."""
     return compare_lms({"model": model}, tokenizer, dataset, seqlen, max_windows, baseline, progress)["model"]
 
 
@@ -157,37 +233,61 @@ def compare_lms(
     max_windows: int | None = None,
     baseline: nn.Module | None = None,
     progress: bool = True,
+    stride: int | None = None,
 ) -> dict[str, LMResult]:
-    """:func:`evaluate_lm` for several models at once: the baseline runs once per window."""
+    """:func:`evaluate_lm` for several models at once: the baseline runs once per window.
+    ``stride``: the sliding-window variant (see :func:`windows`).
+
+    Memory stays within the models plus a fixed budget, whatever the vocabulary: each model runs
+    to its final hidden states ``[seqlen, hidden]``, and log-probabilities, KL and top-1 are then
+    computed a chunk of positions at a time, each ``[positions, vocab]`` float32 tensor at most
+    ``CHUNK_BYTES`` (a few alive at once). Results equal the unchunked computation up to float32
+    summation order.
+    """
     text, label = load_eval_text(dataset)
-    seqlen = min(model_context(m, seqlen) for m in [*candidates.values(), *([baseline] if baseline else [])])
+    models: dict[str | None, nn.Module] = {None: baseline} if baseline is not None else {}  # None: the baseline
+    models.update(candidates)
+    seqlen = min(model_context(m, seqlen) for m in models.values())
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
-    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows)
-    stats = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in candidates}
-    base_nll, scored = 0.0, 0
+    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows, stride)
+    split = {name: _head_applies(m, ws[0].ids) for name, m in models.items()}
+    chunk = max(1, CHUNK_BYTES // (4 * max(m.config.get_text_config().vocab_size for m in models.values())))
+    totals = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
+    scored = 0
     bar = tqdm(ws, desc="eval", unit="window", disable=not progress)
     for w in bar:
-        target = w[1:]
-        scored += target.numel()
-        base_logp = None
-        if baseline is not None:
-            base_logp = F.log_softmax(_logits(baseline, w)[:-1], dim=-1).cpu()
-            base_nll += -base_logp.gather(1, target[:, None]).sum().item()
-        for name, model in candidates.items():
-            logp = F.log_softmax(_logits(model, w)[:-1], dim=-1).cpu()
-            st = stats[name]
-            st["nll"] += -logp.gather(1, target[:, None]).sum().item()
-            if base_logp is not None:
-                st["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
-                st["agree"] += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-        bar.set_postfix({n: f"{math.exp(st['nll'] / scored):.3f}" for n, st in stats.items()})
+        n = w.ids.numel()
+        logits = {name: _window_logits(m, w.ids, split[name]) for name, m in models.items()}
+        rows = {name: {"nll": [], "kl": [], "agree": []} for name in models}  # per scored position
+        for a in range(n - 1 - w.scored, n - 1, chunk):  # the logits at position p predict token p + 1
+            b = min(a + chunk, n - 1)
+            base_logp = base_p = None
+            for name in models:
+                logp = F.log_softmax(logits[name](a, b), dim=-1)
+                rows[name]["nll"].append(-logp.gather(1, w.ids[a + 1:b + 1, None].to(logp.device))[:, 0])
+                if name is None:
+                    base_logp, base_p = logp, logp.exp()
+                elif base_logp is not None:
+                    rows[name]["kl"].append((base_p * (base_logp - logp)).sum(-1))
+                    rows[name]["agree"].append(base_logp.argmax(-1) == logp.argmax(-1))
+                del logp
+        del logits
+        scored += w.scored
+        for name, r in rows.items():
+            for key, values in r.items():
+                if values:
+                    totals[name][key] += torch.cat(values).sum().item()
+        bar.set_postfix({name: f"{math.exp(totals[name]['nll'] / scored):.3f}" for name in candidates})
+    mode = "non-overlapping" if stride is None else f"sliding window, stride {stride}"
     results = {}
-    for name, st in stats.items():
-        r = LMResult(math.exp(st["nll"] / scored), st["nll"] / scored, scored, len(ws), seqlen, label, bos is not None)
+    for name in candidates:
+        t = totals[name]
+        r = LMResult(math.exp(t["nll"] / scored), t["nll"] / scored, scored, len(ws), seqlen, label, bos is not None,
+                     mode=mode)
         if baseline is not None:
-            r.baseline_perplexity = math.exp(base_nll / scored)
-            r.kl_divergence = st["kl"] / scored
-            r.top1_agreement = 100.0 * st["agree"] / scored
+            r.baseline_perplexity = math.exp(totals[None]["nll"] / scored)
+            r.kl_divergence = t["kl"] / scored
+            r.top1_agreement = 100.0 * t["agree"] / scored
         results[name] = r
     return results
 
@@ -198,29 +298,10 @@ def evaluate_lm_sliding(
     max_windows: int | None = None, progress: bool = True,
 ) -> LMResult:
     """Sliding-window perplexity (the Hugging Face documentation's variant): each window of
-    ``seqlen`` tokens advances by ``stride`` and scores only its last ``stride`` new tokens."""
-    text, label = load_eval_text(dataset)
-    seqlen = model_context(model, seqlen)
-    if not 0 < stride <= seqlen:
-        raise ValueError(f"stride must be in 1..{seqlen}, got {stride}")
-    ids = tokenize_corpus(tokenizer, text)
-    nll, scored, prev_end, count = 0.0, 0, 0, 0
-    starts = list(range(0, ids.numel() - 1, stride))
-    if max_windows is not None:
-        starts = starts[:max_windows]
-    for begin in tqdm(starts, desc="eval (sliding)", unit="window", disable=not progress):
-        end = min(begin + seqlen, ids.numel())
-        new = end - max(prev_end, begin + 1)
-        w = ids[begin:end]
-        logp = F.log_softmax(_logits(model, w)[:-1], dim=-1)
-        target = w[1:].to(logp.device)
-        nll += -logp[-new:].gather(1, target[-new:, None]).sum().item()
-        scored += new
-        prev_end, count = end, count + 1
-        if end == ids.numel():
-            break
-    return LMResult(math.exp(nll / scored), nll / scored, scored, count, seqlen, label, False,
-                    mode=f"sliding window, stride {stride}")
+    ``seqlen`` tokens advances by ``stride`` and scores only its last ``stride`` new tokens, with
+    the same BOS rule and memory bound as :func:`evaluate_lm` (see :func:`windows`)."""
+    return compare_lms({"model": model}, tokenizer, dataset, seqlen, max_windows, progress=progress,
+                       stride=stride)["model"]
 
 
 def heldout_sentences(n: int = 2000, min_chars: int = 30) -> list[str]:

@@ -6,18 +6,34 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmq import streaming
-from llmq.checkpoint import read_quant_config
+import torch
+
+from llmq import models, streaming
+from llmq.assets import load_config, resolve_model
+from llmq.checkpoint import module_spec, read_quantization_config, replace_quantized_linears, validate_quantized_layers
+from llmq.config import QuantConfig
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Config, size on disk, bits per quantized weight (``qweight``, ``qzeros``, ``scales`` and
-    ``g_idx`` counted), and which layers are quantized."""
-    path = Path(path)
-    qconfig = read_quant_config(path)
+    """The file's own ``quantization_config`` and producer (``meta.quantizer``), size on disk, bits
+    per quantized weight (``qweight``, ``qzeros``, ``scales`` and ``g_idx`` counted) and per
+    parameter of the whole checkpoint, and which layers are quantized; after the same checks as
+    loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
+    path = resolve_model(path)
+    raw = read_quantization_config(path)
+    qconfig = QuantConfig.from_dict(raw)
+    config = load_config(path)
+    if hasattr(config, "quantization_config"):  # the skeleton is built unquantized; its linears are replaced below
+        del config.quantization_config
+    if qconfig.lm_head:
+        config.tie_word_embeddings = False
     reader = streaming.ShardReader(path)
+    skeleton = models.build_skeleton(config)
+    keys = streaming.KeyMap(skeleton, reader)
+    replace_quantized_linears(skeleton, keys, qconfig, torch.float16)
+    validate_quantized_layers(skeleton, keys)
     layers: dict[str, dict[str, int]] = {}
     other_bytes = other_params = 0
     for key in reader.keys():
@@ -29,7 +45,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             entry = layers.setdefault(layer, {"bytes": 0, "weights": 0})
             entry["bytes"] += nbytes
             if leaf == "qweight":
-                entry["weights"] = shape[0] * 32 // qconfig.bits * shape[1]
+                entry["weights"] = shape[0] * 32 // module_spec(qconfig, key).bits * shape[1]
         else:
             other_bytes += nbytes
             other_params += numel
@@ -39,7 +55,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "quantization": qconfig.describe(),
-        "quantization_config": qconfig.to_dict(),
+        "checkpoint_format": qconfig.checkpoint_format,
+        "producer": (raw.get("meta") or {}).get("quantizer"),
+        "quantization_config": raw,
         "size_on_disk_bytes": disk,
         "quantized_layers": len(layers),
         "quantized_weights": q_weights,

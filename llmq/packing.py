@@ -1,12 +1,18 @@
-"""Pack and unpack 2/3/4/8-bit integers into int32 words in the GPTQ v1 layout.
+"""Pack and unpack 2/3/4/8-bit integers into int32 words in the GPTQ layout.
 
 The layout is one little-endian bit stream per column: value ``k`` of a packed run sits at
 bit offset ``k * bits``, so 2, 4 and 8 bits fill whole words and 3 bits straddle word
 boundaries (32 values in three words), exactly as AutoGPTQ's packing loop writes them.
 
 - ``qweight`` int32 ``[in * bits / 32, out]`` packs along the input dimension (dim 0).
-- ``qzeros`` int32 ``[groups, out * bits / 32]`` packs along the output dimension (dim 1)
-  and stores ``zero - 1`` modulo ``2**bits`` (the v1 convention).
+- ``qzeros`` int32 ``[groups, out * bits / 32]`` packs along the output dimension (dim 1).
+  Checkpoint format ``gptq`` (v1) stores ``zero - 1``; CUDA kernels (AutoGPTQ, ExLlama, vLLM)
+  read ``stored + 1`` without wrapping, so a stored all-ones field means ``2**bits``, while
+  GPTQModel's torch path wraps it to 0: v1 cannot hold a zero point of 0, and an all-ones field is
+  ambiguous between loaders. ``gptq_v2`` stores the zero point as it is.
+
+Loaded layers and every kernel take the unpacked zero points (``ZERO_DTYPE`` ``[groups, out]``),
+so the format is decided once, when a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import math
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# Unpacked zero points: up to 2**bits (256 for a v1 all-ones zero at 8 bits), so wider than uint8.
+ZERO_DTYPE = torch.int16
 CHUNK_ELEMENTS = 1 << 21  # working-set bound of pack() and QuantizedWeight.dequantize()
 
 
@@ -105,30 +114,48 @@ def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack(qweight, bits, dim=0)
 
 
-def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points int ``[groups, out]`` to v1 ``qzeros`` int32 ``[groups, out * bits / 32]``.
+def check_format(checkpoint_format: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``checkpoint_format`` is ``gptq`` or ``gptq_v2``."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
 
-    v1 stores ``zero - 1``; a zero point of 0 wraps to ``2**bits - 1`` and reads back as 0.
+
+def pack_qzeros(zeros: torch.Tensor, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """Zero points int ``[groups, out]`` to ``qzeros`` int32 ``[groups, out * bits / 32]``.
+
+    ``gptq`` (v1) stores ``zero - 1`` and takes zero points in ``[1, 2**bits - 1]`` only: 0 cannot
+    be stored, and ``2**bits`` would be the ambiguous all-ones field (symmetric grids use
+    ``2**(bits-1)``). ``gptq_v2`` stores zero points in ``[0, 2**bits - 1]`` as they are.
     """
-    return pack((zeros.to(torch.int64) - 1) & ((1 << bits) - 1), bits, dim=1)
+    check_format(checkpoint_format)
+    z = zeros.to(torch.int64)
+    if checkpoint_format == "gptq":
+        if z.numel() and (int(z.min()) < 1 or int(z.max()) > 2**bits - 1):
+            raise ValueError(f"GPTQ v1 holds {bits}-bit zero points 1..{2**bits - 1} only, got "
+                             f"{int(z.min())}..{int(z.max())}: write checkpoint_format gptq_v2")
+        z = z - 1
+    return pack(z, bits, dim=1)
 
 
-def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """v1 ``qzeros`` int32 ``[groups, out * bits / 32]`` to zero points int32 ``[groups, out]``."""
-    return (unpack(qzeros, bits, dim=1) + 1) & ((1 << bits) - 1)
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """``qzeros`` int32 ``[groups, out * bits / 32]`` to zero points ``ZERO_DTYPE`` ``[groups, out]``:
+    ``stored + 1`` for ``gptq`` (v1, as CUDA kernels read it: no wrap), ``stored`` for ``gptq_v2``."""
+    check_format(checkpoint_format)
+    zeros = unpack(qzeros, bits, dim=1).to(ZERO_DTYPE)
+    return zeros + 1 if checkpoint_format == "gptq" else zeros
 
 
 def dequantize(
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Full weight ``[in, out]``: ``w[k, n] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n])``."""
+    """Full weight ``[in, out]``: ``w[k, n] = scales[g_idx[k], n] * (q[k, n] - zeros[g_idx[k], n])``,
+    ``zeros`` the unpacked zero points ``[groups, out]`` (see :func:`unpack_qzeros`)."""
     dtype = dtype or scales.dtype
     q = unpack_qweight(qweight, bits)
-    zeros = unpack_qzeros(qzeros, bits)
     g = g_idx.long()
-    return (scales[g].to(dtype) * (q - zeros[g]).to(dtype)).contiguous()
+    return (scales[g].to(dtype) * (q - zeros[g].to(torch.int32)).to(dtype)).contiguous()

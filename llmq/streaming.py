@@ -4,7 +4,9 @@ onto a meta-device skeleton; and return modules to meta when done."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,8 +20,66 @@ DTYPES = {
 }
 
 
+# The safetensors format's own limit on a header: larger claims are corrupt or hostile.
+MAX_HEADER_BYTES = 100_000_000
+
+
 class CorruptCheckpointError(ValueError):
     """A safetensors file is truncated, corrupt or missing."""
+
+
+def _spans(header: dict) -> Iterator[tuple[str, int, int]]:
+    """``(key, begin, end)`` of every tensor of a safetensors header, each checked: a known
+    dtype, a shape of non-negative whole numbers, and as many bytes as dtype and shape need."""
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+            raise ValueError(f"tensor {key} has no supported dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"tensor {key} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {key} has invalid data_offsets {offsets!r}")
+        need = math.prod(shape) * DTYPES[entry["dtype"]].itemsize
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(f"tensor {key} spans {offsets[1] - offsets[0]} bytes, its dtype and shape need {need}")
+        yield key, offsets[0], offsets[1]
+
+
+def checkpoint_root(folder: str | Path) -> Path:
+    """The folder that a checkpoint's files must resolve into: the folder itself (links
+    resolved), or for a Hugging Face cache snapshot (``models--ORG--NAME/snapshots/REV``, whose
+    files link to ``../../blobs``) the repository's cache folder."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def inside(folder: str | Path, name: str) -> Path:
+    """``folder / name``, refused unless it resolves (links followed) inside the checkpoint.
+
+    The message is the same whatever lies outside: it tells nothing about another file.
+    """
+    path = Path(folder) / name
+    if not Path(os.path.realpath(path)).is_relative_to(checkpoint_root(folder)):
+        raise CorruptCheckpointError(f"{folder}: {name!r} lies outside the checkpoint folder; refused")
+    return path
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file of a checkpoint that must hold an object (``config.json``, an index...)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} is not a JSON object")
+    return data
 
 
 def _read_at(path: Path, offset: int, nbytes: int, key: str) -> torch.Tensor:
@@ -63,10 +123,10 @@ class ShardReader:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CorruptCheckpointError(f"corrupt shard index {index}: {e}") from None
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CorruptCheckpointError(f"corrupt shard index {index}: its weight_map does not map names to files")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
@@ -81,12 +141,15 @@ class ShardReader:
         self._where: dict[str, str] = {}
         self._preloaded: dict[str, torch.Tensor] = {}
         for name in files:
-            path = self.folder / name
+            path = inside(self.folder, name)
             data_start, header = self._open(path)
             self._files[name] = (path, data_start, header)
             for key in header:
-                if key != "__metadata__":
-                    self._where[key] = name
+                if key == "__metadata__":
+                    continue
+                if key in self._where:
+                    raise CorruptCheckpointError(f"tensor {key} is in two shards, {self._where[key]} and {name}")
+                self._where[key] = name
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._where.get(k) != f]
             if missing:
@@ -95,7 +158,8 @@ class ShardReader:
 
     @staticmethod
     def _open(path: Path) -> tuple[int, dict]:
-        """Read one shard's header, checking that it describes exactly the bytes on disk."""
+        """Read one shard's header, checking that it describes exactly the bytes on disk: each
+        tensor's bytes match its dtype and shape, and the tensors tile the data without overlap."""
         if not path.exists():
             raise CorruptCheckpointError(f"missing safetensors shard {path}")
         try:
@@ -104,15 +168,22 @@ class ShardReader:
                 header_len = int.from_bytes(f.read(8), "little")
                 if header_len <= 0 or 8 + header_len > size:
                     raise ValueError(f"header length {header_len} does not fit in {size} bytes")
+                if header_len > MAX_HEADER_BYTES:
+                    raise ValueError(f"header length {header_len} exceeds the format's limit of {MAX_HEADER_BYTES}")
                 header = json.loads(f.read(header_len))
-            data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            data_end = 0
+            for key, begin, end in sorted(_spans(header), key=lambda s: (s[1], s[2])):
+                if begin < data_end:
+                    raise ValueError(f"tensor {key} overlaps the bytes of another tensor")
+                if begin > data_end:
+                    raise ValueError(f"bytes {data_end}-{begin} of the data belong to no tensor")
+                data_end = end
             if 8 + header_len + data_end != size:
                 raise ValueError(f"file holds {size} bytes, its header describes {8 + header_len + data_end}")
-            for key, entry in header.items():
-                if key != "__metadata__" and entry["dtype"] not in DTYPES:
-                    raise ValueError(f"tensor {key} has unsupported dtype {entry['dtype']}")
             return 8 + header_len, header
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CorruptCheckpointError(f"corrupt or truncated safetensors file {path}: {e}") from None
 
     def keys(self) -> list[str]:
@@ -247,6 +318,9 @@ def materialize(module: nn.Module, prefix: str, keys: KeyMap, device: torch.devi
             raise CorruptCheckpointError(
                 f"tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(tensor.shape)}"
             )
+        if value.is_floating_point() != tensor.is_floating_point():
+            raise CorruptCheckpointError(f"tensor {key} is stored as {keys.reader.info(key)[0]}, the model expects "
+                                         f"{'floating point' if tensor.is_floating_point() else 'integers'}")
         if value.is_floating_point():
             value = value.to(dtype)
         _set_tensor(module, name, value.to(device))
@@ -267,3 +341,64 @@ def to_meta(module: nn.Module) -> None:
         for leaf, p in list(sub._parameters.items()):
             if p is not None:
                 sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _value_stats(reader: ShardReader, key: str) -> tuple[int, int, float]:
+    """``(NaN count, infinite count, largest finite magnitude)`` of a floating tensor, read in slices."""
+    nan = inf = 0
+    peak = 0.0
+    for part in reader.chunks(key):
+        if not part.numel():
+            continue
+        lo, hi = torch.aminmax(part)  # one pass, no temporary; NaN and inf show in the result
+        top = max(-float(lo), float(hi))
+        if not math.isfinite(top):  # rare: count, then take the peak over the finite values
+            nan += int(torch.isnan(part).sum())
+            inf += int(torch.isinf(part).sum())
+            top = float(part.abs().masked_fill(~torch.isfinite(part), 0).amax())
+        peak = max(peak, top)
+    return nan, inf, peak
+
+
+def check_weights(keys: KeyMap, model: nn.Module, quantized: Iterable[str], bits: int, out_dtype: torch.dtype,
+                  keep_nonfinite: bool = False) -> dict[str, str]:
+    """Refuse checkpoint values that would be written wrong, before any work: NaN or infinite
+    values anywhere, weights of the ``quantized`` linears (full names) larger than ``bits``-bit
+    grids with fp16 scales can hold, and other tensors beyond the range of the dtype they are
+    written in (``out_dtype``; fp16 for the biases of quantized linears, as GPTQ stores them).
+
+    Raises ``ValueError`` naming the tensor. With ``keep_nonfinite`` the linears whose weights no
+    grid can hold are left unquantized and other tensors with NaN or infinite values are kept as
+    they are; returns ``{name: why}`` of those (empty when everything can be quantized).
+    """
+    from llmq.quantizers.grid import FP16_MAX
+
+    quantized = set(quantized)
+    grid_limit = FP16_MAX * (2**bits - 1) / 2  # |w| up to this gives scales (range / maxq) within fp16
+    kept: dict[str, str] = {}
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
+    for name in dict.fromkeys(names):
+        key = keys.source(name)
+        if key is None or not DTYPES[keys.reader.info(key)[0]].is_floating_point:
+            continue
+        nan, inf, peak = _value_stats(keys.reader, key)
+        bad = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+        bad = f"has {bad} value{'s' * (nan + inf > 1)}" if bad else ""
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized and owner not in kept and leaf == "weight":
+            if not bad and peak > grid_limit:
+                bad = f"has values up to {peak:.3g}, more than fp16 scales of int{bits} grids hold ({grid_limit:.3g})"
+            if bad and not keep_nonfinite:
+                raise ValueError(f"weight {name} {bad}; --skip-nonfinite leaves such layers unquantized")
+            if bad:
+                kept[owner] = f"{name} {bad}: left unquantized"
+                bad = ""
+        elif bad:
+            if not keep_nonfinite:
+                raise ValueError(f"tensor {name} {bad}; --skip-nonfinite keeps such tensors as they are")
+            kept[name] = f"{name} {bad}: kept as it is"
+        stored = torch.float16 if leaf == "bias" and owner in quantized and owner not in kept else out_dtype
+        if peak > torch.finfo(stored).max:
+            raise ValueError(f"tensor {name} has values up to {peak:.3g}, beyond the range of "
+                             f"{str(stored).removeprefix('torch.')} it would be written in: pass --dtype float32")
+    return kept

@@ -1,6 +1,8 @@
 """Time the compiled CPU kernels against fp32/bf16 ``F.linear`` and torch's packed int4/int8 matmuls.
 
-Prints two markdown tables and writes them as JSON (default ``evals/results/bench_cpu_kernels.json``):
+Prints two markdown tables and writes them as JSON with their provenance (command, commit, machine,
+date; default ``evals/results/bench_cpu_kernels.json``, which ``python evals/report.py`` puts into
+the README):
 
 1. Per shape and row count ``M``: fp32 and bf16 ``F.linear``, ``aten._weight_int4pack_mm_for_cpu``
    (group 128, or 64 where K is not a multiple of 128) and ``aten._weight_int8pack_mm`` with bf16
@@ -18,17 +20,22 @@ process stalls torch's 2-thread regions for a scheduler slice (milliseconds). Us
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from llmq import packing
 from llmq.kernels import cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "evals"))
+from provenance import provenance, write_json  # noqa: E402
 
 # (K, N): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 7B-sized square one.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096)]
@@ -56,15 +63,14 @@ def time_ms(fns: dict[str, Callable[[], object]], budget_s: float = 0.5, max_rou
 
 
 def random_gptq(k: int, n: int, bits: int, group_size: int) -> dict:
-    """GPTQ v1 buffers with uniformly random codes (any bit pattern is a valid packed weight)."""
+    """GPTQ buffers with uniformly random codes (any bit pattern is a valid packed weight) and the
+    symmetric zero point ``2**(bits-1)``."""
     groups = 1 if group_size == -1 else -(-k // group_size)
     words = torch.randint(-(2**31), 2**31, (k * bits // 32, n), dtype=torch.int64).to(torch.int32)
-    zero = 2 ** (bits - 1) - 1  # v1 stores zero - 1: symmetric zero point 2**(bits-1)
-    one_word = sum(zero << (bits * i) for i in range(32 // bits))
-    qzeros = torch.full((groups, n * bits // 32), one_word - (2**32 if one_word >= 2**31 else 0), dtype=torch.int32)
+    zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=packing.ZERO_DTYPE)
     scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
     g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
-    return dict(qweight=words, qzeros=qzeros, scales=scales, g_idx=g_idx, bits=bits)
+    return dict(qweight=words, zeros=zeros, scales=scales, g_idx=g_idx, bits=bits)
 
 
 def bench_shape(k: int, n: int, m: int) -> dict:
@@ -120,15 +126,6 @@ def bench_decode(blocks: int, tokens: int) -> dict:
     return result
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
@@ -137,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, M in {1, 128}")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=Path("evals/results/bench_cpu_kernels.json"))
+    parser.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "bench_cpu_kernels.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,7 +145,7 @@ def main() -> None:
     rows_m = [1, 128] if args.quick else ROWS
     load_before = os.getloadavg()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\n| K×N | M | fp32 linear ms | bf16 linear ms | torch int4pack ms (bf16 x) | torch int8pack ms (bf16 x) "
           "| llmq int4 g128 ms | llmq int8 pc ms | int4 vs fp32 | int8 vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -172,11 +169,9 @@ def main() -> None:
         print(f"| {label} | {decode[f'{name}_weight_mb']:.0f} | {decode[f'{name}_ms']:.2f} | "
               f"{decode[f'{name}_speedup']:.2f}× |")
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "gemv_max_m": cpu.GEMV_MAX_M, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "shapes": table, "decode": decode}, indent=1) + "\n")
+    meta = {"threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "gemv_max_m": cpu.GEMV_MAX_M}
+    write_json(args.out, {"meta": meta, "provenance": provenance(), "shapes": table, "decode": decode})
     print(f"\nwrote {args.out}")
 
 

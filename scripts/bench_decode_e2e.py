@@ -62,8 +62,8 @@ def random_quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantL
     out_features, in_features = linear.weight.shape
     layer = QuantLinear(in_features, out_features, bits, group_size, linear.bias is not None,
                         device=linear.weight.device, dtype=linear.weight.dtype)
-    for buf in (layer.qweight, layer.qzeros):
-        buf.random_(-(2**31), 2**31 - 1)
+    layer.qweight.random_(-(2**31), 2**31 - 1)
+    layer.zeros.random_(0, 2**bits)
     layer.scales.uniform_(0.002, 0.004)
     layer.g_idx.copy_(torch.arange(in_features, device=layer.g_idx.device) // group_size)
     if linear.bias is not None:

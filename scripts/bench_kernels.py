@@ -57,9 +57,10 @@ class Case:
 
 
 def quant_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
-    """Bytes a fused kernel must move at least: packed weight, scales, zeros, g_idx, fp16 x and out."""
+    """Bytes a fused kernel must move at least: packed weight, scales (fp16), zeros (int16), g_idx,
+    fp16 x and out."""
     groups = 1 if group_size == -1 else -(-k // group_size)
-    return k * bits // 8 * n + groups * n * 2 + groups * n * bits // 8 + k * 4 + 2 * (m * k + m * n)
+    return k * bits // 8 * n + groups * n * 2 + groups * n * 2 + k * 4 + 2 * (m * k + m * n)
 
 
 def fp16_bytes(m: int, k: int, n: int) -> int:
@@ -68,11 +69,13 @@ def fp16_bytes(m: int, k: int, n: int) -> int:
 
 
 def make_layer(k: int, n: int, bits: int, group_size: int, device: str, gen: torch.Generator) -> dict:
-    """Random GPTQ buffers: any int32 word is a valid packed weight, so no packing is needed."""
+    """Random GPTQ buffers (any int32 word is a valid packed weight, so no packing is needed) with
+    zero points in ``[0, 2**bits)``."""
     groups = 1 if group_size == -1 else -(-k // group_size)
     word = lambda *shape: torch.randint(-(2**31), 2**31, shape, generator=gen, dtype=torch.int64).to(torch.int32)
     g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
-    layer = dict(qweight=word(k * bits // 32, n), qzeros=word(groups, n * bits // 32),
+    zeros = torch.randint(0, 2**bits, (groups, n), generator=gen, dtype=torch.int16)
+    layer = dict(qweight=word(k * bits // 32, n), zeros=zeros,
                  scales=(torch.rand(groups, n, generator=gen) * 0.01 + 0.001).half(), g_idx=g_idx)
     return {name: t.to(device) for name, t in layer.items()}
 

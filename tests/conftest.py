@@ -11,11 +11,10 @@ import transformers
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_DECODER = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
 TINY = {
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"]),
+    "llama": lambda: transformers.LlamaConfig(**_DECODER, tie_word_embeddings=True, architectures=["LlamaForCausalLM"]),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, architectures=["GPT2LMHeadModel"]),
     "opt": lambda: transformers.OPTConfig(
@@ -24,6 +23,29 @@ TINY = {
     "bert": lambda: transformers.BertConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, architectures=["BertForMaskedLM"]),
+    # Sliding-window attention shorter than the calibration samples (32 tokens).
+    "mistral": lambda: transformers.MistralConfig(**_DECODER, sliding_window=8, architectures=["MistralForCausalLM"]),
+    "qwen2": lambda: transformers.Qwen2Config(**_DECODER, architectures=["Qwen2ForCausalLM"]),  # q/k/v biases
+    "qwen3": lambda: transformers.Qwen3Config(**_DECODER, head_dim=16, architectures=["Qwen3ForCausalLM"]),  # q/k norms
+    # Per-layer attention types (sliding window, then full attention with another rotary base),
+    # soft-capped attention and logits, embeddings scaled by sqrt(hidden) (not a power of two).
+    "gemma2": lambda: transformers.Gemma2Config(
+        **{**_DECODER, "hidden_size": 96}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        architectures=["Gemma2ForCausalLM"]),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**_DECODER, "hidden_size": 96}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"], architectures=["Gemma3ForCausalLM"]),
+    "phi3": lambda: transformers.Phi3Config(  # fused qkv_proj and gate_up_proj
+        **_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, architectures=["Phi3ForCausalLM"]),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **{**_DECODER, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
+        architectures=["MixtralForCausalLM"]),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(  # a shared expert with a one-output gate
+        **_DECODER, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+        num_experts_per_tok=2, architectures=["Qwen2MoeForCausalLM"]),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_DECODER, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16,
+        architectures=["Qwen3MoeForCausalLM"]),
 }
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
+import transformers
 from transformers import AutoTokenizer
 
 from llmq import QuantConfig, QuantLinear
 from llmq.assets import resolve_model
 from llmq.chat import (
-    PLAIN_STOP,
+    NO_TEMPLATE_NOTICE,
+    PLAIN_STOPS,
     ChatSession,
     Conversation,
     PromptTooLongError,
@@ -227,27 +229,72 @@ def test_plain_transcript_when_no_chat_template(tokenizer):
     ids, _ = conv.prepare("Who are you?")
     assert plain.decode(ids, skip_special_tokens=True) == \
         "System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: Who are you?\nAssistant:"
-    assert conv.stop_strings == (PLAIN_STOP,) and Conversation(tokenizer, 1000).stop_strings == ()
+    assert conv.stop_strings == PLAIN_STOPS and Conversation(tokenizer, 1000).stop_strings == ()
     assert render_prompt(tokenizer, [{"role": "user", "content": "Hi"}]) != \
         render_prompt(plain, [{"role": "user", "content": "Hi"}])
 
 
 def test_streamer_holds_back_and_cuts_stop_string(tokenizer):
-    """The plain transcript's stop string never reaches the terminal and ends generation."""
-    out, flag = _Chunks(), _StopFlag()
-    streamer = _Streamer(tokenizer, out, [PLAIN_STOP], flag)
-    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: not shown
-    seen = []
+    """The plain transcript's stop strings never reach the terminal, and end generation on the
+    token that completes one."""
+    out = _Chunks()
+    streamer = _Streamer(tokenizer, out, PLAIN_STOPS)
+    prompt = [1, 2, 3]
+    flag = _StopFlag(tokenizer, PLAIN_STOPS, len(prompt))
+    streamer.put(torch.tensor([prompt]))  # the prompt: not shown
+    ids, seen = list(prompt), []
     for t in tokenizer(" Paris is nice.\nUser: and Rome?")["input_ids"]:
+        ids.append(t)
+        stop = flag(torch.tensor([ids]), None)  # generate asks the criteria before the streamer
         streamer.put(torch.tensor([t]))
         seen.append("".join(out.writes))
-        if flag.stop_string_seen:
+        if stop.item():
             break
     streamer.end()
     assert flag.stop_string_seen and not flag.interrupted
+    assert tokenizer.decode(ids[len(prompt):]).endswith("\nUser:")
     assert "".join(out.writes) == streamer.shown == " Paris is nice."
     assert all("\n" not in s for s in seen)
     assert len(streamer.times) >= 2
+
+
+class _Scripted(transformers.LlamaForCausalLM):
+    """A causal LM rigged to continue with ``succ[previous token]``, whatever it was trained on."""
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        out.logits = torch.full_like(out.logits, -1e4)
+        out.logits[0, -1, self.succ[input_ids[0, -1]]] = 0
+        return out
+
+
+@pytest.mark.parametrize("next_turn", ["User", "Assistant"])
+def test_base_model_reply_ends_at_the_next_turn(tokenizer, next_turn):
+    """A base model (no chat template) that goes on writing the transcript, the user's next line or
+    another "Assistant:" one, stops there; that line is cut from the reply and never shown, and a
+    note says once that the tokenizer has no chat template."""
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    model = _Scripted(config).eval()
+    # The prompt ends with "Assistant:"; after its ":" comes " Paris.\n{next_turn}:", and after that ":" the
+    # same again, until the token limit unless generation stops.
+    colon = plain("Assistant:")["input_ids"][-1]
+    script = plain(f" Paris.\n{next_turn}:")["input_ids"]
+    assert script[-1] == colon
+    model.succ = torch.full((len(tokenizer),), config.eos_token_id)
+    for prev, t in zip([colon, *script[:-1]], script, strict=True):
+        model.succ[prev] = t
+    out, notices = _Chunks(), _Chunks()
+    session = ChatSession(model, plain, Sampling(temperature=0, max_new_tokens=40), out=out, notices=notices)
+    replies = [session.ask("What is the capital of France?"), session.ask("And of Italy?")]
+    assert [r.text for r in replies] == ["Paris.", "Paris."]
+    assert [r.stats.new_tokens for r in replies] == [len(script)] * 2, script  # stopped at once
+    assert "".join(out.writes) == " Paris.\n Paris.\n"
+    assert "".join(notices.writes) == NO_TEMPLATE_NOTICE + "\n"
+    assert session.conversation.messages[1] == {"role": "assistant", "content": "Paris."}
 
 
 PROMPTS = ("The history of the Roman Empire", "def fibonacci(n):\n    ", "Water boils at")

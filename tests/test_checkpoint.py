@@ -9,11 +9,13 @@ import torch
 from conftest import calibration_ids, save_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from llmq import QuantConfig, QuantLinear, models
-from llmq.checkpoint import NotQuantizedError, OutputExistsError, load_quantized
+from llmq.checkpoint import NotQuantizedError, load_quantized
+from llmq.outdir import OutputExistsError
 from llmq.pipeline import NothingToQuantizeError, quantize
-from llmq.qlinear import HalfEmbedding, HalfLinear
+from llmq.qlinear import HalfEmbedding, HalfLinear, lookup_scale
 from llmq.quantizers.rtn import rtn_quantize
 from llmq.streaming import CorruptCheckpointError
 
@@ -75,15 +77,22 @@ def test_tied_embeddings_stay_tied(tiny_models, tmp_path):
     assert "lm_head.weight" not in load_file(tmp_path / "q" / "model.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "gemma3"])
 def test_half_tables_keep_stored_precision_and_values(tiny_models, tmp_path, kind):
     """The fp16 embeddings and head of a GPTQ checkpoint stay fp16 on load (half the memory),
-    tied ones stay one tensor, and logits and greedy tokens match loading them widened to fp32."""
+    tied ones stay one tensor, and logits and greedy tokens match loading them widened to fp32.
+    Gemma's embeddings scale what they look up by sqrt(hidden): in fp32, as the fp32 model does."""
     quantize(tiny_models[kind], QuantConfig(bits=4, group_size=32), tmp_path / "q", progress=False)
     half = load_quantized(tmp_path / "q", half_tables=True)
     wide = load_quantized(tmp_path / "q", half_tables=False)
     head, emb = half.get_output_embeddings(), half.get_input_embeddings()
     assert isinstance(head, HalfLinear) and isinstance(emb, HalfEmbedding)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(emb(ids), wide.get_input_embeddings()(ids))
+    if kind == "gemma3":
+        assert type(wide.get_input_embeddings()).__name__ == "Gemma3TextScaledWordEmbedding"
+        assert emb.scale == torch.tensor(96**0.5).item() != torch.tensor(96**0.5, dtype=torch.float16).item()
     assert head.weight.dtype == emb.weight.dtype == torch.float16 and half.dtype == torch.float32
     assert type(wide.get_output_embeddings()) is torch.nn.Linear
     assert wide.get_output_embeddings().weight.dtype == torch.float32
@@ -96,6 +105,24 @@ def test_half_tables_keep_stored_precision_and_values(tiny_models, tmp_path, kin
         torch.testing.assert_close(half(_ids()[:, :1]).logits, wide(_ids()[:, :1]).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(half.generate(_ids()[:1], max_new_tokens=6, do_sample=False),
                            wide.generate(_ids()[:1], max_new_tokens=6, do_sample=False))
+
+
+class _NormedEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return torch.nn.functional.normalize(super().forward(ids), dim=-1)
+
+
+def test_lookup_scale():
+    """The factor an embedding's forward applies to the rows it looks up, or None when it does more."""
+    plain = torch.nn.Embedding(10, 8)
+    assert lookup_scale(plain, torch.float32) == 1.0
+    gemma = Gemma3TextScaledWordEmbedding(10, 8, 0, embed_scale=96**0.5)
+    assert lookup_scale(gemma, torch.float32) == torch.tensor(96**0.5).item()
+    assert lookup_scale(gemma, torch.bfloat16) == torch.tensor(96**0.5, dtype=torch.bfloat16).item()
+    assert lookup_scale(_NormedEmbedding(10, 8), torch.float32) is None
+    assert lookup_scale(torch.nn.Embedding(10, 8, max_norm=1.0), torch.float32) is None
+    with pytest.raises(ValueError, match="not a .*table lookup"):
+        HalfEmbedding(_NormedEmbedding(10, 8), torch.zeros(10, 8, dtype=torch.float16), torch.float32)
 
 
 def test_half_tables_default(tiny_models, tmp_path):

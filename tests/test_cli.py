@@ -1,5 +1,6 @@
 """The command line: a one-line error for each kind of bad input, and nothing left behind."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,9 +36,21 @@ def test_quantize_errors(src, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_quantize_defaults_are_the_best_int4_configuration():
+    """`llmq quantize --model M --out O` is GPTQ int4 g128 on an asymmetric grid with act-order."""
+    from llmq.cli import build_parser
+    from llmq.config import QuantConfig
+
+    args = build_parser().parse_args(["quantize", "--out", "o"])
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
+                         desc_act=args.desc_act)
+    assert config.describe() == "gptq int4 g128 asym act-order"
+    assert build_parser().parse_args(["quantize", "--out", "o", "--sym"]).sym
+
+
 def test_quantize_inspect_eval(src, tmp_path):
     out = tmp_path / "q"
-    r = llmq("quantize", "--model", src, "--out", out, "--bits", "4", "--group-size", "32", "--asym")
+    r = llmq("quantize", "--model", src, "--out", out, "--method", "rtn", "--bits", "4", "--group-size", "32")
     assert r.returncode == 0, r.stderr
     assert "14 layers quantized" in r.stdout
     r = llmq("quantize", "--model", src, "--out", out)
@@ -50,6 +63,27 @@ def test_quantize_inspect_eval(src, tmp_path):
     assert r.returncode == 2 and "not a quantized checkpoint" in r.stderr
 
 
+def test_group_fit_head_and_the_files_own_config(src, tmp_path):
+    """The CLI says when it changes the group size, quantizes the head on request, and ``inspect``
+    shows the file's quantization_config and producer as written, not llmq's defaults."""
+    out = tmp_path / "fit"
+    r = llmq("quantize", "--model", src, "--out", out, "--method", "rtn", "--group-size", "96", "--asym",
+             "--quantize-head", "8")
+    assert r.returncode == 0, r.stderr
+    assert "group size 96 -> 64: 15 of 15 quantized layers" in r.stdout and "15 layers quantized" in r.stdout
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert (qc["format"], qc["group_size"], qc["lm_head"]) == ("gptq_v2", 64, True)
+    assert config["tie_word_embeddings"] is False
+    qc.update(meta={"quantizer": ["gptqmodel:7.6.0"], "damp_percent": 0.05})  # as another tool writes it
+    qc.pop("damp_percent")
+    (out / "config.json").write_text(json.dumps(config))
+    r = llmq("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert "written by ['gptqmodel:7.6.0']" in r.stdout and '"damp_percent": 0.05' in r.stdout
+    assert "llmq:" not in r.stdout and '"damp_percent": 0.01' not in r.stdout and "lm_head" in r.stdout
+
+
 @pytest.mark.parametrize("interpret", ["0", "1"])
 def test_quantize_command_keeps_triton_out(src, tmp_path, interpret):
     """Without CUDA the console command quantizes without loading Triton, which torch._dynamo (imported
@@ -58,7 +92,8 @@ def test_quantize_command_keeps_triton_out(src, tmp_path, interpret):
             "try:\n    runpy.run_module('llmq.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
             "print('triton', sys.modules.get('triton') is not None, 'dynamo', 'torch._dynamo' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(src), "--out", str(tmp_path / "q")],
+    r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(src), "--out", str(tmp_path / "q"),
+                        "--method", "rtn"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": interpret})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "config.json").exists()

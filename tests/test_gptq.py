@@ -129,10 +129,10 @@ def test_pack_round_trip(problem, bits, group_size, order):
     w, h = problem
     desc_act, static_groups = ORDERS[order]
     qw, _ = gptq_quantize(w, h, bits, group_size, False, desc_act=desc_act, static_groups=static_groups)
-    packed = qw.pack()
-    restored = packing.dequantize(
-        packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, dtype=torch.float32
-    )
+    packed = qw.pack("gptq_v2")
+    zeros = packing.unpack_qzeros(packed["qzeros"], bits, "gptq_v2")
+    restored = packing.dequantize(packed["qweight"], zeros, packed["scales"], packed["g_idx"], bits,
+                                  dtype=torch.float32)
     assert torch.equal(restored.t(), qw.dequantize())
 
 

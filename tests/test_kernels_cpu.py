@@ -13,12 +13,12 @@ import zlib
 
 import pytest
 import torch
+
+from llmq import packing
 from llmq.kernels import cpu, cpu_build
 from llmq.kernels.reference import quant_matmul_torch
 
-from llmq import packing
-
-# N per width: a multiple of the qzeros packing run and of 8 but not of 32, except 3 bits (needs 32).
+# N per width: a multiple of the packing run and of 8 but not of 32, except 3 bits (needs 32).
 N_FOR = {2: 112, 3: 96, 4: 104, 8: 104}
 # name: (K, group size, act-order, symmetric)
 LAYOUTS = {
@@ -50,7 +50,8 @@ def _layer(gen, bits, k, n, group_size, act_order, sym, scale_dtype=torch.float1
         zeros = torch.full((groups, n), 2 ** (bits - 1))
     else:
         zeros = torch.randint(0, 2**bits, (groups, n), generator=gen)
-        zeros[:, :3] = torch.tensor([0, 2**bits - 1, 1])  # zero point 0 wraps to 2**bits - 1 in qzeros
+        # 0 (v2 only), the largest v2 zero point, and 2**bits (a v1 all-ones field, as CUDA kernels read it)
+        zeros[:, :4] = torch.tensor([0, 2**bits - 1, 1, 2**bits])
     scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).to(scale_dtype)
     g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
     if act_order:
@@ -58,7 +59,7 @@ def _layer(gen, bits, k, n, group_size, act_order, sym, scale_dtype=torch.float1
     g = g_idx.long()
     w = scales.double()[g] * (q - zeros[g]).double()
     b = torch.randn(n, generator=gen).to(scale_dtype) if bias else None
-    packed = dict(qweight=packing.pack_qweight(q, bits), qzeros=packing.pack_qzeros(zeros, bits),
+    packed = dict(qweight=packing.pack_qweight(q, bits), zeros=zeros.to(packing.ZERO_DTYPE),
                   scales=scales, g_idx=g_idx, bits=bits, bias=b)
     return packed, w, (b.double() if bias else None)
 
@@ -177,12 +178,12 @@ def test_cache_follows_buffer_updates():
     other, w2, _ = _layer(gen, 4, 256, 64, 32, False, False)
     x = torch.randn(1, 256, generator=gen)
     cpu.quant_matmul_cpu(x, **packed)
-    for name in ("qweight", "qzeros", "scales"):
+    for name in ("qweight", "zeros", "scales"):
         packed[name].copy_(other[name])
     _check(cpu.quant_matmul_cpu(x, **packed), x, w2, None)
     packed["g_idx"] = torch.zeros_like(packed["g_idx"])  # a new tensor: one group for every row
     w1 = packed["scales"].double()[0] * (packing.unpack_qweight(packed["qweight"], 4)
-                                         - packing.unpack_qzeros(packed["qzeros"], 4)[0]).double()
+                                         - packed["zeros"][0]).double()
     _check(cpu.quant_matmul_cpu(x, **packed), x, w1, None)
 
 

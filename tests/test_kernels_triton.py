@@ -18,9 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from llmq.kernels import triton_gemm as tg  # noqa: E402
-
 from llmq import QuantLinear, kernels, packing  # noqa: E402
+from llmq.kernels import triton_gemm as tg  # noqa: E402
 from llmq.quantizers.rtn import rtn_quantize  # noqa: E402
 
 if tg.INTERPRET:
@@ -30,7 +29,7 @@ elif torch.cuda.is_available():
 else:
     pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
 
-# (K, N) per width: K a multiple of the packing run, N of the qzeros run, neither of 64.
+# (K, N) per width: K a multiple of the packing run, neither of 64.
 SHAPES = {2: (208, 80), 3: (160, 96), 4: (200, 72), 8: (196, 72)}
 # (group size, act-order): per-channel, dividing, a non-dividing 48 with a shorter last group,
 # 64 (one group per 64-row tile: the one-group fast path), and act-order.
@@ -49,6 +48,7 @@ def _layer(gen, bits, group_size, act_order, dtype, k, n, bias=False):
     groups = 1 if group_size == -1 else -(-k // group_size)
     q = torch.randint(0, 2**bits, (k, n), generator=gen)
     zeros = torch.randint(0, 2**bits, (groups, n), generator=gen)
+    zeros[:, :2] = torch.tensor([0, 2**bits])  # v2's zero point 0, and a v1 all-ones field as CUDA kernels read it
     scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).to(dtype)
     g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else (torch.arange(k) // group_size).int()
     if act_order:
@@ -56,7 +56,7 @@ def _layer(gen, bits, group_size, act_order, dtype, k, n, bias=False):
     g = g_idx.long()
     w = scales.double()[g] * (q - zeros[g]).double()
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    packed = dict(qweight=packing.pack_qweight(q, bits), qzeros=packing.pack_qzeros(zeros, bits),
+    packed = dict(qweight=packing.pack_qweight(q, bits), zeros=zeros.to(packing.ZERO_DTYPE),
                   scales=scales, g_idx=g_idx)
     return {name: t.to(DEVICE) for name, t in packed.items()}, w, b
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from llmq import QuantConfig, QuantLinear, models, packing, pipeline, streaming
-from llmq.checkpoint import load_quantized
+from llmq.checkpoint import load_quantized, read_quant_config
 from llmq.pipeline import capture, quantize
 from llmq.pipeline import solve as solve_step
 from llmq.pipeline.hessians import ForwardMemo, Tail
@@ -39,10 +39,11 @@ def _reference_from_files(src, out, dtype=torch.float32):
     """The original model with each quantized linear's weight rebuilt straight from the files."""
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     tensors = load_file(out / "model.safetensors")
-    bits = 4
+    bits, fmt = 4, read_quant_config(out).checkpoint_format
     for name, module in ref.named_modules():
         if f"{name}.qweight" in tensors:
-            w = packing.dequantize(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
+            zeros = packing.unpack_qzeros(tensors[f"{name}.qzeros"], bits, fmt)
+            w = packing.dequantize(tensors[f"{name}.qweight"], zeros, tensors[f"{name}.scales"],
                                    tensors[f"{name}.g_idx"], bits, dtype=torch.float32)
             module.weight.data = w.t().contiguous() if not isinstance(module, models.Conv1D) else w
     return ref, tensors

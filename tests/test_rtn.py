@@ -42,8 +42,9 @@ def test_zero_point_zero_survives_pack():
     assert int(qw.zeros.min()) == 0
     from llmq import packing
 
-    t = qw.pack()
-    w2 = packing.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, dtype=torch.float32).t()
+    t = qw.pack("gptq_v2")
+    zeros = packing.unpack_qzeros(t["qzeros"], 4, "gptq_v2")
+    w2 = packing.dequantize(t["qweight"], zeros, t["scales"], t["g_idx"], 4, dtype=torch.float32).t()
     assert torch.allclose(w2, qw.dequantize(), atol=1e-6)
 
 
@@ -59,11 +60,16 @@ def test_bits_validation(bits):
         QuantConfig(bits=bits)
 
 
-def test_config_round_trip():
-    c = QuantConfig(bits=3, group_size=64, sym=False, method="gptq", desc_act=True, meta={"calibration": {"n": 1}})
+@pytest.mark.parametrize("sym", [True, False])
+def test_config_round_trip(sym):
+    c = QuantConfig(bits=3, group_size=64, sym=sym, method="gptq", desc_act=True, meta={"calibration": {"n": 1}},
+                    dynamic={r"+:^lm_head$": {"bits": 8}}, lm_head=True)
     d = c.to_dict()
-    assert d["quant_method"] == "gptq" and d["checkpoint_format"] == "gptq" and d["pack_dtype"] == "int32"
+    fmt = "gptq" if sym else "gptq_v2"  # asymmetric grids need zero points of 0: v2
+    assert d["quant_method"] == "gptq" and d["checkpoint_format"] == d["format"] == fmt and d["pack_dtype"] == "int32"
+    assert d["lm_head"] is True and d["dynamic"] == {r"+:^lm_head$": {"bits": 8}}
     assert QuantConfig.from_dict(d).to_dict() == d
+    assert c.replace(sym=not sym).checkpoint_format == ("gptq_v2" if sym else "gptq")
 
 
 @pytest.mark.parametrize("group_size", [-1, 128, 48])
@@ -75,14 +81,14 @@ def test_chunked_solve_and_dequantize_match_one_piece(monkeypatch, group_size, m
 
     w = torch.randn(64, 576, generator=torch.Generator().manual_seed(7))
     whole = rtn_quantize(w, 3, group_size, False, mse)
-    deq, packed = whole.dequantize(), whole.pack()
+    deq, packed = whole.dequantize(), whole.pack("gptq_v2")
     for module in (llmq.quantizers.rtn, llmq.packing):
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1000)  # 1 row of 576 per chunk
     chunked = rtn_quantize(w, 3, group_size, False, mse)
     for name in ("q", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
     assert torch.equal(chunked.dequantize(), deq)
-    assert all(torch.equal(t, packed[k]) for k, t in chunked.pack().items())
+    assert all(torch.equal(t, packed[k]) for k, t in chunked.pack("gptq_v2").items())
     for dtype in (torch.bfloat16, torch.float16):  # stored straight in half precision: rounded once
         assert torch.equal(chunked.dequantize(dtype=dtype), deq.to(dtype))
         assert torch.equal(chunked.dequantize(slice(3, 9), dtype=dtype), deq[3:9].to(dtype))
@@ -97,7 +103,7 @@ def test_from_packed_inverts_pack(monkeypatch, bits):
     w = torch.randn(64, 192, generator=torch.Generator().manual_seed(8))
     qw = rtn_quantize(w, bits, 64, False)
     monkeypatch.setattr(llmq.packing, "CHUNK_ELEMENTS", 1000)  # 5 output rows per chunk
-    back = QuantizedWeight.from_packed(qw.pack(), bits)
+    back = QuantizedWeight.from_packed(qw.pack("gptq_v2"), "gptq_v2")
     for name in ("q", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, name), getattr(qw, name)), name
     assert back.q.dtype == torch.uint8

@@ -1,4 +1,4 @@
-// AVX2/FMA/F16C kernels for y = x @ dequant(W) + b on GPTQ v1 weights, built by kernels/cpu_build.py
+// AVX2/FMA/F16C kernels for y = x @ dequant(W) + b on GPTQ weights, built by kernels/cpu_build.py
 // as the CPython extension module _llmq_cpu.
 //
 // The packed int32 qweight [K*bits/32, N] is read in place: one 256-bit load takes the same
@@ -34,8 +34,8 @@ namespace {
 
 // Packed by kernels/cpu.py (_PARAMS, struct format "6Q3q2i"); every pointer stays owned by Python.
 struct Weights {
-  const int32_t* qweight;  // [K * bits / 32, N], GPTQ v1 layout
-  const uint8_t* zeros;    // [G, N] unpacked zero points
+  const int32_t* qweight;  // [K * bits / 32, N], GPTQ layout
+  const int16_t* zeros;    // [G, N] zero points themselves (unpacked, any checkpoint format)
   const void* scales;      // [G, N], fp16 when scales_fp32 == 0 else fp32
   const int32_t* g_idx;    // [K] group of each input row, any order
   const int32_t* gstart;   // [G + 1] first row of each group when groups are contiguous runs of
@@ -139,8 +139,8 @@ LLMQ_INLINE __m256 load_scales(const void* scales, int64_t i) {
   }
 }
 
-LLMQ_INLINE __m256 load_zeros(const uint8_t* zeros) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros))));
+LLMQ_INLINE __m256 load_zeros(const int16_t* zeros) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros))));
 }
 
 // acc[a][m][v] += x[m0 + m, k] * w[k, n0 + 8v + lane] over units [u0, u1), without zero points.

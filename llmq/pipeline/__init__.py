@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
-from llmq import assets, checkpoint, models, packing, streaming
-from llmq.calibration import Calibration, get_calibration
-from llmq.config import QuantConfig
+from llmq import assets, checkpoint, models, outdir, packing, streaming
+from llmq.calibration import Calibration, calibration_files, get_calibration
+from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
 from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
-from llmq.pipeline.solve import BlockWeights, GPTQRun, gptq_block, rtn_block
+from llmq.pipeline.solve import BlockWeights, GPTQRun, gptq_block, rtn_block, rtn_head
 from llmq.pipeline.write import Writer
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
 
@@ -58,6 +58,7 @@ class QuantizeReport:
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     block_errors: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
 
 
 def peak_rss_mb() -> float:
@@ -101,10 +102,15 @@ def quantize(
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
     """
     started = time.perf_counter()
-    if Path(out).expanduser().exists() and not overwrite:
-        raise checkpoint.OutputExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if config.checkpoint_format != default_format(config.sym):
+        raise ValueError(f"llmq writes {'symmetric' if config.sym else 'asymmetric'} checkpoints as "
+                         f"{default_format(config.sym)}, not {config.checkpoint_format}")
     src = assets.resolve_model(model)
-    hf_config = AutoConfig.from_pretrained(src)
+    sources = {src: "input model"}
+    if config.method == "gptq" and calibration is None:
+        sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
+    outdir.check_output(out, overwrite, sources)  # fail now rather than after loading the model
+    hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
     reader = streaming.ShardReader(src)
@@ -119,9 +125,15 @@ def quantize(
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, reader)
     plan, skipped = _plan(layout, config)
+    planned = [layout.block_prefix(i) + n for i, ns in enumerate(plan) for n in ns]
+    kept = streaming.check_weights(keys, skeleton, planned, config.bits, out_dtype, config.skip_nonfinite)
+    plan = [[n for n in ns if layout.block_prefix(i) + n not in kept] for i, ns in enumerate(plan)]
+    skipped.update(kept)
     if not any(plan):
         reason = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
+    head = _head_name(skeleton, config)
+    config, notes = _fit_config(layout, plan, skeleton, head, config)
     # Models with layers of OUT_OF_CORE_FROM inputs or more: memory comes first. Such layers are
     # solved out of core on CPU, where fewer samples go through each forward, and no tail-linear
     # inputs are kept for the replay (see llmq.pipeline.hessians.ForwardMemo).
@@ -132,7 +144,7 @@ def quantize(
 
     if config.method == "gptq":
         if calibration is None:
-            tokenizer = AutoTokenizer.from_pretrained(src)
+            tokenizer = assets.load_tokenizer(src)
             max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
             calibration = get_calibration(tokenizer, calib_source, nsamples, min(calib_seqlen, max_pos), seed,
                                           chat_template)
@@ -141,8 +153,8 @@ def quantize(
                                       "calib_dtype": str(fwd_dtype).removeprefix("torch."),
                                       "first_token_weight": first_token_weight})
 
-    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped)
-    with checkpoint.atomic_output(out, overwrite) as tmp:
+    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
+    with outdir.atomic_output(out, overwrite, sources) as tmp:
         writer = Writer(tmp, keys, out_dtype, max_shard_bytes)
         if config.method == "gptq":
             inputs = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
@@ -162,6 +174,11 @@ def quantize(
             report.quantized += [prefix + name for name in result.packed]
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
+        if head is not None:  # the head's tensors, then the model's other ones (its bias in fp16, as in blocks)
+            result = rtn_head(skeleton, head, keys, config, device)
+            writer.add_block(skeleton, "", result.packed)
+            report.quantized.append(head)
+            report.block_errors.append(result.errors[head])
         writer.finish(skeleton, hf_config, config, src)
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
@@ -169,20 +186,62 @@ def quantize(
 
 
 def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
-    """Per block, the linears to quantize; and the skipped ones with why."""
+    """Per block, the linears to quantize (those a ``dynamic`` rule excludes are left out); and the
+    skipped ones with why."""
     plan, skipped = [], {}
-    unit = packing.pack_unit(config.bits)[0]
     for i, block in enumerate(layout.blocks):
         names = []
         for name, module in models.block_linears(block).items():
+            full = layout.block_prefix(i) + name
+            spec = config.for_module(full)
+            if spec is None:
+                continue
             in_f, out_f = models.linear_shape(module)
-            if packing.packable(in_f, config.bits) and packing.packable(out_f, config.bits):
+            if packing.packable(in_f, spec.bits) and packing.packable(out_f, spec.bits):
                 names.append(name)
                 continue
-            full = layout.block_prefix(i) + name
-            why = f"{full} has in={in_f}, out={out_f}: {config.bits}-bit packing needs multiples of {unit}"
+            unit = packing.pack_unit(spec.bits)[0]
+            why = f"{full} has in={in_f}, out={out_f}: {spec.bits}-bit packing needs multiples of {unit}"
             if not config.skip_unpackable:
                 raise ValueError(f"cannot quantize {why} (pass --skip-unpackable to leave such layers unquantized)")
             skipped[full] = why
         plan.append(names)
     return plan, skipped
+
+
+def _head_name(model: nn.Module, config: QuantConfig) -> str | None:
+    """Name of the output head when ``config.head_bits`` asks for it to be quantized, else None."""
+    if config.head_bits is None:
+        return None
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is None or not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear output head to quantize")
+    out_f, in_f = head.weight.shape
+    if not (packing.packable(in_f, config.head_bits) and packing.packable(out_f, config.head_bits)):
+        unit = packing.pack_unit(config.head_bits)[0]
+        raise ValueError(f"cannot quantize the output head {name} ({out_f} x {in_f}) at {config.head_bits} bits: "
+                         f"packing needs multiples of {unit}")
+    return name
+
+
+def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, head: str | None,
+                config: QuantConfig) -> tuple[QuantConfig, list[str]]:
+    """``config`` with the group sizes ``fit_groups`` picks for the planned linears (and the
+    quantized head), written as the base group size or ``dynamic`` rules; the head's width goes
+    into ``dynamic`` too when it differs from the rest, and when every linear of the model is
+    quantized, ``block_name_to_quantize`` tells transformers' loader so. Returns the config and
+    what changed."""
+    inputs = {layout.block_prefix(i) + n: models.linear_shape(layout.blocks[i].get_submodule(n))[0]
+              for i, names in enumerate(plan) for n in names}
+    if head is not None:
+        inputs[head] = model.get_submodule(head).in_features
+    group_size, sizes, note = fit_groups(inputs, config.group_size, config.group_fit)
+    settings = {name: {"group_size": g} for name, g in sizes.items()}
+    if head is not None and config.head_bits != config.bits:
+        settings.setdefault(head, {})["bits"] = config.head_bits
+    meta = dict(config.meta, group_size_requested=config.group_size) if note else config.meta
+    dynamic = {**config.dynamic, **dynamic_rules(settings, inputs)}
+    everything = head is not None and set(inputs) == {n for n, m in model.named_modules() if models.is_linear(m)}
+    return config.replace(group_size=group_size, dynamic=dynamic, lm_head=head is not None, meta=meta,
+                          block_name_to_quantize="" if everything else None), [note] if note else []

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from llmq import models, streaming
-from llmq.config import QuantConfig
+from llmq.config import ModuleSpec, QuantConfig
 from llmq.pipeline.capture import Batch, run_block
 from llmq.pipeline.hessians import ForwardMemo, collect_hessians, input_groups
-from llmq.quantizers.gptq import GPTQ
+from llmq.quantizers.gptq import GPTQ, CalibrationError
 from llmq.quantizers.gptq_out_of_core import OutOfCoreGPTQ, out_of_core
 from llmq.quantizers.grid import QuantizedWeight
 from llmq.quantizers.rtn import rtn_quantize
@@ -86,8 +86,10 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     Per group of linears that share an input, in call order (all groups in one pass without
     ``true_sequential``): one pass collects the group's Hessian, then each of its linears is solved,
     so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
+    Each linear's width and group size are the config's for it (:meth:`QuantConfig.for_module`).
     """
     config, device = run.config, run.device
+    specs = {name: config.for_module(weights.prefix + name) for name in names}
     linears = list(models.block_linears(block))
     streaming.materialize(block, weights.prefix, weights.keys, device, run.dtype, skip={f"{n}.weight" for n in linears})
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -95,7 +97,7 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
 
     def load(name: str) -> torch.Tensor:
         if name in packed:
-            w = QuantizedWeight.from_packed(packed[name], config.bits).dequantize(dtype=run.dtype)
+            w = QuantizedWeight.from_packed(packed[name], config.checkpoint_format).dequantize(dtype=run.dtype)
         else:
             w = weights.original(name)
         return models.linear_weight(block.get_submodule(name), w).to(device, run.dtype).contiguous()
@@ -111,7 +113,10 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                 hessians = {g[0]: new_gptq(models.linear_shape(block.get_submodule(g[0]))[0], device, run.spill_dir)
                             for g in stage_groups}
                 # The group's linears share one input: the pass can stop where the last group's first is called.
-                collect_hessians(block, inputs, hessians, stage_groups[-1][0], run.first_token_weight, memo)
+                try:
+                    collect_hessians(block, inputs, hessians, stage_groups[-1][0], run.first_token_weight, memo)
+                except CalibrationError as e:
+                    raise CalibrationError(f"{weights.prefix[:-1]}: {e}") from None
                 on_call.release()
                 for group in stage_groups:
                     gptq = hessians.pop(group[0])
@@ -119,10 +124,11 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                         # The out-of-core solver reads the weight a slice of rows at a time, from the shards.
                         weight = weights.rows(name) if isinstance(gptq, OutOfCoreGPTQ) else \
                             weights.original(name).to(device)
-                        qw = gptq.solve(weight, config.bits, config.group_size, config.sym, config.desc_act,
-                                        config.static_groups, config.damp_percent, config.block_size, config.mse,
-                                        free_hessian=name == group[-1])
-                        packed[name], errors[name] = qw.pack(), gptq.info.relative_error
+                        qw = gptq.solve(weight, specs[name].bits, specs[name].group_size, config.sym,
+                                        config.desc_act, config.static_groups, config.damp_percent,
+                                        config.block_size, config.mse, free_hessian=name == group[-1])
+                        packed[name] = qw.pack(config.checkpoint_format)
+                        errors[name] = gptq.info.relative_error
                         del weight, qw
                         memo.solved(name)
                     del gptq
@@ -137,12 +143,30 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
     packed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     for name in names:
-        w = weights.original(name).to(device, torch.float32)
-        qw = rtn_quantize(w, config.bits, config.group_size, config.sym, config.mse)
-        packed[name] = qw.pack()
-        errors[name] = math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
-        del w, qw
+        packed[name], errors[name] = _rtn(weights.original(name), config.for_module(weights.prefix + name), config,
+                                          device)
     return BlockResult(packed, errors, [])
+
+
+def rtn_head(model: nn.Module, head: str, keys: streaming.KeyMap, config: QuantConfig,
+             device: torch.device) -> BlockResult:
+    """Round-to-nearest for ``model``'s output head (named ``head``; with either method). A head
+    tied to the input embeddings is quantized from their tensor, which stays as it is for lookups."""
+    key = keys.source(f"{head}.weight")
+    if key is None:  # tied to the input embeddings
+        embeddings = model.get_input_embeddings()
+        key = keys.source(next(n for n, m in model.named_modules() if m is embeddings) + ".weight")
+    packed, error = _rtn(keys.reader.get(key), config.for_module(head), config, device)
+    return BlockResult({head: packed}, {head: error}, [])
+
+
+def _rtn(weight: torch.Tensor, spec: ModuleSpec, config: QuantConfig,
+         device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+    """The packed RTN solution of ``weight`` ``[out, in]`` at ``spec``'s width and group size, and
+    its relative error."""
+    w = weight.to(device, torch.float32)
+    qw = rtn_quantize(w, spec.bits, spec.group_size, config.sym, config.mse)
+    return qw.pack(config.checkpoint_format), math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
 
 
 class WeightsOnCall:

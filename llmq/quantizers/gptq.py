@@ -26,6 +26,10 @@ class HessianError(ValueError):
     """The Hessian cannot be factorized (not finite, or not positive definite even after extra damping)."""
 
 
+class CalibrationError(ValueError):
+    """The calibration activations reaching a layer are NaN or infinite."""
+
+
 @dataclass
 class GPTQInfo:
     """What a solve did, for logs and progress bars.
@@ -95,6 +99,10 @@ class GPTQ:
             raise ValueError(f"expected inputs [..., {self.in_features}], got shape {tuple(x.shape)}")
         if first_token_weight <= 0:
             raise ValueError(f"first_token_weight must be positive, got {first_token_weight}")
+        if not torch.isfinite(x).all():
+            dtype = str(x.dtype).removeprefix("torch.")
+            raise CalibrationError(f"calibration activations are NaN or infinite (the forwards in {dtype} "
+                                   "overflowed, or an earlier layer's weights are not finite)")
         if self.H is None:
             self.device = self.device or x.device
             self.H = self._zeros()
@@ -162,6 +170,7 @@ def gptq_quantize(
     group_size = check_settings(bits, group_size, block_size, damp_percent)
     grid = Grid(bits, sym, mse)
     W = weight.detach().to(torch.float32, copy=True)
+    check_finite_rows(W, 0)
     out_features, cols = W.shape
     step = cols if group_size == -1 else group_size
     H = H.detach().to(W.device, torch.float32)
@@ -275,6 +284,13 @@ def check_settings(bits: int, group_size: int, block_size: int, damp_percent: fl
     if damp_percent <= 0:
         raise ValueError(f"damp_percent must be positive, got {damp_percent}")
     return check_group_size(group_size)
+
+
+def check_finite_rows(W: torch.Tensor, r0: int) -> None:
+    """Raise a one-line ``ValueError`` when ``W``, rows ``r0 ..`` of a weight, holds NaN or infinite values."""
+    if not torch.isfinite(W).all():
+        raise ValueError(f"the weight has NaN or infinite values (in rows {r0}-{r0 + len(W) - 1}): "
+                         "GPTQ cannot quantize it")
 
 
 def column_groups(cols: int, step: int, perm: torch.Tensor | None, static_groups: bool) -> torch.Tensor:

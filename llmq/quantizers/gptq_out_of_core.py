@@ -28,6 +28,7 @@ from llmq.quantizers.gptq import (
     NOT_FINITE,
     Grid,
     HessianError,
+    check_finite_rows,
     check_settings,
     column_groups,
     not_positive_definite,
@@ -84,6 +85,7 @@ class OutOfCoreGPTQ(GPTQ):
 
         def rows(r0: int, r1: int) -> torch.Tensor:  # float32 copy of weight rows [r0, r1)
             W = torch.empty((r1 - r0, cols), dtype=torch.float32).copy_(weight[r0:r1])
+            check_finite_rows(W, r0)
             W[:, dead] = 0
             return W
 

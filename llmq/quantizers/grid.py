@@ -125,24 +125,25 @@ class QuantizedWeight:
         return total
 
     @classmethod
-    def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int) -> QuantizedWeight:
+    def from_packed(cls, tensors: dict[str, torch.Tensor], checkpoint_format: str) -> QuantizedWeight:
         """Inverse of :meth:`pack` (exact: scales are fp16 values already), unpacked in column
-        chunks (no int64 copy of the whole matrix)."""
-        qweight = tensors["qweight"]
-        cols = qweight.shape[1]
-        rows = qweight.shape[0] * 32 // bits
+        chunks (no int64 copy of the whole matrix); the width follows from the shapes."""
+        qweight, g_idx = tensors["qweight"], tensors["g_idx"]
+        cols, rows = qweight.shape[1], g_idx.numel()
+        bits = qweight.shape[0] * 32 // rows
         q = torch.empty(cols, rows, dtype=torch.uint8, device=qweight.device)
         step = max(1, packing.CHUNK_ELEMENTS // max(rows, 1))
         for c in range(0, cols, step):
             q[c:c + step] = packing.unpack_qweight(qweight[:, c:c + step], bits).t()
-        return cls(q, tensors["scales"].float(), packing.unpack_qzeros(tensors["qzeros"], bits),
-                   tensors["g_idx"].to(torch.int32), bits)
+        zeros = packing.unpack_qzeros(tensors["qzeros"], bits, checkpoint_format).to(torch.int32)
+        return cls(q, tensors["scales"].float(), zeros, g_idx.to(torch.int32), bits)
 
-    def pack(self) -> dict[str, torch.Tensor]:
-        """GPTQ v1 tensors ``qweight``, ``qzeros``, ``scales`` (fp16) and ``g_idx``."""
+    def pack(self, checkpoint_format: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors ``qweight``, ``qzeros`` (``gptq`` or ``gptq_v2``, see
+        :func:`llmq.packing.pack_qzeros`), ``scales`` (fp16) and ``g_idx``."""
         return {
             "qweight": packing.pack_qweight(self.q.t(), self.bits),  # packed in chunks, from any int dtype
-            "qzeros": packing.pack_qzeros(self.zeros.to(torch.int32), self.bits),
+            "qzeros": packing.pack_qzeros(self.zeros, self.bits, checkpoint_format),
             "scales": self.scales.to(torch.float16).contiguous(),
             "g_idx": self.g_idx.to(torch.int32).contiguous(),
         }

@@ -29,6 +29,8 @@ def rtn_quantize(
     rows = max(1, CHUNK_ELEMENTS // in_features)
     for r in range(0, out_features, rows):
         w = weight[r:r + rows].float()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"the weight has NaN or infinite values (rows {r}-{r + len(w) - 1}): no grid holds them")
         n_rows = w.shape[0]
         for start, end, g0, g1 in spans:
             part = w[:, start:end].reshape(n_rows, g1 - g0, -1)

@@ -13,6 +13,7 @@ import functools
 import os
 
 import torch
+
 from llmq.kernels.reference import half_matmul_torch, quant_matmul_torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
@@ -47,24 +48,25 @@ def backend_for(x: torch.Tensor) -> str:
 def quant_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
-    qzeros: torch.Tensor,
+    zeros: torch.Tensor,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x`` ``[..., in]`` @ dequant(``qweight`` int32 ``[in*bits/32, out]``, v1 ``qzeros``
-    ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``) + ``bias``."""
+    """``x`` ``[..., in]`` @ dequant(``qweight`` int32 ``[in*bits/32, out]``, ``zeros`` int16
+    ``[groups, out]`` (the zero points themselves, whatever the checkpoint format: see
+    :func:`llmq.packing.unpack_qzeros`), ``scales`` ``[groups, out]``, ``g_idx`` ``[in]``) + ``bias``."""
     backend = backend_for(x)
     if backend == "triton":
         from llmq.kernels.triton_gemm import quant_matmul_op
 
-        return quant_matmul_op(x, qweight, qzeros, scales, g_idx, bits, bias)
+        return quant_matmul_op(x, qweight, zeros, scales, g_idx, bits, bias)
     if backend == "cpu":
         from llmq.kernels.cpu import quant_matmul_cpu
 
-        return quant_matmul_cpu(x, qweight, qzeros, scales, g_idx, bits, bias)
-    return quant_matmul_torch(x, qweight, qzeros, scales, g_idx, bits, bias)
+        return quant_matmul_cpu(x, qweight, zeros, scales, g_idx, bits, bias)
+    return quant_matmul_torch(x, qweight, zeros, scales, g_idx, bits, bias)
 
 
 def half_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

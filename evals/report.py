@@ -1,0 +1,402 @@
+"""Regenerate every results table of the README and every plot from ``evals/results/*.json``.
+
+    python evals/report.py           # rewrite README.md between its report markers, and docs/plots/*.png
+    python evals/report.py --check   # exit 1 when README.md's tables differ from the results (writes nothing)
+
+Each table sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in README.md and
+is rewritten whole; nothing else in the README changes. A row's "code" column names the commit
+that measured it (from its ``provenance``, see ``evals/provenance.py``); rows measured before
+rows recorded their provenance say "older code". Running it twice changes nothing the second
+time. The plots need matplotlib (``pip install -e ".[plots]"``); the tables do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "evals" / "results"
+README = ROOT / "README.md"
+PLOTS = ROOT / "docs" / "plots"
+OLDER = "older code"
+MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
+
+
+def load(name: str) -> dict[str, Any]:
+    """``evals/results/NAME.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def code(row: dict[str, Any]) -> str:
+    """The "code" column: the short commit that measured ``row`` (``+``: with uncommitted changes)."""
+    prov = row.get("provenance") or {}
+    if not prov.get("commit") or prov["commit"] == "unknown":
+        return OLDER
+    return f"`{prov['commit'][:7]}{'+' if prov.get('code_modified') else ''}`"
+
+
+def notes(rows: list[dict[str, Any]]) -> str:
+    """One line per distinct provenance among ``rows``: command, commit, date, machine, load."""
+    lines: dict[str, None] = {}
+    for row in rows:
+        prov = row.get("provenance") or {}
+        m = prov.get("machine", {})
+        where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}"
+        if m.get("transformers"):
+            where += f", transformers {m['transformers']}"
+        if code(row) == OLDER:
+            lines[f"- {OLDER}: measured before rows recorded the command and commit that produced them "
+                  f"(to be measured again); {where}"] = None
+        else:
+            load_avg = prov.get("load_average") or [None] * 3
+            lines[f"- {code(row)}: `{prov['command']}`, {prov['date'][:10]}, {where}, load average "
+                  f"{load_avg[1]} over 5 minutes"] = None
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def quantize_args(row: dict[str, Any]) -> argparse.Namespace:
+    """The ``llmq quantize`` options that made ``row``, read by the command's own parser."""
+    from llmq.cli import build_parser
+
+    return build_parser().parse_args(["quantize", "--out", "-", *row["args"].split()])
+
+
+def label(row: dict[str, Any]) -> str:
+    """A configuration's name, from the ``llmq quantize`` arguments that made it."""
+    a, default = quantize_args(row), quantize_args({"args": ""})
+    group = "per-channel" if a.group_size == "-1" else f"g{a.group_size}"
+    parts = [f"{a.method.upper()} int{a.bits} {group} {'sym' if a.sym else 'asym'}"]
+    if a.method == "gptq":
+        parts.append("act-order" if a.desc_act in (None, True) else "no act-order")
+    if a.mse:
+        parts.append("`--mse`")
+    if a.method == "gptq" and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
+        parts.append(f"{a.nsamples} × {a.calib_seqlen} calibration tokens")
+    if a.first_token_weight is not None:
+        parts.append(f"first-token weight {a.first_token_weight:g}")
+    return ", ".join(parts)
+
+
+def method(row: dict[str, Any]) -> str:
+    return quantize_args(row).method.upper()
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def smollm2_table() -> str:
+    data = load("smollm2_wikitext")
+    base = data["baseline"]
+    runs = list(data["runs"].values())
+    size = f"{base['size_on_disk_bytes'] / 1e6:.1f}" if "size_on_disk_bytes" in base else ""
+    rows = [["unquantized (fp32)", f"{base['perplexity']:.3f}", "", "", "", size, "32", "", "",
+             code(base) if "provenance" in base else ""]]
+    for r in runs:
+        e = r["eval"]
+        rows.append([label(r), f"{e['perplexity']:.3f}", f"{100 * (e['perplexity'] / base['perplexity'] - 1):+.2f}%",
+                     f"{e['kl_divergence']:.4f}", f"{e['top1_agreement']:.2f}%", f"{r['size_on_disk_bytes'] / 1e6:.1f}",
+                     f"{r['bits_per_weight']:.3f}", f"{r['quantize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", code(r)])
+    header = ["configuration", "perplexity", "Δ ppl", "KL (nats/token)", "top-1 agree", "size (MB)", "bits/weight",
+              "quantize (s)", "peak RSS (MiB)", "code"]
+    intro = (f"{data['corpus']}, seqlen {data['seqlen']}, first {data['windows']} windows "
+             f"({data['tokens']:,} scored tokens), every checkpoint against the unquantized model on the same windows.")
+    text = f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes([base, *runs])}\n"
+    if any(r.get("block_errors") for r in runs):
+        text += ("\n![Per-block error from the quantize report](docs/plots/block_errors.png)\n\nPer-block errors "
+                 "come from the quantize report (`block_errors`), the mean over each block's linears of what the "
+                 "method measures: RTN the relative weight error ‖W − Q‖ / ‖W‖, GPTQ the share of the linear's "
+                 "output energy lost on the calibration inputs, tr(E H Eᵀ) / tr(W H Wᵀ).\n")
+    return text
+
+
+def cpu_decode_table() -> str:
+    data = load("cpu_decode")
+    rows, fp32 = [], next(r for r in data["results"] if r["config"] == "fp32")["decode_tokens_per_s"]
+    for r in data["results"]:
+        rows.append([r["config"], r["quantization"], r["compute_dtype"], f"{r['size_on_disk_mb']:.0f}",
+                     f"{r['load_seconds']:.2f}", f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.2f}",
+                     f"{r['decode_tokens_per_s'] / fp32:.2f}×", f"{r['peak_rss_mb']:.0f}", code(r)])
+    s = data["settings"]
+    intro = (f"Batch {s['batch']}, greedy, {s['prompt_tokens']} prompt + {s['new_tokens']} new tokens, "
+             f"{s['statistic']} of {s['runs']} after a warm-up, {s['threads']} threads, each configuration in a "
+             "fresh process.")
+    header = ["config", "weights", "compute", "disk MB", "load s", "prefill tok/s", "decode tok/s", "decode vs fp32",
+              "peak RSS MiB", "code"]
+    return f"{intro}\n\n{_table(header, rows, 'lllrrrrrrl')}\n\n{notes(data['results'])}\n"
+
+
+def minilm_table() -> str:
+    data = load("minilm_encoder")
+    runs = list(data["runs"].values())
+    rows = []
+    for r in runs:
+        e = r["eval"]
+        rows.append([label(r), f"{e['cosine_mean']:.4f}", f"{e['cosine_min']:.4f}", f"{100 * e['top1_agreement']:.1f}%",
+                     f"{100 * e['top10_overlap']:.1f}%", f"{r['size_on_disk_bytes'] / 1e6:.1f}",
+                     f"{r['bits_per_weight']:.3f}", f"{r['quantize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", code(r)])
+    header = ["configuration", "cosine mean", "cosine min", "top-1 agree", "top-10 overlap", "size (MB)",
+              "bits/weight", "quantize (s)", "peak RSS (MiB)", "code"]
+    intro = (f"{data['sentences']:,} held-out sentences of the bundled corpus, mean-pooled sentence embeddings "
+             "against the unquantized encoder.")
+    return f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes(runs)}\n"
+
+
+def streaming_table() -> str:
+    data = load("streaming_memory")
+    c = data["checkpoint"]
+    rows = []
+    for r in data["runs"].values():
+        rows.append([label(r), f"{r['peak_rss_mb']:.0f}", f"{100 * r['peak_rss_mb'] * 2**20 / c['bytes']:.0f}%",
+                     f"{r['quantize_seconds']:.0f}", code(r)])
+    intro = (f"A random Llama checkpoint of {c['layers']} layers, width {c['hidden']}, MLP {c['intermediate']} "
+             f"({c['dtype']}, {c['bytes'] / 1e9:.2f} GB of safetensors shards), quantized in fresh processes.")
+    header = ["configuration", "peak RSS (MiB)", "of the checkpoint", "quantize (s)", "code"]
+    return f"{intro}\n\n{_table(header, rows, 'lrrrl')}\n\n{notes(list(data['runs'].values()))}\n"
+
+
+def cpu_kernels_table() -> str:
+    rows, records = [], []
+    for name in ("bench_cpu_kernels", "bench_cpu_kernels_1thread"):
+        data = load(name)
+        d = data["decode"]
+        records.append(data)
+        rows.append([str(data["meta"]["threads"]), f"{d['fp32_ms']:.2f}", f"{d['llmq_int4_g128_ms']:.2f}",
+                     f"{d['llmq_int8_pc_ms']:.2f}", f"{d['llmq_int4_g128_speedup']:.2f}×",
+                     f"{d['llmq_int8_pc_speedup']:.2f}×", code(data)])
+    d = records[0]["decode"]
+    intro = (f"One token (M = 1) through {d['linears']} linear layers of SmolLM2-135M's shapes, distinct random "
+             "weights per layer so that they stream from memory as in generation; milliseconds per token, median.")
+    header = ["threads", "fp32 ms", "int4 g128 ms", "int8 per-channel ms", "int4 vs fp32", "int8 vs fp32", "code"]
+    return f"{intro}\n\n{_table(header, rows, 'rrrrrrl')}\n\n{notes(records)}\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "smollm2": smollm2_table,
+    "cpu-decode": cpu_decode_table,
+    "minilm": minilm_table,
+    "streaming": streaming_table,
+    "cpu-kernels": cpu_kernels_table,
+}
+
+
+def render_readme(text: str) -> str:
+    """``text`` with every report section rewritten from the results; raises ``ValueError`` when a
+    table has no markers in ``text`` or a marker names no table."""
+    found = {m.group("name") for m in MARKER.finditer(text)}
+    if found != set(TABLES):
+        raise ValueError(f"README markers {sorted(found)} do not match the tables {sorted(TABLES)}")
+    return MARKER.sub(lambda m: m.group(1) + TABLES[m.group("name")]() + m.group(4), text)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The points that no smaller point beats (the Pareto front of size against quality)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or (y > front[-1][1] if higher_is_better else y < front[-1][1]):
+            front.append((x, y))
+    return front
+
+
+COLORS = {"RTN": "#d95f02", "GPTQ": "#1b9e77"}
+
+
+def _short(row: dict[str, Any]) -> str:
+    """A point's annotation: the label without the method, which the colour shows."""
+    return label(row).split(" ", 1)[1].replace("`", "").replace("calibration tokens", "calibration")
+
+
+def _annotate(ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label ``(x, y, text, colour)`` points in a column right of the axes, in the order of their
+    heights and spread apart, each with a leader line to its point."""
+    to_axes = ax.transData + ax.transAxes.inverted()
+    placed = sorted((*to_axes.transform((x, y)), text, color) for x, y, text, color in points)
+    placed.sort(key=lambda p: p[1])
+    gap = min(0.05, 1.0 / max(len(placed), 1))
+    ys = [p[1] for p in placed]
+    for i in range(1, len(ys)):
+        ys[i] = max(ys[i], ys[i - 1] + gap)
+    shift = max(0.0, ys[-1] - 1.0) if ys else 0.0
+    for (ax_x, ax_y, text, color), y in zip(placed, ys, strict=True):
+        ax.annotate(text, (ax_x, ax_y), xycoords="axes fraction", xytext=(1.04, max(y - shift, 0.0)),
+                    textcoords="axes fraction", fontsize=7.5, color=color, va="center",
+                    arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.5})
+
+
+def _method_lines(ax, runs: list[dict[str, Any]], y: Callable[[dict[str, Any]], float],
+                  higher_is_better: bool = False) -> None:
+    """Every configuration as a labelled point (hollow: older code), and a line per method along
+    its front: the configurations no smaller one beats."""
+    labels = []
+    for name, color in COLORS.items():
+        mine = [r for r in runs if method(r) == name]
+        if not mine:
+            continue
+        pts = [(r["bits_per_weight"], y(r)) for r in mine]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=30, zorder=3, edgecolors=color,
+                   facecolors=["none" if code(r) == OLDER else color for r in mine], label=f"{name} configurations")
+        front = _front(pts, higher_is_better)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1.6, label=f"{name}: best at each size")
+        labels += [(px, py, _short(r), color) for r, (px, py) in zip(mine, pts, strict=True)]
+    ax.autoscale_view()
+    _annotate(ax, labels)
+
+
+def _quality_figure(plt, runs: list[dict[str, Any]], panels: list[tuple[Callable[[dict[str, Any]], float], str]],
+                    higher_is_better: bool, title: str) -> Any:
+    """Two panels of quality against bits per weight, one point per configuration; log scale for
+    errors (lower is better), linear for similarities."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 10))
+    for ax, (y, ylabel) in zip(axes, panels, strict=True):
+        if not higher_is_better:
+            ax.set_yscale("log")
+        _method_lines(ax, runs, y, higher_is_better)
+        ax.set_xlabel("bits per weight (scales, zeros and g_idx included)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].legend(fontsize=8, loc="lower right" if higher_is_better else "lower left")
+    fig.subplots_adjust(left=0.09, right=0.6, top=0.94, bottom=0.06, hspace=0.2)
+    better = "higher" if higher_is_better else "lower"
+    fig.suptitle(f"{title}: {better} is better; hollow points: older code", fontsize=10)
+    return fig
+
+
+def plot_smollm2(plt) -> Any:
+    data = load("smollm2_wikitext")
+    base = data["baseline"]["perplexity"]
+    panels = [(lambda r: 100 * (r["eval"]["perplexity"] / base - 1), "Δ perplexity vs unquantized (%)"),
+              (lambda r: r["eval"]["kl_divergence"], "KL(unquantized ‖ quantized), nats/token")]
+    title = f"SmolLM2-135M on WikiText-2 ({data['windows']} windows of {data['seqlen']})"
+    return _quality_figure(plt, list(data["runs"].values()), panels, False, title)
+
+
+def plot_minilm(plt) -> Any:
+    data = load("minilm_encoder")
+    panels = [(lambda r: r["eval"]["cosine_mean"], "mean cosine similarity to the unquantized embeddings"),
+              (lambda r: 100 * r["eval"]["top10_overlap"], "top-10 neighbour overlap (%)")]
+    title = f"all-MiniLM-L6-v2, {data['sentences']:,} held-out sentences"
+    return _quality_figure(plt, list(data["runs"].values()), panels, True, title)
+
+
+def plot_cpu_decode(plt) -> Any:
+    data = load("cpu_decode")
+    rows = data["results"]
+    names = [r["config"] for r in rows]
+    colors = ["#7570b3" if r["quantization"] == "none" else "#1b9e77" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s (higher is better)"),
+                           (axes[1], "peak_rss_mb", "peak RSS, MiB (lower is better)")):
+        values = [r[key] for r in rows]
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.1f" if key == "decode_tokens_per_s" else "%.0f", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(True, axis="y", alpha=0.25)
+    fig.suptitle(f"SmolLM2-135M generation on CPU ({rows[0]['torch_threads']} threads, batch 1): unquantized in "
+                 "purple, llmq checkpoints in green", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# What each method's quantize report measures per linear (the block's value is their mean).
+BLOCK_ERROR = {"RTN": "RTN: ‖W − Q‖ / ‖W‖ (weights)",
+               "GPTQ": "GPTQ: tr(E H Eᵀ) / tr(W H Wᵀ)\n(output energy lost on the calibration inputs)"}
+
+
+def plot_block_errors(plt) -> Any | None:
+    runs = [r for r in load("smollm2_wikitext")["runs"].values() if r.get("block_errors")]
+    methods = [m for m in BLOCK_ERROR if any(method(r) == m for r in runs)]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], methods, strict=True):
+        for r in runs:
+            if method(r) == name:
+                ax.plot(range(len(r["block_errors"])), r["block_errors"], marker="o", ms=3,
+                        color=COLORS[name] if len(runs) == len(methods) else None, label=label(r).replace("`", ""))
+        ax.set_xlabel("block (decoder layer)")
+        ax.set_ylabel(BLOCK_ERROR[name], fontsize=8)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: per-block error from the quantize report (each method reports its own measure)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+PLOT_FUNCS: dict[str, Callable[[Any], Any]] = {
+    "smollm2_quality.png": plot_smollm2,
+    "minilm_quality.png": plot_minilm,
+    "cpu_decode.png": plot_cpu_decode,
+    "block_errors.png": plot_block_errors,
+}
+
+
+def write_plots() -> list[Path]:
+    """Render every plot to ``docs/plots``; a file is rewritten only when its bytes change."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('report: the plots need matplotlib: pip install -e ".[plots]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "llmq"})
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in PLOT_FUNCS.items():
+        fig = make(plt)
+        if fig is None:
+            continue
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        path = PLOTS / name
+        if not path.exists() or path.read_bytes() != buf.getvalue():
+            path.write_bytes(buf.getvalue())
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare README.md's tables with the results")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    new = render_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md's results tables differ from evals/results: run python evals/report.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        README.write_text(new)
+        print(f"rewrote the tables of {README.name}")
+    for path in write_plots():
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The README's results tables are exactly what `python evals/report.py` writes from evals/results."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("report", ROOT / "evals" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+def test_readme_tables_are_generated_from_the_results():
+    text = (ROOT / "README.md").read_text()
+    assert report.render_readme(text) == text, "README.md differs from evals/results: run python evals/report.py"
+
+
+def test_every_results_file_is_in_a_table_and_every_row_has_provenance():
+    files = {p.stem for p in (ROOT / "evals" / "results").glob("*.json")}
+    read = set()
+    original = report.load
+
+    def spy(name):
+        read.add(name)
+        return original(name)
+
+    report.load = spy
+    try:
+        for table in report.TABLES.values():
+            table()
+    finally:
+        report.load = original
+    assert read == files
+    for name in files:
+        data = json.loads((ROOT / "evals" / "results" / f"{name}.json").read_text())
+        rows = data.get("runs", {}).values() if "runs" in data else data.get("results", [data])
+        for row in rows:
+            prov = row["provenance"]
+            assert "machine" in prov and "commit" in prov, name
+            if prov["commit"]:
+                assert {"command", "date"} <= set(prov) and prov["command"].startswith("python "), name
+
+
+def test_results_name_no_absolute_paths():
+    for path in (ROOT / "evals" / "results").glob("*.json"):
+        text = path.read_text()
+        assert '"/' not in text and "site-packages" not in text, path.name  # no path starts a string
+        assert not re.search(r"/(?:root|home|tmp|work|opt)/", text), path.name
+
+
+def test_markers_must_match_the_tables():
+    with pytest.raises(ValueError, match="do not match the tables"):
+        report.render_readme("<!-- report:smollm2 -->\n<!-- /report:smollm2 -->\n")
+
+
+def test_labels_come_from_the_quantize_arguments():
+    assert report.label({"args": "--nsamples 128 --method rtn --bits 8 --group-size -1 --sym"}) == \
+        "RTN int8 per-channel sym"
+    assert report.label({"args": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse "
+                                 "--nsamples 256"}) == \
+        "GPTQ int3 g128 asym, act-order, `--mse`, 256 × 512 calibration tokens"
+    assert report.label({"args": ""}) == "GPTQ int4 g128 asym, act-order"
