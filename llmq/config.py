@@ -95,10 +95,11 @@ def fit_groups(in_features: dict[str, int], group_size: int, fit: str) -> tuple[
     ``group_size`` does not divide some of them: ``(base group size, per-module group sizes,
     a sentence saying what changed or None)``.
 
-    A group size no smaller than every input is per-channel (-1). ``shrink``: one group size for every module, the largest power of two up to ``group_size``
-    (and at least ``MIN_FIT_GROUP``) dividing all inputs; ``per-module``: such a size for each
-    misfit alone (written as ``dynamic`` rules); ``partial``: keep ``group_size`` with a shorter
-    last group, which GPTQModel's and transformers' CPU int4 kernel and vLLM refuse.
+    A group size no smaller than every input is per-channel (-1). ``shrink``: one group size for
+    every module, the largest power of two up to ``group_size`` (and at least ``MIN_FIT_GROUP``)
+    dividing all inputs; ``per-module``: such a size for each misfit alone (written as ``dynamic``
+    rules); ``partial``: keep ``group_size`` with a shorter last group, which GPTQModel's and
+    transformers' CPU int4 kernel and vLLM refuse.
     """
     if fit not in GROUP_FITS:
         raise ValueError(f"group fit must be one of {GROUP_FITS}, got {fit!r}")

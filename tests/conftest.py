@@ -10,6 +10,10 @@ import torch
 import transformers
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides when it is imported whether its kernels run in the interpreter. Test modules that
+# import transformers' model code (which imports Triton through torch._dynamo) are collected before
+# tests/test_kernels_triton.py, so its setting must come first: Triton on the CPU unless it is "0".
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _DECODER = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128)

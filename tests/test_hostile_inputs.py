@@ -188,7 +188,8 @@ def test_interrupted_cli_exits_130_without_traceback(tiny_models, tmp_path):
             "def interrupt(*a, **k):\n    raise KeyboardInterrupt\n"
             "checkpoint.write_config = interrupt\nsys.exit(cli.main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", code, "quantize", "--model", str(tiny_models["llama"]), "--out",
-                        str(tmp_path / "q"), "--method", "rtn"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        str(tmp_path / "q"), "--method", "rtn"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 130 and "Traceback" not in r.stderr and r.stdout == ""
     assert [ln for ln in r.stderr.splitlines() if ln.strip()][-1].startswith("llmq quantize: interrupted")
     assert list(tmp_path.iterdir()) == []

@@ -1,20 +1,17 @@
 """Triton dequant-matmul kernels against a float64 reference built from the unpacked integers.
 
-Runs on the CPU under the Triton interpreter (set here before Triton is imported); with
-``TRITON_INTERPRET=0`` in the environment and a CUDA device the same cases run on the GPU.
+Runs on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest.py before Triton
+is imported); with ``TRITON_INTERPRET=0`` in the environment and a CUDA device the same cases run on the GPU.
 The interpreter's single config uses 64-wide blocks and split-K 3, so the shapes below are
 non-multiples of every block, the last split of a GEMV is empty, and groups of 48 straddle tiles.
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 

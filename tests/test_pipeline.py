@@ -300,12 +300,19 @@ def test_out_of_core_solver_for_wide_layers(tmp_path, monkeypatch):
     assert same > 0.99, same  # packed int32 words: 8 codes each
 
 
+class _KeywordLinear(torch.nn.Linear):
+    """A linear that takes (and ignores) keyword arguments, as a block takes its mask and positions."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return super().forward(x)
+
+
 def test_block_outputs_are_kept_in_one_tensor():
     """A block's outputs over all calibration batches (the next block's inputs) are views of one
     tensor, equal to the outputs batch by batch, with each batch's other arguments; a batch that
     does not fit keeps its own tensor."""
     torch.manual_seed(0)
-    block = torch.nn.Linear(6, 6)
+    block = _KeywordLinear(6, 6)
     batches = [capture.Batch(torch.randn(n, 5, 6), (), {"n": n}) for n in (3, 3, 2)]
     outputs = capture.run_block(block, batches)
     assert len({out.hidden.untyped_storage().data_ptr() for out in outputs}) == 1
