@@ -189,11 +189,27 @@ def cpu_kernels_table() -> str:
     return f"{intro}\n\n{_table(header, rows, 'rrrrrrl')}\n\n{notes(records)}\n"
 
 
+def vocab_memory_table() -> str:
+    data = load("vocab_memory")
+    c = data["checkpoint"]
+    rows = []
+    for r in data["runs"].values():
+        e = r["eval"]
+        rows.append([f"{e['seqlen']} × {e['windows']}", f"{r['eval_int4_vs_baseline_peak_rss_mb']:.0f}",
+                     f"{r['chat_unquantized_peak_rss_mb']:.0f}", f"{r['chat_int4_peak_rss_mb']:.0f}", code(r)])
+    intro = (f"A random Gemma-3-style checkpoint (vocabulary {c['vocab']:,}, width {c['hidden']}, {c['layers']} "
+             f"layers, {c['dtype']}, {c['bytes'] / 1e6:.0f} MB), quantized with RTN int4 g128; peak RSS in MiB "
+             "of `llmq eval` (int4 against the unquantized model) and `llmq chat`, each a fresh process.")
+    header = ["eval seqlen × windows", "eval int4 vs unquantized", "chat unquantized", "chat int4", "code"]
+    return f"{intro}\n\n{_table(header, rows, 'rrrrl')}\n\n{notes(list(data['runs'].values()))}\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "smollm2": smollm2_table,
     "cpu-decode": cpu_decode_table,
     "minilm": minilm_table,
     "streaming": streaming_table,
+    "vocab-memory": vocab_memory_table,
     "cpu-kernels": cpu_kernels_table,
 }
 
