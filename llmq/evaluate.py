@@ -93,16 +93,20 @@ def model_context(model: nn.Module, seqlen: int) -> int:
     return min(seqlen, getattr(model.config, "max_position_embeddings", None) or seqlen)
 
 
-def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None) -> list[torch.Tensor]:
-    """Non-overlapping windows of ``seqlen`` tokens (BOS included when given); the short tail is dropped."""
+def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None,
+            first_window: int = 0) -> list[torch.Tensor]:
+    """Non-overlapping windows of ``seqlen`` tokens (BOS included when given); the short tail is dropped.
+    ``first_window``: skip that many windows first (a held-out range for tuning, e.g. windows 41-80)."""
     body = seqlen - 1 if bos is not None else seqlen
     n = ids.numel() // body
+    if first_window < 0 or (first_window and first_window >= n):
+        raise ValueError(f"first window {first_window} is outside the text's {n} windows of {seqlen}")
     if max_windows is not None:
-        n = min(n, max_windows)
+        n = min(n, first_window + max_windows)
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     out = []
-    for i in range(n):
+    for i in range(first_window, n):
         w = ids[i * body:(i + 1) * body]
         out.append(torch.cat([torch.tensor([bos]), w]) if bos is not None else w)
     return out
@@ -123,6 +127,7 @@ class LMResult:
     kl_divergence: float | None = None
     top1_agreement: float | None = None
     mode: str = "non-overlapping"
+    first_window: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,10 +147,13 @@ def evaluate_lm(
     max_windows: int | None = None,
     baseline: nn.Module | None = None,
     progress: bool = True,
+    first_window: int = 0,
 ) -> LMResult:
-    """Perplexity over non-overlapping windows; with ``baseline``, also its perplexity, the mean
-    per-token ``KL(p_base || p_model)`` and top-1 agreement in percent, on the same windows."""
-    return compare_lms({"model": model}, tokenizer, dataset, seqlen, max_windows, baseline, progress)["model"]
+    """Perplexity over non-overlapping windows (``max_windows`` of them from ``first_window``, or
+    all); with ``baseline``, also its perplexity, the mean per-token ``KL(p_base || p_model)`` and
+    top-1 agreement in percent, on the same windows."""
+    return compare_lms({"model": model}, tokenizer, dataset, seqlen, max_windows, baseline, progress,
+                       first_window)["model"]
 
 
 @torch.no_grad()
@@ -157,12 +165,13 @@ def compare_lms(
     max_windows: int | None = None,
     baseline: nn.Module | None = None,
     progress: bool = True,
+    first_window: int = 0,
 ) -> dict[str, LMResult]:
     """:func:`evaluate_lm` for several models at once: the baseline runs once per window."""
     text, label = load_eval_text(dataset)
     seqlen = min(model_context(m, seqlen) for m in [*candidates.values(), *([baseline] if baseline else [])])
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
-    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows)
+    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows, first_window)
     stats = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in candidates}
     base_nll, scored = 0.0, 0
     bar = tqdm(ws, desc="eval", unit="window", disable=not progress)
@@ -183,7 +192,8 @@ def compare_lms(
         bar.set_postfix({n: f"{math.exp(st['nll'] / scored):.3f}" for n, st in stats.items()})
     results = {}
     for name, st in stats.items():
-        r = LMResult(math.exp(st["nll"] / scored), st["nll"] / scored, scored, len(ws), seqlen, label, bos is not None)
+        r = LMResult(math.exp(st["nll"] / scored), st["nll"] / scored, scored, len(ws), seqlen, label, bos is not None,
+                     first_window=first_window)
         if baseline is not None:
             r.baseline_perplexity = math.exp(base_nll / scored)
             r.kl_divergence = st["kl"] / scored
