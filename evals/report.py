@@ -58,9 +58,8 @@ def notes(rows: list[dict[str, Any]]) -> str:
             lines[f"- {OLDER}: measured before rows recorded the command and commit that produced them "
                   f"(to be measured again); {where}"] = None
         else:
-            load_avg = prov.get("load_average") or [None] * 3
-            lines[f"- {code(row)}: `{prov['command']}`, {prov['date'][:10]}, {where}, load average "
-                  f"{load_avg[1]} over 5 minutes"] = None
+            load = f", load average {prov['load_average'][1]} over 5 minutes" if prov.get("load_average") else ""
+            lines[f"- {code(row)}: `{prov['command']}`, {prov['date'][:10]}, {where}{load}"] = None
     return "\n".join(lines)
 
 
@@ -126,6 +125,44 @@ def smollm2_table() -> str:
                  "method measures: RTN the relative weight error ‖W − Q‖ / ‖W‖, GPTQ the share of the linear's "
                  "output energy lost on the calibration inputs, tr(E H Eᵀ) / tr(W H Wᵀ).\n")
     return text
+
+
+def _gptq_config(config: dict[str, Any]) -> tuple[str, str, bool]:
+    """``(label, calibration forwards, act-order)`` of a configuration of ``gptq_reference.json``."""
+    if config["kind"] == "llmq":
+        a = quantize_args(config)
+        return f"llmq {label(config)}", a.calib_dtype, a.method == "gptq" and a.desc_act in (None, True)
+    o = config["options"]
+    group = "per-channel" if o["group_size"] == -1 else f"g{o['group_size']}"
+    how = "round to nearest" if o["nearest"] else "act-order" if o["act_order"] else "no act-order"
+    text = f"reference GPTQ int{o['bits']} {group} {'sym' if o['sym'] else 'asym'}, {how}"
+    return text, o["forward_dtype"], o["act_order"]
+
+
+def gptq_reference_table() -> str:
+    data = load("gptq_reference")
+    c = data["calibration"]
+    header = ["configuration", "calibration forwards", "perplexity", "Δ ppl", "KL (nats/token)", "top-1 agree",
+              "quantized by", "code"]
+    parts = []
+    for key, e in data["evals"].items():
+        runs = [r for r in data["runs"].values() if r["eval"] == key]
+        configs = {r["config"]: _gptq_config(data["configs"][r["config"]]) for r in runs}
+        runs.sort(key=lambda r: configs[r["config"]][2])  # without act-order first
+        base = e["baseline_perplexity"]
+        rows = [["unquantized (fp32)", "", f"{base:.3f}", "", "", "", "", ""]]
+        quantized = [data["quantized"][r["config"]] for r in runs if r["config"] in data["quantized"]]
+        for r in runs:
+            text, forwards, _ = configs[r["config"]]
+            q = data["quantized"].get(r["config"])
+            rows.append([text, forwards, f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%",
+                         f"{r['kl_divergence']:.4f}", f"{r['top1_agreement']:.2f}%", code(q) if q else "", code(r)])
+        intro = (f"{e['corpus']}, seqlen {e['seqlen']}, windows {e['first_window'] + 1}-"
+                 f"{e['first_window'] + e['windows']} ({e['tokens']:,} scored tokens), every model against the "
+                 f"unquantized one on the same windows; GPTQ calibrates on the same {c['nsamples']} × "
+                 f"{c['seqlen']} tokens of the {c['source']} corpus (seed {c['seed']}).")
+        parts.append(f"{intro}\n\n{_table(header, rows, 'llrrrrll')}\n\n{notes([*quantized, *runs])}\n")
+    return "\n".join(parts)
 
 
 def cpu_decode_table() -> str:
@@ -206,6 +243,7 @@ def vocab_memory_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "smollm2": smollm2_table,
+    "gptq-reference": gptq_reference_table,
     "cpu-decode": cpu_decode_table,
     "minilm": minilm_table,
     "streaming": streaming_table,

@@ -102,7 +102,7 @@ class Window:
 
 
 def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None,
-            stride: int | None = None) -> list[Window]:
+            stride: int | None = None, first_window: int = 0) -> list[Window]:
     """The evaluation windows over the token sequence ``ids`` ``[tokens]``: one rule for both variants.
 
     A window holds BOS (when given) and then up to ``seqlen - 1`` text tokens (``seqlen`` without
@@ -110,15 +110,20 @@ def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | 
     without it the first text token has no context and is not. Non-overlapping (``stride`` None):
     consecutive windows, the short tail dropped. Sliding: windows start ``stride`` text tokens
     apart, run to the end of the text and score only the tokens no earlier window scored.
+    ``first_window``: leave out that many windows first, then ``max_windows`` (or the rest), the
+    same windows as in the whole sequence: a held-out range for tuning (e.g. windows 41-80).
     """
     body = seqlen - (bos is not None)
     step = body if stride is None else stride
     if not 0 < step <= body:
         raise ValueError(f"stride must be in 1..{body} (the text tokens of a {seqlen}-token window), got {stride}")
+    if first_window < 0:
+        raise ValueError(f"first window must be 0 or more, got {first_window}")
+    limit = None if max_windows is None else first_window + max_windows
     out: list[Window] = []
     done = 0  # text tokens before this position are scored (or have no context)
     for begin in range(0, ids.numel(), step):
-        if max_windows is not None and len(out) == max_windows:
+        if limit is not None and len(out) == limit:
             break
         end = min(begin + body, ids.numel())
         if stride is None and end - begin < body:
@@ -132,7 +137,9 @@ def windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | 
             break
     if not out:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return out
+    if first_window >= len(out):
+        raise ValueError(f"first window {first_window} is outside the text's {len(out)} windows of {seqlen}")
+    return out[first_window:]
 
 
 @dataclass
@@ -150,6 +157,7 @@ class LMResult:
     kl_divergence: float | None = None
     top1_agreement: float | None = None
     mode: str = "non-overlapping"
+    first_window: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,9 +242,11 @@ def compare_lms(
     baseline: nn.Module | None = None,
     progress: bool = True,
     stride: int | None = None,
+    first_window: int = 0,
 ) -> dict[str, LMResult]:
     """:func:`evaluate_lm` for several models at once: the baseline runs once per window.
-    ``stride``: the sliding-window variant (see :func:`windows`).
+    ``stride``: the sliding-window variant; ``first_window``: windows left out first, for a
+    held-out range (see :func:`windows`).
 
     Memory stays within the models plus a fixed budget, whatever the vocabulary: each model runs
     to its final hidden states ``[seqlen, hidden]``, and log-probabilities, KL and top-1 are then
@@ -249,7 +259,7 @@ def compare_lms(
     models.update(candidates)
     seqlen = min(model_context(m, seqlen) for m in models.values())
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
-    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows, stride)
+    ws = windows(tokenize_corpus(tokenizer, text), seqlen, bos, max_windows, stride, first_window)
     split = {name: _head_applies(m, ws[0].ids) for name, m in models.items()}
     chunk = max(1, CHUNK_BYTES // (4 * max(m.config.get_text_config().vocab_size for m in models.values())))
     totals = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
@@ -283,7 +293,7 @@ def compare_lms(
     for name in candidates:
         t = totals[name]
         r = LMResult(math.exp(t["nll"] / scored), t["nll"] / scored, scored, len(ws), seqlen, label, bos is not None,
-                     mode=mode)
+                     mode=mode, first_window=first_window)
         if baseline is not None:
             r.baseline_perplexity = math.exp(totals[None]["nll"] / scored)
             r.kl_divergence = t["kl"] / scored

@@ -111,6 +111,36 @@ def test_windows_score_every_token_once_and_never_bos(bos):
         windows(ids, seqlen, bos, None, body + 1)
 
 
+@pytest.mark.parametrize("bos", [None, 7])
+@pytest.mark.parametrize("stride", [None, 5])
+def test_a_later_range_is_those_windows_of_the_whole_sequence(bos, stride):
+    """``first_window`` leaves out the windows before a held-out range: the range is exactly those
+    windows of the whole evaluation, scoring the same tokens."""
+    ids, seqlen = torch.arange(100, 203), 16
+    full = windows(ids, seqlen, bos, None, stride)
+    for first, n in ((2, 3), (1, None), (len(full) - 1, 4)):
+        later = windows(ids, seqlen, bos, n, stride, first_window=first)
+        expected = full[first:] if n is None else full[first:first + n]
+        assert len(later) == len(expected) > 0
+        assert all(torch.equal(a.ids, b.ids) and a.scored == b.scored for a, b in zip(later, expected, strict=True))
+    with pytest.raises(ValueError, match=f"first window {len(full)} is outside the text's {len(full)} windows"):
+        windows(ids, seqlen, bos, 5, stride, first_window=len(full))
+    with pytest.raises(ValueError, match="first window must be 0 or more"):
+        windows(ids, seqlen, bos, 5, stride, first_window=-1)
+
+
+def test_a_later_range_adds_up_with_the_earlier_one(tokenizer, corpus):
+    """Windows 1-2 and 3-4 evaluated apart score the tokens of windows 1-4, with the same total NLL."""
+    model, seqlen = _model("llama", 0), 48
+    whole = compare_lms({"m": model}, tokenizer, corpus, seqlen, 4, progress=False)["m"]
+    parts = [compare_lms({"m": model}, tokenizer, corpus, seqlen, 2, progress=False, first_window=f)["m"]
+             for f in (0, 2)]
+    assert [p.first_window for p in parts] == [0, 2] and whole.first_window == 0
+    assert sum(p.tokens for p in parts) == whole.tokens
+    assert sum(p.nll * p.tokens for p in parts) == pytest.approx(whole.nll * whole.tokens, rel=1e-6)
+    assert parts[0].nll != pytest.approx(parts[1].nll, rel=1e-3)
+
+
 @pytest.mark.parametrize("bos", [False, True])
 def test_both_variants_share_the_bos_rule(tokenizer, corpus, bos):
     """The sliding variant prepends BOS as the non-overlapping one does (never scoring it), and with
