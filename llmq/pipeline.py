@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import llmq.resume as resumable
 from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import ModuleSpec, QuantConfig, default_format, dynamic_rules, fit_groups
@@ -86,12 +87,21 @@ def quantize(
     calib_dtype: str | torch.dtype = "auto",
     first_token_weight: float | None = None,
     progress: bool = True,
+    resume: bool = False,
+    stop_on_signals: bool = False,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
     RTN streams tensors straight from the shards; GPTQ runs the calibration tokens through
     the model one block at a time. ``device`` is where blocks are solved and run (default:
     CUDA when present). The output appears at ``out`` only when complete.
+
+    Each finished block is saved in the temporary folder (see :mod:`llmq.resume`): with
+    ``resume``, a run stopped or killed before it finished, with the same arguments, is
+    continued from its first unfinished block, to the same bytes as an uninterrupted run (with no
+    such run left, this one starts from block 0). ``stop_on_signals``: while the run writes,
+    SIGINT and SIGTERM stop it after the block in progress with :class:`llmq.resume.Stopped`,
+    leaving it to resume (a second signal stops it at once); the handlers are restored after.
 
     ``calib_dtype`` is the precision of GPTQ's calibration forwards: each block runs with its
     weights and activations in this dtype, while the solver always works in float32 on the
@@ -111,7 +121,7 @@ def quantize(
     sources = {src: "input model"}
     if config.method == "gptq" and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
-    outdir.check_output(out, overwrite, sources)  # fail now rather than after loading the model
+    outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
@@ -160,20 +170,35 @@ def quantize(
     config = config.replace(meta=meta)
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
-    with outdir.atomic_output(out, overwrite, sources) as tmp:
-        writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
-        written: set[str] = set()
-        if config.method == "gptq":
+    expected = resumable.manifest(src, config, calibration if config.method == "gptq" else None,
+                                  out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
+                                  batch_size=batch_size, max_shard_bytes=max_shard_bytes)
+    keep = (resumable.Stopped, resumable.ResumeError)  # what a resume needs stays in place
+    with outdir.atomic_output(out, overwrite, sources, resume, keep) as tmp, \
+            resumable.StopSignals(stop_on_signals) as stop:
+        state = resumable.RunState(tmp, report.out, expected, resume)
+        start = len(state.blocks)
+        for done in state.blocks:
+            report.quantized += done["quantized"]
+            report.block_errors.append(done["error"])
+        if config.method == "gptq" and start < len(layout.blocks):
             inputs = _cast(_capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size), fwd_dtype)
             inputs = _in_one_tensor(inputs)
-        bar = tqdm(range(len(layout.blocks)), desc=f"quantize {config.describe()}", unit="block",
-                   disable=not progress)
+            if start:
+                state.load_inputs(inputs)
+        stop.check(start, len(layout.blocks))
+        bar = tqdm(range(start, len(layout.blocks)), desc=f"quantize {config.describe()}", unit="block",
+                   initial=start, total=len(layout.blocks), disable=not progress)
         for i in bar:
             block = layout.blocks[i]
             prefix = layout.block_prefix(i)
             original = functools.partial(_original_weight, block, prefix, keys)
+            writer = state.block_writer()
+            written: set[str] = set()
+            first = len(report.quantized)
 
-            def write(name: str, packed: dict[str, torch.Tensor], prefix: str = prefix) -> None:
+            def write(name: str, packed: dict[str, torch.Tensor], prefix: str = prefix,
+                      writer: checkpoint.ShardWriter = writer, written: set[str] = written) -> None:
                 for tname, t in packed.items():
                     writer.add(f"{prefix}{name}.{tname}", t)
                 written.add(f"{prefix}{name}.weight")
@@ -207,7 +232,13 @@ def quantize(
             streaming.to_meta(block)
             _copy_untouched(block, prefix, keys, writer, written, out_dtype, bias_dtype=torch.float16,
                             quantized=set(errors))
+            last = i + 1 == len(layout.blocks)
+            state.commit(writer, report.quantized[first:], report.block_errors[-1],
+                         None if config.method != "gptq" or last else [args[0] for args, _ in inputs])
             _trim_heap()
+            stop.check(i + 1, len(layout.blocks))
+        writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
+        written = state.copy_blocks(writer) | {f"{name}.weight" for name in report.quantized}
         if head is not None:
             report.block_errors.append(_quantize_head(skeleton, head, keys, config, device, writer))
             written.add(f"{head}.weight")
@@ -216,6 +247,7 @@ def quantize(
         writer.close()
         checkpoint.write_config(hf_config, config, tmp, out_dtype)
         checkpoint.copy_side_files(src, tmp)
+        state.remove()
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     return report
