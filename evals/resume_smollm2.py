@@ -1,0 +1,135 @@
+"""Resumable quantization on SmolLM2-135M: runs killed with SIGKILL inside chosen blocks, then
+continued with `--resume`, against an uninterrupted run.
+
+Runs, one after another, each `llmq quantize` a command of its own (GPTQ int4 g128 asym, the
+defaults, on `--nsamples` x `--calib-seqlen` calibration tokens):
+
+- the uninterrupted run;
+- per block K of `--kill-blocks`: a run killed with SIGKILL halfway through block K (once its
+  state records K finished blocks, after half the mean time of a block so far), then the same
+  command with `--resume`.
+
+Each resumed checkpoint is compared with the uninterrupted one tensor by tensor (names, dtypes,
+shapes, values) and file by file; the time lost is the killed run's time plus the resumed run's,
+minus the uninterrupted run's (process starts included: a resume loads the model and calibration
+again).
+
+    python evals/resume_smollm2.py                    # 32 x 256 tokens, kills in blocks 3, 17 and 29
+
+Prints a table and writes `evals/results/resume_smollm2.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmq.streaming import ShardReader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import provenance, write_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def command(out: Path, args: argparse.Namespace, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llmq.cli", "quantize", "--model", args.model, "--out", str(out),
+            "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), *extra]
+
+
+def run(cmd: list[str], env: dict[str, str]) -> float:
+    """Run ``cmd`` to its end; its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def finished(out: Path) -> int:
+    """Blocks recorded as finished in the state of the run writing ``out`` (0 before there is any)."""
+    for progress in out.parent.glob(f".tmp-{out.name}-*/.llmq-resume/progress.json"):
+        try:
+            return len(json.loads(progress.read_text())["blocks"])
+        except (OSError, ValueError):  # replaced while read
+            return 0
+    return 0
+
+
+def kill_in_block(cmd: list[str], out: Path, block: int, env: dict[str, str]) -> tuple[float, int]:
+    """Start ``cmd`` and SIGKILL it halfway through block ``block``; its wall time until the kill
+    and the blocks its state records as finished then."""
+    started = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None  # when block 0 was recorded
+    while finished(out) < block:
+        if p.poll() is not None:
+            raise RuntimeError(f"the run ended before block {block}")
+        if first is None and finished(out) >= 1:
+            first = time.perf_counter()
+        time.sleep(0.05)
+    now = time.perf_counter()
+    per_block = (now - first) / (block - 1) if first is not None and block > 1 else now - started
+    time.sleep(per_block / 2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return time.perf_counter() - started, finished(out)
+
+
+def compare(a: Path, b: Path) -> dict[str, int | bool]:
+    """Tensors of checkpoints ``a`` and ``b`` compared by name, dtype, shape and value; and
+    whether every file of theirs is the same bytes."""
+    ra, rb = ShardReader(a), ShardReader(b)
+    names = sorted(set(ra.keys()) | set(rb.keys()))
+    differ = sum(1 for n in names if n not in ra or n not in rb or ra.info(n) != rb.info(n)
+                 or not torch.equal(ra.get(n), rb.get(n)))
+    files = sorted(p.name for p in a.iterdir())
+    same_files = files == sorted(p.name for p in b.iterdir()) and all(
+        filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+    return {"tensors": len(names), "tensors_differing": differ, "files_identical": same_files}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--kill-blocks", type=int, nargs="+", default=[3, 17, 29])
+    parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the runs")
+    parser.add_argument("--json", type=Path, default=RESULTS / "resume_smollm2.json")
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": args.threads, "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory(prefix="llmq-resume-") as scratch:
+        full = Path(scratch) / "uninterrupted"
+        uninterrupted = run(command(full, args), env)
+        print(f"uninterrupted: {uninterrupted:.1f} s")
+        rows = []
+        for block in args.kill_blocks:
+            out = Path(scratch) / f"killed-{block}"
+            killed, done = kill_in_block(command(out, args), out, block, env)
+            resumed = run(command(out, args, "--resume"), env)
+            rows.append({"kill_block": block, "blocks_done_at_kill": done, "killed_run_s": round(killed, 1),
+                         "resumed_run_s": round(resumed, 1),
+                         "time_lost_s": round(killed + resumed - uninterrupted, 1), **compare(out, full)})
+            print(rows[-1])
+    write_json(args.json, {"model": args.model, "config": "GPTQ int4 g128 asym act-order (the defaults)",
+                           "calibration": f"{args.nsamples} x {args.calib_seqlen} tokens of the bundled corpus",
+                           "threads": args.threads, "uninterrupted_s": round(uninterrupted, 1), "runs": rows,
+                           "provenance": provenance()})
+    print("\n| killed in block | blocks done | killed run s | resumed run s | lost s | tensors differing |"
+          "\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kill_block']} | {r['blocks_done_at_kill']} | {r['killed_run_s']} | {r['resumed_run_s']} | "
+              f"{r['time_lost_s']} | {r['tensors_differing']} of {r['tensors']} |")
+
+
+if __name__ == "__main__":
+    main()
