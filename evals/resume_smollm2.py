@@ -16,12 +16,13 @@ again).
 
     python evals/resume_smollm2.py                    # 32 x 256 tokens, kills in blocks 3, 17 and 29
 
-Prints a table and writes `evals/results/resume_smollm2.json`.
+Writes `evals/results/resume_smollm2.json` (the README's table: `python evals/report.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import json
 import os
@@ -105,30 +106,28 @@ def main() -> None:
     parser.add_argument("--kill-blocks", type=int, nargs="+", default=[3, 17, 29])
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--json", type=Path, default=RESULTS / "resume_smollm2.json")
+    parser.add_argument("--work", type=Path, help="folder for the checkpoints, kept (default: a temporary one)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": args.threads, "TOKENIZERS_PARALLELISM": "false"}
-    with tempfile.TemporaryDirectory(prefix="llmq-resume-") as scratch:
-        full = Path(scratch) / "uninterrupted"
-        uninterrupted = run(command(full, args), env)
-        print(f"uninterrupted: {uninterrupted:.1f} s")
-        rows = []
+    checkpoint = {"model": args.model, "config": "GPTQ int4 g128 asym act-order (the defaults)",
+                  "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "threads": args.threads}
+    runs = {}
+    with contextlib.ExitStack() as stack:
+        scratch = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmq-resume-")))
+        full = scratch / "uninterrupted"
+        runs["uninterrupted"] = {"seconds": round(run(command(full, args), env), 1), "provenance": provenance()}
+        print(f"uninterrupted: {runs['uninterrupted']['seconds']} s")
         for block in args.kill_blocks:
-            out = Path(scratch) / f"killed-{block}"
+            out = scratch / f"killed-{block}"
             killed, done = kill_in_block(command(out, args), out, block, env)
             resumed = run(command(out, args, "--resume"), env)
-            rows.append({"kill_block": block, "blocks_done_at_kill": done, "killed_run_s": round(killed, 1),
-                         "resumed_run_s": round(resumed, 1),
-                         "time_lost_s": round(killed + resumed - uninterrupted, 1), **compare(out, full)})
-            print(rows[-1])
-    write_json(args.json, {"model": args.model, "config": "GPTQ int4 g128 asym act-order (the defaults)",
-                           "calibration": f"{args.nsamples} x {args.calib_seqlen} tokens of the bundled corpus",
-                           "threads": args.threads, "uninterrupted_s": round(uninterrupted, 1), "runs": rows,
-                           "provenance": provenance()})
-    print("\n| killed in block | blocks done | killed run s | resumed run s | lost s | tensors differing |"
-          "\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['kill_block']} | {r['blocks_done_at_kill']} | {r['killed_run_s']} | {r['resumed_run_s']} | "
-              f"{r['time_lost_s']} | {r['tensors_differing']} of {r['tensors']} |")
+            runs[f"kill-{block}"] = {
+                "kill_block": block, "blocks_done_at_kill": done, "killed_run_s": round(killed, 1),
+                "resumed_run_s": round(resumed, 1),
+                "time_lost_s": round(killed + resumed - runs["uninterrupted"]["seconds"], 1),
+                **compare(out, full), "provenance": provenance()}
+            print({k: v for k, v in runs[f"kill-{block}"].items() if k != "provenance"})
+    write_json(args.json, {"checkpoint": checkpoint, "runs": runs})
 
 
 if __name__ == "__main__":
