@@ -10,9 +10,11 @@ defaults, on `--nsamples` x `--calib-seqlen` calibration tokens):
   command with `--resume`.
 
 Each resumed checkpoint is compared with the uninterrupted one tensor by tensor (names, dtypes,
-shapes, values) and file by file; the time lost is the killed run's time plus the resumed run's,
-minus the uninterrupted run's (process starts included: a resume loads the model and calibration
-again).
+shapes, values) and file by file. The time lost is the killed run's time plus the resumed run's,
+minus the uninterrupted run's. On a shared machine that difference moves with the load, so the
+two parts a kill costs by itself are recorded too: the work it discards (the time since the last
+saved block) and the resumed run's start (until its first block begins: the model, calibration
+and block-0 inputs loaded again, then the saved inputs).
 
     python evals/resume_smollm2.py                    # 32 x 256 tokens, kills in blocks 3, 17 and 29
 
@@ -48,16 +50,36 @@ def command(out: Path, args: argparse.Namespace, *extra: str) -> list[str]:
             "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), *extra]
 
 
-def run(cmd: list[str], env: dict[str, str]) -> float:
-    """Run ``cmd`` to its end; its wall time in seconds."""
-    started = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+def state(out: Path, name: str) -> list[Path]:
+    """``name`` in the state folder of the run writing ``out``."""
+    return list(out.parent.glob(f".tmp-{out.name}-*/.llmq-resume/{name}"))
+
+
+def run(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float | None]:
+    """Run ``cmd`` (writing ``out``) to its end; its wall time in seconds, and how long it took to
+    start its first block (the state's ``.part`` folder made, None if never seen)."""
+    started, started_ns = time.perf_counter(), time.time_ns()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_block = None
+    while p.poll() is None:
+        if first_block is None and any(_made_after(part, started_ns) for part in state(out, ".part")):
+            first_block = time.perf_counter() - started
+        time.sleep(0.05)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {p.returncode}")
+    return time.perf_counter() - started, first_block
+
+
+def _made_after(path: Path, ns: int) -> bool:
+    try:
+        return path.stat().st_ctime_ns > ns
+    except FileNotFoundError:  # removed meanwhile
+        return False
 
 
 def finished(out: Path) -> int:
     """Blocks recorded as finished in the state of the run writing ``out`` (0 before there is any)."""
-    for progress in out.parent.glob(f".tmp-{out.name}-*/.llmq-resume/progress.json"):
+    for progress in state(out, "progress.json"):
         try:
             return len(json.loads(progress.read_text())["blocks"])
         except (OSError, ValueError):  # replaced while read
@@ -65,9 +87,10 @@ def finished(out: Path) -> int:
     return 0
 
 
-def kill_in_block(cmd: list[str], out: Path, block: int, env: dict[str, str]) -> tuple[float, int]:
-    """Start ``cmd`` and SIGKILL it halfway through block ``block``; its wall time until the kill
-    and the blocks its state records as finished then."""
+def kill_in_block(cmd: list[str], out: Path, block: int, env: dict[str, str]) -> tuple[float, float, int]:
+    """Start ``cmd`` and SIGKILL it halfway through block ``block``: its wall time until the kill,
+    the time since its last saved block then (the work the kill throws away), and the blocks its
+    state records as finished."""
     started = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = None  # when block 0 was recorded
@@ -77,12 +100,13 @@ def kill_in_block(cmd: list[str], out: Path, block: int, env: dict[str, str]) ->
         if first is None and finished(out) >= 1:
             first = time.perf_counter()
         time.sleep(0.05)
-    now = time.perf_counter()
-    per_block = (now - first) / (block - 1) if first is not None and block > 1 else now - started
+    saved = time.perf_counter()
+    per_block = (saved - first) / (block - 1) if first is not None and block > 1 else saved - started
     time.sleep(per_block / 2)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    return time.perf_counter() - started, finished(out)
+    killed = time.perf_counter()
+    return killed - started, killed - saved, finished(out)
 
 
 def compare(a: Path, b: Path) -> dict[str, int | bool]:
@@ -115,17 +139,19 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         scratch = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmq-resume-")))
         full = scratch / "uninterrupted"
-        runs["uninterrupted"] = {"seconds": round(run(command(full, args), env), 1), "provenance": provenance()}
+        seconds, first_block = run(command(full, args), env, full)
+        runs["uninterrupted"] = {"seconds": round(seconds, 1), "first_block_s": round(first_block, 1),
+                                 "provenance": provenance()}
         print(f"uninterrupted: {runs['uninterrupted']['seconds']} s")
         for block in args.kill_blocks:
             out = scratch / f"killed-{block}"
-            killed, done = kill_in_block(command(out, args), out, block, env)
-            resumed = run(command(out, args, "--resume"), env)
+            killed, discarded, done = kill_in_block(command(out, args), out, block, env)
+            resumed, first_block = run(command(out, args, "--resume"), env, out)
             runs[f"kill-{block}"] = {
                 "kill_block": block, "blocks_done_at_kill": done, "killed_run_s": round(killed, 1),
-                "resumed_run_s": round(resumed, 1),
-                "time_lost_s": round(killed + resumed - runs["uninterrupted"]["seconds"], 1),
-                **compare(out, full), "provenance": provenance()}
+                "discarded_s": round(discarded, 1), "resumed_run_s": round(resumed, 1),
+                "resumed_first_block_s": round(first_block, 1),
+                "time_lost_s": round(killed + resumed - seconds, 1), **compare(out, full), "provenance": provenance()}
             print({k: v for k, v in runs[f"kill-{block}"].items() if k != "provenance"})
     write_json(args.json, {"checkpoint": checkpoint, "runs": runs})
 

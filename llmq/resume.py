@@ -119,16 +119,16 @@ def _remove(path: Path) -> None:
 
 class RunState:
     """The resumable state of a run writing ``out`` in temporary folder ``tmp`` (see the module's
-    doc): a new one, or with ``resume``, the one a stopped run left there, checked against
-    ``manifest`` (``ResumeError`` when it differs), with whatever that run wrote after its last
-    finished block removed.
+    doc): a new one, or with ``resume``, the one a stopped run left there, checked against the
+    manifest ``expected`` (``ResumeError`` when it differs), with whatever that run wrote after its
+    last finished block removed.
 
     ``blocks``: per finished block, ``{"quantized": [layer names], "error": mean relative error}``.
     """
 
     def __init__(self, tmp: Path, out: Path, expected: dict[str, Any], resume: bool) -> None:
         self.folder = tmp / STATE
-        self._remove = outdir.remove_command(out, tmp.name)
+        self._remove_command = outdir.remove_command(out, tmp.name)
         self.blocks: list[dict[str, Any]] = []
         self._inputs: str | None = None
         if resume and (self.folder / MANIFEST).is_file():
@@ -154,7 +154,7 @@ class RunState:
                 streaming.ShardReader(self.folder / _block_name(i))  # checks the file against its header
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(f"cannot resume: what the stopped run left is damaged ({e}); "
-                              f"remove it to start again: {self._remove}") from None
+                              f"remove it to start again: {self._remove_command}") from None
         if found:
             key, old, new = found
             if key in _HASHES:
@@ -163,7 +163,7 @@ class RunState:
                 label = _LABELS.get(key) or key.removeprefix("config.").replace("meta.", "").replace(".", " ")
                 what = f"{label} was {old} in the stopped run, {new} in this one"
             raise ResumeError(f"cannot resume: {what}; pass the same arguments, or remove what it left to start "
-                              f"again: {self._remove}")
+                              f"again: {self._remove_command}")
 
     def _write_json(self, name: str, data: Any) -> None:
         """Write ``name`` in the state folder atomically and durably."""
@@ -221,12 +221,13 @@ class RunState:
         keys = reader.keys()
         if len(keys) != len(inputs):
             raise ResumeError(f"cannot resume: {len(keys)} calibration batches were saved, this run has "
-                              f"{len(inputs)}; remove what the stopped run left to start again: {self._remove}")
+                              f"{len(inputs)}; remove what the stopped run left to start again: {self._remove_command}")
         for (args, _), key in zip(inputs, keys, strict=True):
             saved = reader.get(key)
             if saved.shape != args[0].shape or saved.dtype != args[0].dtype:
-                raise ResumeError(f"cannot resume: saved hidden states {key} are {saved.dtype} "
-                                  f"{list(saved.shape)}, this run's {args[0].dtype} {list(args[0].shape)}")
+                raise ResumeError(f"cannot resume: saved hidden states {key} are {saved.dtype} {list(saved.shape)}, "
+                                  f"this run's {args[0].dtype} {list(args[0].shape)}; remove what the stopped run "
+                                  f"left to start again: {self._remove_command}")
             args[0].copy_(saved)
 
     def copy_blocks(self, writer: ShardWriter) -> set[str]:
