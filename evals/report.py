@@ -183,7 +183,7 @@ def resume_table() -> str:
              f"{r['resumed_first_block_s']:.1f}", f"{r['tensors'] - r['tensors_differing']} of {r['tensors']}",
              "yes" if r["files_identical"] else "no", code(r)] for r in kills]
     intro = (f"SmolLM2-135M, {c['config']}, {c['nsamples']} × {c['calib_seqlen']} calibration tokens, "
-             f"{c['threads']} thread(s): each run killed with SIGKILL halfway through one block, then resumed, "
+             f"`OMP_NUM_THREADS={c['threads']}`: each run killed with SIGKILL halfway through one block, then resumed, "
              f"against an uninterrupted run of {full['seconds']:.1f} s. Time lost: the killed and the resumed "
              "run's seconds minus the uninterrupted run's, which moves with the machine's load; what a kill costs "
              "by itself is the work it discards (since the last saved block) and the resumed run's start (until "
