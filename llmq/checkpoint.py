@@ -49,16 +49,18 @@ class ShardWriter:
         """Write one tensor (any device; stored contiguous on disk)."""
         self.add_chunks(name, (tensor,))
 
-    def add_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+    def add_chunks(self, name: str, chunks: Iterable[torch.Tensor], nbytes: int | None = None) -> None:
         """Write one tensor given as consecutive slices along its first dimension (one dtype, the
-        same trailing shape), so that a large tensor is never in memory whole."""
+        same trailing shape), so that a large tensor is never in memory whole. ``nbytes``, the
+        whole tensor's size when known, decides whether it starts a new shard (else its first slice's)."""
         shape: list[int] | None = None
         dtype = start = None
         for part in chunks:
             t = part.detach().to("cpu").contiguous()
             if shape is None:
                 shape, dtype = list(t.shape), t.dtype
-                if self._data is not None and self._offset and self._offset + t.nbytes > self.max_shard_bytes:
+                size = t.nbytes if nbytes is None else nbytes
+                if self._data is not None and self._offset and self._offset + size > self.max_shard_bytes:
                     self._close_shard()
                 if self._data is None:
                     self._data = open(self.folder / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
@@ -68,7 +70,7 @@ class ShardWriter:
             else:
                 shape[0] += t.shape[0]
             if t.numel():
-                self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+                self._data.write(_bytes_of(t))
             self._offset += t.nbytes
         if shape is None:
             raise ValueError(f"no data for tensor {name}")
@@ -78,12 +80,9 @@ class ShardWriter:
     def _close_shard(self) -> None:
         data_path = Path(self._data.name)
         self._data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
         name = f"shard-{len(self._shards):05d}.safetensors"
         with open(self.folder / name, "wb") as out, open(data_path, "rb") as src:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
+            out.write(_header_bytes(self._header))
             shutil.copyfileobj(src, out, 16 * 1024**2)
         data_path.unlink()
         self._shards.append((name, list(self._header)))
@@ -104,6 +103,34 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(keys, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / streaming.INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor ``t``, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _header_bytes(header: dict[str, dict]) -> bytes:
+    """A safetensors header (tensor name -> dtype, shape, data offsets), padded to 8 bytes, with its
+    length in front."""
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as one safetensors file, in their order, each straight from its memory (no
+    copy of the bytes: unlike ``safetensors.torch.save_file``, which holds a copy of them all)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    with open(path, "wb") as f:
+        f.write(_header_bytes(header))
+        for t in tensors.values():
+            if t.numel():
+                f.write(_bytes_of(t.detach().to("cpu").contiguous()))  # one tensor at a time off the device
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

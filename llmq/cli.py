@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 from llmq.chat import DTYPES, add_chat_parser, cmd_chat
+from llmq.outdir import StaleOutputError
+from llmq.resume import Stopped
 
 MODEL_HELP = "local checkpoint folder, hub id, or a bundled name (smollm2-135m, bert-minilm)"
 
@@ -71,6 +74,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "unquantized (with a warning) instead of failing; other tensors with such values are kept")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run for this --out that was stopped or killed (same arguments): its finished "
+                        "blocks are checked and kept, the result is the same as an uninterrupted run's")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="after quantizing, perplexity before and after on this many wikitext-2 windows")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window (with --eval-windows)")
@@ -156,7 +162,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
-                      first_token_weight=args.first_token_weight)
+                      first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
@@ -258,15 +264,30 @@ def _terminate(_signum: int, _frame: Any) -> None:
     raise Terminated
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues the run of ``argv``."""
+    return shlex.join(["llmq", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status: 0, 2 for bad input (one line on stderr), 130 after
-    SIGINT (Ctrl-C), 143 after SIGTERM. While it runs, SIGTERM unwinds the command like Ctrl-C."""
+    SIGINT (Ctrl-C), 143 after SIGTERM. While it runs, SIGTERM unwinds the command like Ctrl-C,
+    except in ``quantize``'s blocks: there both signals stop it after the block in progress,
+    and the line printed says how to continue it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     handler = COMMANDS[args.command]
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         handler(args)
+    except Stopped as e:
+        print(f"llmq {args.command}: {e}; continue with: {_resume_command(argv)}", file=sys.stderr)
+        return 128 + e.signum
+    except StaleOutputError as e:
+        print(f"llmq {args.command}: error: {e.what}; continue it: {_resume_command(argv)}; or remove what it "
+              f"left: {e.remove}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmq {args.command}: error: {message}", file=sys.stderr)

@@ -9,9 +9,11 @@ While a run writes ``DIR/NAME`` it keeps two things in ``DIR``:
   a recycled pid is not taken for it), when it started, the output and the temporary folder;
 - ``.tmp-NAME-XXXXXXXX``, the temporary folder the lock names.
 
-Both are removed when the run ends, however it ends, unless the process is killed outright
+Both are removed when the run ends, however it ends, except after an exception the run names
+(``keep``: a stop at a safe point, for a later resume) or when the process is killed outright
 (SIGKILL, a power cut). The next run for the same output then finds a lock whose process is
-gone and refuses to start, with the command that removes what was left.
+gone: a run asked to resume takes that lock and its temporary folder over, any other refuses to
+start with the commands that resume it or remove what was left.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
+class StaleOutputError(OutputError):
+    """An earlier run writing the output stopped before finishing (stopped at a safe point, or its
+    process is gone): ``what`` says so, ``remove`` is the shell command that removes what it left."""
+
+    def __init__(self, what: str, remove: str) -> None:
+        super().__init__(f"{what}; continue it with --resume (same arguments), or remove what it left: {remove}")
+        self.what, self.remove = what, remove
+
+
 def check_apart(target: str | Path, inputs: Mapping[str | Path, str], label: str = "--out") -> None:
     """Refuse ``target`` when it is, contains or lies inside one of ``inputs`` (path -> what it is,
     e.g. ``"input model"``), links resolved: llmq never writes over what it reads."""
@@ -54,10 +65,12 @@ def check_apart(target: str | Path, inputs: Mapping[str | Path, str], label: str
                               "even with --overwrite")
 
 
-def check_output(out: str | Path, overwrite: bool = False, inputs: Mapping[str | Path, str] | None = None) -> Path:
+def check_output(out: str | Path, overwrite: bool = False, inputs: Mapping[str | Path, str] | None = None,
+                 resume: bool = False) -> Path:
     """Everything :func:`atomic_output` checks before it writes, without writing anything: for
     a run to fail at once rather than after loading its model. Returns the output folder (links
-    resolved). Raises ``OutputError`` or ``OutputExistsError`` with a one-line message.
+    resolved). Raises ``OutputError`` (``StaleOutputError`` for what a dead run left, unless
+    ``resume``) or ``OutputExistsError`` with a one-line message.
     """
     target = Path(os.path.realpath(Path(out).expanduser()))
     check_apart(target, inputs or {})
@@ -72,14 +85,16 @@ def check_output(out: str | Path, overwrite: bool = False, inputs: Mapping[str |
             pass
     except OSError as e:
         raise OutputError(f"cannot write in {existing}: {e.strerror}") from None
-    if os.path.lexists(lock_path(target)):
-        raise _held(target, lock_path(target))
+    if resume:
+        _resumable(target)
+    elif os.path.lexists(lock_path(target)):
+        raise _held(target, _read_lock(target, lock_path(target)))
     return target
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False,
-                  inputs: Mapping[str | Path, str] | None = None) -> Iterator[Path]:
+def atomic_output(out: str | Path, overwrite: bool = False, inputs: Mapping[str | Path, str] | None = None,
+                  resume: bool = False, keep: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
     """Yield a new temporary folder beside ``out``, renamed to ``out`` when the block succeeds.
 
     Before anything is written: ``out`` must not be, contain or lie inside ``inputs`` (path ->
@@ -88,26 +103,37 @@ def atomic_output(out: str | Path, overwrite: bool = False,
     output's folder must be writable and no other run may be writing ``out`` (the lock). The
     result replaces an existing ``out`` by renames, with SIGINT and SIGTERM held back meanwhile;
     without ``overwrite`` it never replaces a folder that appeared while the block ran. However
-    the block ends, the temporary folder, the lock and any parent folders made are removed.
-    Folder permissions follow the umask.
+    the block ends, the temporary folder, the lock and any parent folders made are removed,
+    except when it raises one of ``keep``: then they stay, the lock marked as stopped, for a run
+    with ``resume``. Such a run takes over the lock of a run whose process is gone (or that
+    stopped) and yields that run's temporary folder, as it was left; with no such lock it starts
+    as any run. Folder permissions follow the umask.
     """
-    target = check_output(out, overwrite, inputs)
+    target = check_output(out, overwrite, inputs, resume)
     created = _make_parents(target.parent)
     try:
-        lock = _acquire(target)
+        stale = _resumable(target) if resume else None
+        lock = _take_over(target, stale) if stale else _acquire(target)
     except BaseException:
         _remove_empty(created)
         raise
     tmp = target.parent / lock["tmp"]
+    kept = False
     try:
-        os.mkdir(tmp)
+        os.makedirs(tmp, exist_ok=stale is not None)
         yield tmp
         _commit(tmp, target, overwrite)
+    except keep:
+        kept = True
+        with contextlib.suppress(OSError):  # unmarked, the lock names a process that is about to end
+            _write_lock(lock_path(target), {**lock, "stopped": time.strftime("%Y-%m-%d %H:%M:%S")})
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _release(target, lock)
-        if not target.exists():
-            _remove_empty(created)
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _release(target, lock)
+            if not target.exists():
+                _remove_empty(created)
 
 
 def lock_path(target: Path) -> Path:
@@ -160,7 +186,10 @@ def _identity(pid: int) -> str | None:
 
 
 def _alive(info: dict) -> bool | None:
-    """Whether the process a lock names still runs (None: it runs on another host)."""
+    """Whether the process a lock names still runs (None: it runs on another host); a run that
+    stopped at a safe point (``stopped``) no longer does, whether or not its process has ended."""
+    if info.get("stopped"):
+        return False
     if info.get("host") != socket.gethostname():
         return None
     try:
@@ -173,15 +202,17 @@ def _alive(info: dict) -> bool | None:
     return recorded is None or now is None or recorded == now
 
 
-def _acquire(target: Path) -> dict:
+def _acquire(target: Path, tmp: str | None = None) -> dict:
+    """Create the lock of ``target`` (exclusively) for this process, naming the temporary folder
+    ``tmp`` (default: a new name)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "process": _identity(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(target),
-            "tmp": f".tmp-{target.name}-{secrets.token_hex(4)}"}
+            "tmp": tmp or f".tmp-{target.name}-{secrets.token_hex(4)}"}
     path = lock_path(target)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
-        raise _held(target, path) from None
+        raise _held(target, _read_lock(target, path)) from None
     except OSError as e:
         raise OutputError(f"cannot write in {target.parent}: {e.strerror}") from None
     with os.fdopen(fd, "w") as f:
@@ -189,8 +220,15 @@ def _acquire(target: Path) -> dict:
     return info
 
 
-def _held(target: Path, path: Path) -> OutputError:
-    """The error for a lock found in place: another run is writing, or a dead one left things behind."""
+def _write_lock(path: Path, info: dict) -> None:
+    """Rewrite this run's own lock (through a rename: the lock is never seen half-written)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}")
+    part.write_text(json.dumps(info))
+    os.replace(part, path)
+
+
+def _read_lock(target: Path, path: Path) -> dict:
+    """The lock at ``path``, checked: an int pid and a temporary folder of ``target``'s own name."""
     try:
         info = json.loads(path.read_text())
         pid, tmp = info["pid"], info["tmp"]
@@ -198,10 +236,22 @@ def _held(target: Path, path: Path) -> OutputError:
                                         and "/" not in tmp and os.sep not in tmp):
             raise ValueError(tmp)
     except (OSError, ValueError, KeyError, TypeError):
-        return OutputError(f"{target} is locked by {path}, which cannot be read; if no llmq run is writing "
-                           f"{target}, remove the lock: rm -f -- {shlex.quote(str(path))}")
-    who = f"pid {pid}, started {info.get('started', '?')}"
-    remove = f"rm -rf -- {shlex.quote(str(target.parent / tmp))} {shlex.quote(str(path))}"
+        raise OutputError(f"{target} is locked by {path}, which cannot be read; if no llmq run is writing "
+                          f"{target}, remove the lock: rm -f -- {shlex.quote(str(path))}") from None
+    return info
+
+
+def remove_command(target: Path, tmp: str) -> str:
+    """The shell command that removes what a run writing ``target`` left: its temporary folder
+    ``tmp`` (a name beside ``target``) and its lock."""
+    return f"rm -rf -- {shlex.quote(str(target.parent / tmp))} {shlex.quote(str(lock_path(target)))}"
+
+
+def _held(target: Path, info: dict, resume: bool = False) -> OutputError | None:
+    """The error for lock ``info`` found in place for ``target``: another run is writing, or a dead
+    one left things behind (None for that one when ``resume``: its folder is the one to continue)."""
+    who = f"pid {info['pid']}, started {info.get('started', '?')}"
+    remove = remove_command(target, info["tmp"])
     alive = _alive(info)
     if alive is None:
         return OutputError(f"{target} is being written by another llmq run ({who} on {info.get('host')}); "
@@ -209,8 +259,43 @@ def _held(target: Path, path: Path) -> OutputError:
     if alive:
         return OutputError(f"{target} is being written by another llmq run ({who}); wait for it to end or "
                            "choose another --out")
-    return OutputError(f"an earlier run writing {target} stopped without finishing ({who}, no longer running); "
-                       f"remove what it left to start again: {remove}")
+    if resume:
+        return None
+    if info.get("stopped"):
+        return StaleOutputError(f"an earlier run writing {target} was stopped ({who}, stopped {info['stopped']})",
+                                remove)
+    return StaleOutputError(f"an earlier run writing {target} stopped without finishing ({who}, no longer running)",
+                            remove)
+
+
+def _resumable(target: Path) -> dict | None:
+    """The lock of ``target`` when its run is gone (None when there is no lock); the error of
+    :func:`_held` when that run still writes."""
+    path = lock_path(target)
+    if not os.path.lexists(path):
+        return None
+    info = _read_lock(target, path)
+    error = _held(target, info, resume=True)
+    if error is not None:
+        raise error
+    return info
+
+
+def _take_over(target: Path, stale: dict) -> dict:
+    """The lock of ``target``, whose run is gone (``stale``, as read), made this process's, for
+    the same temporary folder. The old lock is renamed aside first: of several runs taking it
+    over at once, one gets it and the others are refused."""
+    path = lock_path(target)
+    aside = path.with_name(f"{path.name}.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+        if _read_lock(target, aside) != stale:  # another run took it over between the read and the rename
+            os.rename(aside, path)
+            raise FileNotFoundError
+    except FileNotFoundError:
+        raise OutputError(f"another llmq run took over the lock of {target} ({path}) meanwhile") from None
+    aside.unlink()
+    return _acquire(target, stale["tmp"])
 
 
 def _release(target: Path, info: dict) -> None:

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,7 @@ class Case:
     check: Callable[[Path, Result], str | None] | None = None  # extra check: a complaint or None
     run: Callable[[Path, list[str]], Result] | None = None
     subprocess_only: bool = False  # signals, several processes, stdin, umask: not in-process
+    resumable: bool = False  # leaves its temporary folder and lock beside the output, for --resume
     note: str = ""  # how the command was run, when not plainly
     cleanup: Callable[[Path], None] | None = None
 
@@ -361,12 +363,13 @@ def _(root):
     return ["quantize", "--model", "m", "--out", "q"]
 
 
-def _sigkill_then_rerun(root: Path, argv: list[str]) -> Result:
+def _sigkill_then_rerun(root: Path, argv: list[str], extra: tuple[str, ...] = ()) -> Result:
     p = subprocess.Popen(_cli(argv), cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_partial(root, p)
     p.kill()
     p.wait()
-    again = subprocess.run(_cli(argv), cwd=root, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    again = subprocess.run(_cli([*argv, *extra]), cwd=root, env=ENV, capture_output=True, text=True,
+                           timeout=TIMEOUT)
     return Result(again.returncode, again.stdout, again.stderr)
 
 
@@ -386,8 +389,41 @@ def _rm_command_works(root: Path, res: Result) -> str | None:
     return None if r.returncode == 0 else f"rerun after removal failed: {r.stderr.strip()}"
 
 
-@case("sigkill-leftovers-reported", 2, "stopped without finishing", run=_sigkill_then_rerun, subprocess_only=True,
-      inputs=("m", "calib.txt"), check=_rm_command_works, note="SIGKILL mid-run, then the same command again")
+@case("sigkill-leftovers-reported", 2, "stopped without finishing", also=("continue it: llmq quantize", "--resume"),
+      run=_sigkill_then_rerun, subprocess_only=True, resumable=True, inputs=("m", "calib.txt"),
+      check=_rm_command_works, note="SIGKILL mid-run, then the same command again")
+def _(root):
+    slow_model(root)
+    return ["quantize", "--model", "m", "--out", "q", *SLOW]
+
+
+def _sigkill_then(extra: tuple[str, ...]) -> Callable[[Path, list[str]], Result]:
+    """SIGKILL mid-run, then the same command with ``extra`` arguments."""
+    return lambda root, argv: _sigkill_then_rerun(root, argv, extra)
+
+
+def _complete(root: Path, _res: Result) -> str | None:
+    left = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    return f"left behind: {left}" if left else None
+
+
+@case("sigkill-then-resume", 0, present=("q/model.safetensors",), run=_sigkill_then(("--resume",)),
+      subprocess_only=True, inputs=("m", "calib.txt"), check=_complete,
+      note="SIGKILL mid-run, then the same command with --resume")
+def _(root):
+    slow_model(root)
+    return ["quantize", "--model", "m", "--out", "q", *SLOW]
+
+
+def _kept(root: Path, _res: Result) -> str | None:
+    if not list(root.glob(".tmp-q-*/.llmq-resume/progress.json")) or not (root / ".q.llmq-lock").exists():
+        return "the stopped run's finished blocks were not kept"
+    return None
+
+
+@case("resume-with-other-arguments", 2, "cannot resume: bits was 4 in the stopped run, 3 in this one",
+      run=_sigkill_then(("--resume", "--bits", "3")), subprocess_only=True, resumable=True, absent=("q",),
+      inputs=("m", "calib.txt"), check=_kept, note="SIGKILL mid-run, then --resume with --bits 3")
 def _(root):
     slow_model(root)
     return ["quantize", "--model", "m", "--out", "q", *SLOW]
@@ -403,32 +439,43 @@ def _signalled(sig: int) -> Callable[[Path, list[str]], Result]:
     return run
 
 
-def _nothing_left(root: Path, res: Result) -> str | None:
-    left = [p.name for p in root.iterdir() if p.name.startswith(".")]
-    if left:
-        return f"left behind: {left}"
-    return "misleading output on stdout" if res.stdout.strip() else None
+def _resumes(root: Path, res: Result) -> str | None:
+    """The stopped run printed the command that continues it, which completes the output."""
+    if res.stdout.strip():
+        return "misleading output on stdout"
+    last = _lines(res.stderr)[-1]
+    if "continue with: llmq quantize " not in last:
+        return "no command to continue the run"
+    not_kept = _kept(root, res)
+    if not_kept:
+        return not_kept
+    argv = shlex.split(last[last.index("continue with: ") + len("continue with: "):])[1:]
+    r = subprocess.run(_cli(argv), cwd=root, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    if r.returncode != 0 or not (root / "q" / "model.safetensors").exists():
+        return f"the printed command failed: {r.stderr.strip()[-300:]}"
+    return _complete(root, res)
 
 
-@case("sigterm-mid-run", 143, "terminated", run=_signalled(signal.SIGTERM), subprocess_only=True, absent=("q",),
-      inputs=("m", "calib.txt"), check=_nothing_left, forbid=("Traceback",), note="SIGTERM mid-run")
+@case("sigterm-mid-run", 143, "stopped by SIGTERM", run=_signalled(signal.SIGTERM), subprocess_only=True,
+      resumable=True, absent=("q",), inputs=("m", "calib.txt"), check=_resumes, forbid=("Traceback",),
+      note="SIGTERM mid-run, then the command it prints")
 def _(root):
     slow_model(root)
     return ["quantize", "--model", "m", "--out", "q", *SLOW]
 
 
-@case("sigint-mid-run", 130, "interrupted", run=_signalled(signal.SIGINT), subprocess_only=True, absent=("q",),
-      inputs=("m", "calib.txt"), check=_nothing_left, forbid=("Traceback", "KeyboardInterrupt"),
-      note="Ctrl-C (SIGINT) mid-run")
+@case("sigint-mid-run", 130, "stopped by SIGINT", run=_signalled(signal.SIGINT), subprocess_only=True,
+      resumable=True, absent=("q",), inputs=("m", "calib.txt"), check=_resumes,
+      forbid=("Traceback", "KeyboardInterrupt"), note="Ctrl-C (SIGINT) mid-run, then the command it prints")
 def _(root):
     slow_model(root)
     return ["quantize", "--model", "m", "--out", "q", *SLOW]
 
 
 def _wait_for_partial(root: Path, p: subprocess.Popen) -> None:
-    """Until the run has written the first block of its output (in the temporary folder beside it)."""
+    """Until the run has finished its first block (recorded in the temporary folder beside the output)."""
     deadline = time.monotonic() + TIMEOUT
-    while not any(f.stat().st_size for f in root.glob(".tmp-q-*/.shard-*.data")):
+    while not any(root.glob(".tmp-q-*/.llmq-resume/progress.json")):
         if p.poll() is not None or time.monotonic() > deadline:
             p.kill()
             raise RuntimeError("the run ended before it could be signalled")
@@ -1103,7 +1150,7 @@ def _problems(c: Case, root: Path, o: Outcome) -> list[str]:
     found += [f"input {p} changed" for p, (a, b) in o.inputs.items() if a != b]
     found += [f"{p} exists" for p in c.absent if (root / p).exists()]
     found += [f"{p} missing" for p in c.present if not (root / p).exists()]
-    if c.code != 0 and c.name != "sigkill-leftovers-reported":
+    if c.code != 0 and not c.resumable:
         found += [f"left {p.name}" for p in root.iterdir() if p.name.startswith((".tmp-", ".old-")) or
                   p.name.endswith(".llmq-lock")]
     if c.check is not None and not found:

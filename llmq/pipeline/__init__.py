@@ -8,7 +8,8 @@ The data flow, one module each:
   earlier passes computed;
 - :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, returning their packed tensors
   and the block's outputs;
-- :mod:`.write`: the output checkpoint, written block by block.
+- :mod:`.write`: the output checkpoint, written block by block (each finished block first to a
+  file of its own that :mod:`llmq.resume` keeps, so that a stopped run can continue).
 
 Peak memory is one block's work (a pass over it, or one linear's solve next to none of the
 block's weights), the calibration activations and the tensor being copied; the whole model is
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import llmq.resume as resumable
 from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
@@ -85,12 +87,21 @@ def quantize(
     calib_dtype: str | torch.dtype = "auto",
     first_token_weight: float | None = None,
     progress: bool = True,
+    resume: bool = False,
+    stop_on_signals: bool = False,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
     RTN streams tensors straight from the shards; GPTQ runs the calibration tokens through
     the model one block at a time. ``device`` is where blocks are solved and run (default:
     CUDA when present). The output appears at ``out`` only when complete.
+
+    Each finished block is saved in the temporary folder (see :mod:`llmq.resume`): with
+    ``resume``, a run stopped or killed before it finished, with the same arguments, is
+    continued from its first unfinished block, to the same bytes as an uninterrupted run (with no
+    such run left, this one starts from block 0). ``stop_on_signals``: while the run writes,
+    SIGINT and SIGTERM stop it after the block in progress with :class:`llmq.resume.Stopped`,
+    leaving it to resume (a second signal stops it at once); the handlers are restored after.
 
     ``calib_dtype`` is the precision of GPTQ's calibration forwards: each block runs with its
     weights and activations in this dtype, while the solver always works in float32 on the
@@ -109,7 +120,7 @@ def quantize(
     sources = {src: "input model"}
     if config.method == "gptq" and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
-    outdir.check_output(out, overwrite, sources)  # fail now rather than after loading the model
+    outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
@@ -154,14 +165,26 @@ def quantize(
                                       "first_token_weight": first_token_weight})
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
-    with outdir.atomic_output(out, overwrite, sources) as tmp:
-        writer = Writer(tmp, keys, out_dtype, max_shard_bytes)
-        if config.method == "gptq":
+    expected = resumable.manifest(src, config, calibration if config.method == "gptq" else None,
+                                  out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
+                                  batch_size=batch_size, max_shard_bytes=max_shard_bytes)
+    keep = (resumable.Stopped, resumable.ResumeError)  # what a resume needs stays in place
+    with outdir.atomic_output(out, overwrite, sources, resume, keep) as tmp, \
+            resumable.StopSignals(stop_on_signals) as stop:
+        state = resumable.RunState(tmp, report.out, expected, resume)
+        start, total = len(state.blocks), len(layout.blocks)
+        for done in state.blocks:
+            report.quantized += done["quantized"]
+            report.block_errors.append(done["error"])
+        if config.method == "gptq" and start < total:
             inputs = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+            if start:
+                state.load_inputs(inputs)
             run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
                           tail_input_budget=0 if wide else 4)
-        bar = tqdm(range(len(layout.blocks)), desc=f"quantize {config.describe()}", unit="block",
-                   disable=not progress)
+        stop.check(start, total)
+        bar = tqdm(range(start, total), desc=f"quantize {config.describe()}", unit="block",
+                   initial=start, total=total, disable=not progress)
         for i in bar:
             block, prefix = layout.blocks[i], layout.block_prefix(i)
             weights = BlockWeights(block, prefix, keys)
@@ -170,16 +193,24 @@ def quantize(
                 inputs = result.outputs
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)
-            writer.add_block(block, prefix, result.packed)
-            report.quantized += [prefix + name for name in result.packed]
+            saved = Writer(state.block_writer(), keys, out_dtype)
+            saved.add_block(block, prefix, result.packed)
+            quantized = [prefix + name for name in result.packed]
+            report.quantized += quantized
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
+            hidden = [batch.hidden for batch in inputs] if config.method == "gptq" and i + 1 < total else None
+            state.commit(saved.shards, quantized, report.block_errors[-1], hidden)  # the block is saved for a resume
+            stop.check(i + 1, total)
+        writer = Writer(checkpoint.ShardWriter(tmp, max_shard_bytes), keys, out_dtype)
+        writer.add_finished(state, report.quantized)
         if head is not None:  # the head's tensors, then the model's other ones (its bias in fp16, as in blocks)
             result = rtn_head(skeleton, head, keys, config, device)
             writer.add_block(skeleton, "", result.packed)
             report.quantized.append(head)
             report.block_errors.append(result.errors[head])
         writer.finish(skeleton, hf_config, config, src)
+        state.remove()
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     return report

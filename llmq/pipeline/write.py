@@ -1,5 +1,6 @@
-"""Writing the quantized checkpoint: each block's packed solutions as they come, every other
-tensor copied from the source shards, then the config and the side files."""
+"""Writing the quantized checkpoint: each block's packed solutions as they come (to a file of the
+block's own, kept for a resume, then into the output's shards), every other tensor copied from
+the source shards, then the config and the side files."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ from torch import nn
 
 from llmq import checkpoint, streaming
 from llmq.config import QuantConfig
+from llmq.resume import RunState
 
 
 class Writer:
-    """The output checkpoint in ``folder``: tensors go to safetensors shards as they are added
-    (:class:`llmq.checkpoint.ShardWriter`); ``written`` holds the model's names of those done."""
+    """Checkpoint tensors written to ``shards`` as they are added (a run's output, or one block's
+    file of a resumable run's state, see :mod:`llmq.resume`); ``written`` holds the model's names
+    of those done."""
 
-    def __init__(self, folder: Path, keys: streaming.KeyMap, out_dtype: torch.dtype,
-                 max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES) -> None:
-        self.folder, self.keys, self.out_dtype = folder, keys, out_dtype
-        self.shards = checkpoint.ShardWriter(folder, max_shard_bytes)
+    def __init__(self, shards: checkpoint.ShardWriter, keys: streaming.KeyMap, out_dtype: torch.dtype) -> None:
+        self.shards, self.keys, self.out_dtype = shards, keys, out_dtype
         self.written: set[str] = set()
+
+    def add_finished(self, state: RunState, quantized: list[str]) -> None:
+        """The tensors of every block ``state`` holds as finished, block after block (``quantized``:
+        the names of their quantized linears, whose source weights are not copied)."""
+        self.written |= state.copy_blocks(self.shards) | {f"{name}.weight" for name in quantized}
 
     def add_block(self, block: nn.Module, prefix: str, packed: dict[str, dict[str, torch.Tensor]]) -> None:
         """The packed tensors of a block (named ``prefix``) by linear name, then the block's other
@@ -54,5 +60,5 @@ class Writer:
         """The rest of ``model``'s tensors, the shard index, ``config.json`` and the source's side files."""
         self.copy_untouched(model)
         self.shards.close()
-        checkpoint.write_config(hf_config, config, self.folder, self.out_dtype)
-        checkpoint.copy_side_files(src, self.folder)
+        checkpoint.write_config(hf_config, config, self.shards.folder, self.out_dtype)
+        checkpoint.copy_side_files(src, self.shards.folder)
