@@ -263,10 +263,10 @@ def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
         if not isinstance(layer, QuantLinear):
             continue
         what = f"{layer.bits}-bit, group size {layer.group_size}, {layer.in_features} -> {layer.out_features}"
+        shapes = _stored_shapes(layer)
         for leaf, allowed in QUANTIZED_DTYPES.items():
-            expected = getattr(layer, leaf)
             key = keys.source(f"{name}.{leaf}")
-            if expected is None or (key is None and leaf == "g_idx"):
+            if leaf not in shapes or (key is None and leaf == "g_idx"):
                 continue
             if key is None:
                 raise streaming.CorruptCheckpointError(f"quantized layer {name} has no tensor {leaf}")
@@ -274,9 +274,9 @@ def validate_quantized_layers(model: nn.Module, keys: streaming.KeyMap) -> None:
             if dtype not in allowed:
                 raise streaming.CorruptCheckpointError(
                     f"quantized layer {name}: {leaf} is stored as {dtype}, GPTQ stores it as {' or '.join(allowed)}")
-            if tuple(shape) != tuple(expected.shape):
+            if tuple(shape) != shapes[leaf]:
                 raise streaming.CorruptCheckpointError(f"quantized layer {name}: {leaf} has shape {tuple(shape)}, "
-                                                       f"expected {tuple(expected.shape)} ({what})")
+                                                       f"expected {shapes[leaf]} ({what})")
             if leaf in ("scales", "bias"):
                 bad = int((~torch.isfinite(keys.reader.get(key))).sum())
                 if bad:
@@ -345,16 +345,23 @@ def _ambiguous_zeros_message(path: Path, layers: list[str]) -> str:
             "the ambiguity.")
 
 
+def _stored_shapes(layer: QuantLinear) -> dict[str, tuple[int, ...]]:
+    """The checkpoint shape of each tensor of ``layer`` (``bias`` only when it has one): ``qzeros``
+    is stored packed, ``[groups, out * bits / 32]``, where the layer holds ``zeros`` unpacked."""
+    shapes = {"qweight": tuple(layer.qweight.shape),
+              "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
+              "scales": tuple(layer.scales.shape), "g_idx": tuple(layer.g_idx.shape)}
+    if layer.bias is not None:
+        shapes["bias"] = tuple(layer.bias.shape)
+    return shapes
+
+
 def _load_qlinear(layer: QuantLinear, prefix: str, keys: streaming.KeyMap, dtype: torch.dtype,
                   checkpoint_format: str) -> bool:
     """Fill ``layer`` from the checkpoint tensors under ``prefix``, unpacking ``qzeros`` into
     ``layer.zeros``; returns whether a v1 zero point was stored as all ones (ambiguous)."""
-    shapes = {"qweight": layer.qweight.shape, "qzeros": (layer.zeros.shape[0], layer.out_features * layer.bits // 32),
-              "scales": layer.scales.shape, "g_idx": layer.g_idx.shape}
-    if layer.bias is not None:
-        shapes["bias"] = layer.bias.shape
     tensors = {}
-    for name, shape in shapes.items():
+    for name, shape in _stored_shapes(layer).items():
         key = keys.source(prefix + name)
         if key is None:
             if name == "g_idx":  # some writers omit it when there is no act-order
