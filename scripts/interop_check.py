@@ -57,8 +57,14 @@ SEQUENCES, SEQLEN = 2, 256
 CALIB_SAMPLES, CALIB_SEQLEN = 16, 256
 CALIB_TEXTS = 64  # GPTQModel takes whole texts
 TOLERANCE_FACTOR = 1.25
+# loader -> the GPTQModel loader that computes in the same arithmetic (transformers runs GPTQModel's
+# kernels; llmq computes in float32 like gptqmodel-dequant).
+ARITHMETIC_OF = {"llmq": "gptqmodel-dequant", "gptqmodel": "gptqmodel", "transformers": "gptqmodel",
+                 "gptqmodel-dequant": "gptqmodel-dequant"}
 TOLERANCE_RULE = (f"a checkpoint agrees in a loader when its mean |Δlogit| is at most {TOLERANCE_FACTOR} times the "
-                  "largest that loader shows on GPTQModel's own checkpoints of the same bit width")
+                  "largest that GPTQModel shows in the same arithmetic on its own checkpoints of the same bit width: "
+                  "with its kernels for gptqmodel and transformers (which runs them), with its dequantized weights "
+                  "in float32 for llmq and gptqmodel-dequant")
 
 # name -> `llmq quantize` arguments (the model is SmolLM2-135M; the CLI states group-size changes).
 LLMQ_CONFIGS: dict[str, list[str]] = {
@@ -95,9 +101,10 @@ GPTQMODEL_CONFIGS: dict[str, dict] = {
     "gptqmodel-int3-g64-asym-actorder-v2": dict(bits=3, group_size=64, sym=False, desc_act=True,
                                                 format="gptq_v2"),
     "gptqmodel-int8-pc-sym-actorder": dict(bits=8, group_size=-1, sym=True, desc_act=True, format="gptq"),
-    # A quantized head runs through the int4 kernel too; GPTQModel quantizes no tied head: see untied_copy.
-    "gptqmodel-int4-g64-sym-actorder-head": dict(bits=4, group_size=64, sym=True, desc_act=True, format="gptq",
-                                                 lm_head=True),
+    # GPTQModel quantizes the head at 8 bits, g32 (its own `dynamic` rule), here of a copy of the
+    # model with an untied head (a quantized head cannot stay tied to unquantized embeddings).
+    "gptqmodel-int4-g64-sym-actorder-head8": dict(bits=4, group_size=64, sym=True, desc_act=True, format="gptq",
+                                                  lm_head=True),
 }
 # gptqmodel-dequant: GPTQModel's reading of the tensors run in float32, without its kernels.
 LOADERS = ("llmq", "gptqmodel", "transformers", "gptqmodel-dequant")
@@ -373,16 +380,17 @@ def shown_config(qc: dict) -> dict:
 
 def verdicts(rows: list[dict]) -> dict:
     """Judge every row that loaded by ``TOLERANCE_RULE``, in place (``agrees``, and ``why_not``
-    when it does not), and return the baselines: for each loader and bit width, the largest mean
-    and max |Δlogit| and the lowest top-1 agreement it shows on GPTQModel's own checkpoints (which
-    GPTQModel reads by construction, so what remains is the loader's arithmetic). The mean, not
-    the max, is judged: the max is one logit of 25 million and varies several-fold between
-    checkpoints that a loader reads identically (compare the ``gptqmodel-dequant`` rows), and top-1
-    agreement depends on how sharp the model's predictions are. A row without a baseline for its
-    loader and bit width is not judged (``agrees`` None)."""
+    when it does not), and return the baselines: for GPTQModel's two loaders and each bit width,
+    the largest mean and max |Δlogit| and the lowest top-1 agreement on GPTQModel's own
+    checkpoints, which GPTQModel reads by construction, so that what remains is its arithmetic.
+    Other loaders are judged against these, never against themselves (transformers, for one,
+    reads GPTQModel's quantized head as a random one). The mean, not the max, is judged: the max
+    is one logit of 25 million and varies several-fold between checkpoints that a loader reads
+    identically (compare the ``gptqmodel-dequant`` rows), and top-1 agreement depends on how sharp
+    the model's predictions are. A row without a baseline is not judged (``agrees`` None)."""
     baselines: dict[str, dict[str, dict]] = {}
     for r in rows:
-        if r["writer"] == "gptqmodel" and r["loads"]:
+        if r["writer"] == "gptqmodel" and r["loader"].startswith("gptqmodel") and r["loads"]:
             b = baselines.setdefault(r["loader"], {}).setdefault(str(r["bits"]), {
                 "mean_abs_dlogit": 0.0, "max_abs_dlogit": 0.0, "min_top1_agreement": 1.0, "from": []})
             b["mean_abs_dlogit"] = max(b["mean_abs_dlogit"], r["mean_abs_dlogit"])
@@ -392,7 +400,7 @@ def verdicts(rows: list[dict]) -> dict:
     for r in rows:
         if not r["loads"]:
             continue
-        b = baselines.get(r["loader"], {}).get(str(r["bits"]))
+        b = baselines.get(ARITHMETIC_OF[r["loader"]], {}).get(str(r["bits"]))
         r.pop("why_not", None)
         r["agrees"] = None if b is None else r["mean_abs_dlogit"] <= TOLERANCE_FACTOR * b["mean_abs_dlogit"]
         if r["agrees"] is False:
