@@ -194,7 +194,8 @@ def _interop_cell(r: dict[str, Any], errors: dict[str, int]) -> str:
     or a reference to the error of one that did not."""
     if not r["loads"]:
         return f"no ({errors.setdefault(r['error'], len(errors) + 1)})"
-    verdict = {True: "agrees", False: f"**differs**: {r.get('why_not', '')}", None: "not judged"}[r["agrees"]]
+    why = r.get("why_not", "").replace("|", "\\|")  # a bare | would end the table cell
+    verdict = {True: "agrees", False: f"**differs**: {why}", None: "not judged"}[r["agrees"]]
     return f"{r['max_abs_dlogit']:.3g} / {r['mean_abs_dlogit']:.2g} / {r['perplexity']:.2f}, {verdict}"
 
 
