@@ -261,6 +261,44 @@ def vocab_memory_table() -> str:
     return f"{intro}\n\n{_table(header, rows, 'rrrrl')}\n\n{notes(list(data['runs'].values()))}\n"
 
 
+def _interop_cell(r: dict[str, Any], errors: dict[str, int]) -> str:
+    """max / mean |Δlogit| and perplexity of a loader that read the checkpoint, with the verdict;
+    or a reference to the error of one that did not."""
+    if not r["loads"]:
+        return f"no ({errors.setdefault(r['error'], len(errors) + 1)})"
+    why = r.get("why_not", "").replace("|", "\\|")  # a bare | would end the table cell
+    verdict = {True: "agrees", False: f"**differs**: {why}", None: "not judged"}[r["agrees"]]
+    return f"{r['max_abs_dlogit']:.3g} / {r['mean_abs_dlogit']:.2g} / {r['perplexity']:.2f}, {verdict}"
+
+
+def interop_table() -> str:
+    data = load("interop")
+    loaders = list(dict.fromkeys(r["loader"] for r in data["results"]))
+    errors: dict[str, int] = {}
+    cells: dict[str, dict[str, str]] = {}
+    for r in data["results"]:
+        cells.setdefault(r["checkpoint"], {})[r["loader"]] = _interop_cell(r, errors)
+    rows = []
+    for name, ckpt in data["checkpoints"].items():
+        qc = ckpt["quantization_config"]
+        group = f"g{qc['group_size']}" if qc["group_size"] != -1 else "per-channel"
+        layout = [qc.get("checkpoint_format") or qc["format"], group]
+        layout += ["`dynamic`"] * bool(qc.get("dynamic")) + ["`lm_head`"] * bool(qc.get("lm_head"))
+        rows.append([name, ckpt["writer"], ", ".join(layout), f"{ckpt['reference_perplexity']:.2f}",
+                     *(cells[name].get(lo, "") for lo in loaders)])
+    tol = data["tolerance"]
+    baselines = "; ".join(f"{lo} int{bits} {b['mean_abs_dlogit']:.3g}"
+                          for lo, by_bits in tol["baselines"].items() for bits, b in sorted(by_bits.items()))
+    intro = (f"{data['model']}, {data['tokens']}; every loader's logits against the {data['reference']}. "
+             f"Cells: max / mean |Δlogit| / perplexity on the same tokens, and the verdict: {tol['rule']} "
+             f"(largest mean |Δlogit| there: {baselines}). {data['calibration']}; "
+             f"GPTQModel {data['versions']['gptqmodel']}, optimum {data['versions']['optimum']}.")
+    refused = "\n".join(f"{i}. {e}" for e, i in errors.items())
+    header = ["checkpoint", "written by", "layout", "reference ppl", *loaders]
+    table = _table(header, rows, "lllr" + "l" * len(loaders))
+    return f"{intro}\n\n{table}\n\nWhy a loader refused a checkpoint:\n{refused}\n\n{notes(data['results'])}\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "smollm2": smollm2_table,
     "gptq-reference": gptq_reference_table,
@@ -270,6 +308,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "vocab-memory": vocab_memory_table,
     "resume": resume_table,
     "cpu-kernels": cpu_kernels_table,
+    "interop": interop_table,
 }
 
 
