@@ -37,11 +37,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from provenance import provenance, update_runs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-# Runs llmq's command-line main() and writes this process's peak RSS (MiB) to a file. VmHWM, not
-# ru_maxrss: Linux carries the parent's peak over into a child's ru_maxrss across fork and exec.
-MEASURE = ("import sys\nfrom llmq.cli import main\ncode = main(sys.argv[2:])\n"
-           "kib = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-           "open(sys.argv[1], 'w').write(str(kib / 1024))\nsys.exit(code)")
+# Runs llmq's command-line main() and writes this process's peak RSS (MiB, from VmHWM) to a file.
+MEASURE = ("import sys\nfrom llmq.cli import main\nfrom llmq.pipeline import peak_rss_mb\ncode = main(sys.argv[2:])\n"
+           "open(sys.argv[1], 'w').write(str(peak_rss_mb()))\nsys.exit(code)")
 
 
 def build(folder: Path, vocab: int, hidden: int, intermediate: int) -> dict:
