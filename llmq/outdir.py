@@ -19,6 +19,7 @@ start with the commands that resume it or remove what was left.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -209,15 +210,33 @@ def _acquire(target: Path, tmp: str | None = None) -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(target),
             "tmp": tmp or f".tmp-{target.name}-{secrets.token_hex(4)}"}
     path = lock_path(target)
+    part = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:  # written whole beside, then linked into place: no run ever reads a half-written lock
+        part.write_text(json.dumps(info))
+        try:
+            os.link(part, path)
+        except FileExistsError:
+            raise _held(target, _read_lock(target, path)) from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            _create_exclusively(target, path, info)  # a file system without hard links
+    except OSError as e:
+        raise OutputError(f"cannot write in {target.parent}: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink()
+    return info
+
+
+def _create_exclusively(target: Path, path: Path, info: dict) -> None:
+    """Create lock ``path`` with O_EXCL then write it, where hard links are unavailable."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         raise _held(target, _read_lock(target, path)) from None
-    except OSError as e:
-        raise OutputError(f"cannot write in {target.parent}: {e.strerror}") from None
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
-    return info
 
 
 def _write_lock(path: Path, info: dict) -> None:

@@ -72,6 +72,47 @@ def test_lock_of_a_recycled_pid_is_stale(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_racing_runs_never_read_a_half_written_lock(tmp_path, monkeypatch):
+    """Of runs taking the same lock at once, one gets it; the others read it whole and are told
+    who writes (never that the lock cannot be read). Where hard links are unavailable the lock is
+    still taken exclusively."""
+    import errno
+    import threading
+
+    out, outcomes = tmp_path / "q", []
+    for attempt in range(20):
+        start = threading.Barrier(8)
+
+        def take():
+            start.wait()
+            try:
+                outcomes.append(outdir._acquire(out))
+            except outdir.OutputError as e:
+                outcomes.append(str(e))
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [o for o in outcomes if isinstance(o, dict)]
+        assert len(won) == 1 and won[0] == json.loads(outdir.lock_path(out).read_text())
+        assert all("is being written by another llmq run" in o for o in outcomes if isinstance(o, str)), outcomes
+        outdir.lock_path(out).unlink()
+        assert list(tmp_path.iterdir()) == []  # no part file left beside
+        outcomes.clear()
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(outdir.os, "link", no_links)
+    info = outdir._acquire(out)
+    assert json.loads(outdir.lock_path(out).read_text()) == info
+    with pytest.raises(outdir.OutputError, match="is being written by another llmq run"):
+        outdir._acquire(out)
+    assert [p.name for p in tmp_path.iterdir()] == [".q.llmq-lock"]
+
+
 def test_interrupts_wait_while_the_result_is_renamed():
     """SIGINT/SIGTERM arriving during the renames are delivered after them."""
     seen = []
