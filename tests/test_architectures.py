@@ -9,9 +9,6 @@ a plain forward's, and quantize -> save -> load -> generate (encode, for BERT) w
 Known failures are marked ``xfail(strict=True)`` with their cause and exception type, so that
 each turns into a failure to unmark once fixed:
 
-- Gemma 2 / Gemma 3: the pipeline records block 0's keyword arguments (rotary embedding,
-  attention mask) and gives them to every block, so full-attention blocks are calibrated with the
-  sliding-window layers' rotary table and mask.
 - Mixtures of experts: transformers 5 (5.17 and 5.25 alike) holds each layer's experts as two
   fused 3-D parameters, ``experts.gate_up_proj`` ``[experts, 2 * intermediate, hidden]`` and
   ``experts.down_proj`` ``[experts, hidden, intermediate]``, not as ``nn.Linear`` modules, and
@@ -39,7 +36,6 @@ from llmq.checkpoint import load_quantized
 from llmq.pipeline import capture, quantize
 from llmq.streaming import CorruptCheckpointError
 
-HYBRID = "per-layer attention types: the pipeline gives every block block 0's rotary embedding and mask"
 FUSED = ("transformers 5 fuses experts into 3-D parameters with no checkpoint tensor of that name; llmq neither "
          "maps nor quantizes them")
 GATE = "Qwen2-MoE's shared_expert_gate (one output) is an nn.Linear that llmq tries to quantize"
@@ -53,7 +49,7 @@ DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2
 MOE = [_xfail("mixtral", raises=CorruptCheckpointError, reason=FUSED),
        _xfail("qwen2_moe", raises=ValueError, reason=GATE),
        _xfail("qwen3_moe", raises=CorruptCheckpointError, reason=FUSED)]
-CAPTURED = [_xfail(k, raises=AssertionError, reason=HYBRID) if k in ("gemma2", "gemma3") else k for k in DENSE]
+CAPTURED = list(DENSE)
 CAPTURED += [_xfail(k, raises=CorruptCheckpointError, reason=FUSED) for k in ("mixtral", "qwen2_moe", "qwen3_moe")]
 CALIBRATION = {"n": 4, "seqlen": 32}  # longer than the sliding windows (8) of Mistral and Gemma
 
@@ -72,11 +68,11 @@ def _pipeline_block_outputs(src, calibration) -> list[torch.Tensor]:
     skeleton = models.build_skeleton(AutoConfig.from_pretrained(src))
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, streaming.ShardReader(src))
-    inputs = capture.capture_block_inputs(skeleton, layout, keys, calibration, torch.device("cpu"), 2, torch.float32)
-    outputs = []
+    captured = capture.capture_block_inputs(skeleton, layout, keys, calibration, torch.device("cpu"), 2, torch.float32)
+    inputs, outputs = captured.inputs, []
     for i, block in enumerate(layout.blocks):
         streaming.materialize(block, layout.block_prefix(i), keys, "cpu", torch.float32)
-        inputs = capture.run_block(block, inputs)
+        inputs = capture.run_block(block, captured.for_block(i, inputs))
         streaming.to_meta(block)
         outputs.append(torch.cat([batch.hidden for batch in inputs]))
     return outputs

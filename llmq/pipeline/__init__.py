@@ -182,7 +182,8 @@ def quantize(
             report.quantized += done["quantized"]
             report.block_errors.append(done["error"])
         if config.method == "gptq" and start < total:
-            inputs = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+            captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+            inputs = captured.inputs
             if start:
                 state.load_inputs(inputs)
             run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
@@ -194,7 +195,7 @@ def quantize(
             block, prefix = layout.blocks[i], layout.block_prefix(i)
             weights = BlockWeights(block, prefix, keys)
             if config.method == "gptq":
-                result = gptq_block(block, plan[i], inputs, weights, run)
+                result = gptq_block(block, plan[i], captured.for_block(i, inputs), weights, run)
                 inputs = result.outputs
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)

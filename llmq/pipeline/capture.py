@@ -1,9 +1,11 @@
 """The calibration samples at a block's input.
 
-:func:`capture_block_inputs` runs the calibration tokens through the model up to block 0 and keeps
-what the model passes to it, per batch: the hidden states, and the other arguments (attention
-mask, rotary position embeddings, ...) as the model computed them. :func:`run_block` then turns
-one block's inputs into the next block's: its outputs, with the same other arguments.
+:func:`capture_block_inputs` runs the calibration tokens through the model's own forward, with
+every block's forward replaced by a recorder, and keeps, per batch, the hidden states entering
+block 0 and the other arguments (attention mask, rotary position embeddings, ...) that the model
+passes to *each* block: in models whose layers differ (sliding-window and full attention with
+their own rotary tables, as in Gemma 2/3) each block gets its own. :func:`run_block` turns one
+block's inputs into its outputs; :meth:`Captured.for_block` gives them block ``i``'s arguments.
 """
 
 from __future__ import annotations
@@ -61,13 +63,27 @@ def _fast_bf16(device: torch.device) -> bool:
         return False
 
 
+class Captured(NamedTuple):
+    """What the model passes to its blocks, per calibration batch."""
+
+    inputs: list[Batch]  # block 0's: the hidden states and its other arguments
+    others: list[list[tuple[tuple, dict[str, Any]]]]  # per block, per batch: (args, kwargs) after the hidden states
+
+    def for_block(self, i: int, inputs: list[Batch]) -> list[Batch]:
+        """``inputs`` (block ``i``'s hidden states) with block ``i``'s own other arguments."""
+        return [batch._replace(args=args, kwargs=kwargs) for batch, (args, kwargs) in zip(inputs, self.others[i],
+                                                                                          strict=True)]
+
+
 def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: streaming.KeyMap,
                          calibration: Calibration, device: torch.device, batch_size: int,
-                         dtype: torch.dtype) -> list[Batch]:
-    """Run the calibration tokens up to block 0, ``batch_size`` samples at a time; return the
-    batches of its inputs, floating-point tensors cast to ``dtype`` (the calibration forwards').
+                         dtype: torch.dtype) -> Captured:
+    """Run the calibration tokens through the model, ``batch_size`` samples at a time, each block
+    replaced by a recorder that passes its hidden states on unchanged; return block 0's input
+    batches and every block's other arguments, floating-point tensors cast to ``dtype`` (the
+    calibration forwards'). Arguments the model hands several blocks stay one tensor.
 
-    Only the modules that run before block 0 are materialized (on first use), then released.
+    Only the modules that run outside the blocks are materialized (on first use), then released.
     """
     block_ids = {id(m) for m in layout.blocks.modules()}
     loaded: list[nn.Module] = []
@@ -90,16 +106,22 @@ def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: strea
 
     hooks = [m.register_forward_pre_hook(load_on_use) for m in skeleton.modules()
              if id(m) not in block_ids and any(True for _ in m.parameters(recurse=False))]
-    captured: list[tuple[tuple, dict]] = []
+    blocks = list(layout.blocks)
+    seen: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
 
-    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise StopForward
+    def recorder(i: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            seen[i].append((args, kwargs))
+            if i == len(blocks) - 1:
+                raise StopForward
+            return args[0]  # the next block records its own arguments; its hidden states are not used
+        return forward
 
-    hooks.append(layout.blocks[0].register_forward_pre_hook(catch, with_kwargs=True))
     extra = {"use_cache": False} if "use_cache" in inspect.signature(skeleton.forward).parameters else {}
     batches = calibration.input_ids.split(batch_size)
-    try:
+    try:  # the recorders are the blocks' own (instance) forwards, on llmq's skeleton, removed after
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
         with torch.no_grad():
             for ids in batches:
                 try:
@@ -109,13 +131,19 @@ def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: strea
     finally:
         for h in hooks:
             h.remove()
+        for block in blocks:
+            block.__dict__.pop("forward", None)
     for module in loaded:
         streaming.to_meta(module)
-    if len(captured) != len(batches):
-        raise models.UnsupportedModelError("the model's forward never reached its first block")
-    store = _OneTensor(sum(args[0].shape[0] for args, _ in captured))
-    return [Batch(store.add(_cast(args[0], dtype)), _cast(args[1:], dtype), _cast(kwargs, dtype))
-            for args, kwargs in captured]
+    if any(len(calls) != len(batches) for calls in seen):
+        raise models.UnsupportedModelError("the model's forward did not call each of its blocks once per batch")
+    memos = [{} for _ in batches]  # per batch: a tensor several blocks receive is cast once
+    store = _OneTensor(sum(args[0].shape[0] for args, _ in seen[0]))
+    inputs = [Batch(store.add(_cast(args[0], dtype, memo)), _cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo))
+              for (args, kwargs), memo in zip(seen[0], memos)]
+    others = [[(_cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo)) for (args, kwargs), memo in zip(calls, memos)]
+              for calls in seen]
+    return Captured(inputs, others)
 
 
 def run_block(block: nn.Module, inputs: list[Batch],
@@ -159,12 +187,15 @@ class _OneTensor:
         return view.copy_(hidden)
 
 
-def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+def _cast(obj: Any, dtype: torch.dtype, memo: dict[int, torch.Tensor]) -> Any:
+    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``,
+    each tensor once (``memo``: by ``id``, for the life of the originals)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(dtype) if obj.is_floating_point() else obj
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(o, dtype) for o in obj)
+        return type(obj)(_cast(o, dtype, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
+        return {k: _cast(v, dtype, memo) for k, v in obj.items()}
     return obj
