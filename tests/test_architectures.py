@@ -100,6 +100,20 @@ def test_block_capture_matches_forward(tiny_models, kind):
         torch.testing.assert_close(out, seen[i], rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"block {i}: {m}")
 
 
+def test_capture_refuses_a_forward_that_skips_blocks(tiny_models):
+    """A model whose forward does not run every block once per pass cannot be calibrated block by
+    block: a one-line error naming its model type."""
+    src = tiny_models["llama"]
+    skeleton = models.build_skeleton(AutoConfig.from_pretrained(src))
+    layout = models.find_layout(skeleton)
+    skeleton.config.num_hidden_layers = 1  # Llama's forward runs self.layers[:num_hidden_layers]
+    keys = streaming.KeyMap(skeleton, streaming.ShardReader(src))
+    with pytest.raises(models.UnsupportedModelError, match="'llama': its forward does not call each of its blocks"):
+        capture.capture_block_inputs(skeleton, layout, keys, calibration_ids(n=2), torch.device("cpu"), 2,
+                                     torch.float32)
+    assert all("forward" not in block.__dict__ for block in layout.blocks)  # the recorders are gone
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("kind", DENSE + MOE)
 def test_quantize_save_load_generate(tiny_models, tmp_path, kind, method):

@@ -2,8 +2,8 @@
 
 The data flow, one module each:
 
-- :mod:`.capture`: the calibration batches at block 0's input (hidden states and the other
-  arguments the model passes), and a block's outputs as the next block's inputs;
+- :mod:`.capture`: the calibration batches at block 0's input, the other arguments the model
+  passes to each block, and a block's outputs as the next block's inputs;
 - :mod:`.hessians`: the passes over a block that collect its Hessians, and the replay of what
   earlier passes computed;
 - :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, returning their packed tensors

@@ -136,7 +136,8 @@ def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: strea
     for module in loaded:
         streaming.to_meta(module)
     if any(len(calls) != len(batches) for calls in seen):
-        raise models.UnsupportedModelError("the model's forward did not call each of its blocks once per batch")
+        raise models.UnsupportedModelError(f"unsupported architecture {skeleton.config.model_type!r}: its forward does "
+                                           "not call each of its blocks once per pass")
     memos = [{} for _ in batches]  # per batch: a tensor several blocks receive is cast once
     store = _OneTensor(sum(args[0].shape[0] for args, _ in seen[0]))
     inputs = [Batch(store.add(_cast(args[0], dtype, memo)), _cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo))
