@@ -6,20 +6,15 @@ embeddings), Phi-3 (fused projections), three mixtures of experts, GPT-2, OPT an
 Two checks per architecture: the blocks' outputs during the pipeline's calibration capture equal
 a plain forward's, and quantize -> save -> load -> generate (encode, for BERT) with RTN and GPTQ.
 
-Known failures are marked ``xfail(strict=True)`` with their cause and exception type, so that
-each turns into a failure to unmark once fixed:
-
-- Mixtures of experts: transformers 5 (5.17 and 5.25 alike) holds each layer's experts as two
-  fused 3-D parameters, ``experts.gate_up_proj`` ``[experts, 2 * intermediate, hidden]`` and
-  ``experts.down_proj`` ``[experts, hidden, intermediate]``, not as ``nn.Linear`` modules, and
-  converts the checkpoints' per-expert tensors (``experts.0.w1.weight`` for Mixtral,
-  ``experts.0.gate_proj.weight`` for the Qwen MoEs, which ``save_pretrained`` writes back) only in
-  ``from_pretrained``. llmq's skeleton therefore has parameters with no checkpoint tensor: the
-  pipeline's block materialization fails ("checkpoint has no tensor for
-  model.layers.0.mlp.experts.gate_up_proj"), RTN skips those tensors and writes a checkpoint
-  without experts (and, for Mixtral, without its router, renamed from ``block_sparse_moe.gate``),
-  which fails only on load; Qwen2-MoE's one-output ``shared_expert_gate`` is an ``nn.Linear``
-  that llmq tries to quantize.
+Mixtures of experts: transformers 5 (5.17 and 5.25 alike) holds each layer's experts as two
+fused 3-D parameters, ``experts.gate_up_proj`` ``[experts, 2 * intermediate, hidden]`` and
+``experts.down_proj`` ``[experts, hidden, intermediate]``, and converts the checkpoints' per-expert
+tensors (``experts.0.w1.weight`` under ``block_sparse_moe`` for Mixtral, ``experts.0.gate_proj.weight``
+for the Qwen MoEs, which ``save_pretrained`` writes back) only in ``from_pretrained``. llmq's
+skeleton holds them as one linear per expert and projection under the checkpoint's names
+(``models.RoutedExperts``); the routers and Qwen2-MoE's one-output ``shared_expert_gate`` stay in
+full precision. Further checks: every expert's Hessian holds exactly the tokens transformers'
+own router sends it, and experts short of tokens are quantized with RTN and reported.
 """
 
 from __future__ import annotations
@@ -34,23 +29,10 @@ from transformers import AutoConfig
 from llmq import QuantConfig, QuantLinear, models, streaming
 from llmq.checkpoint import load_quantized
 from llmq.pipeline import capture, quantize
-from llmq.streaming import CorruptCheckpointError
-
-FUSED = ("transformers 5 fuses experts into 3-D parameters with no checkpoint tensor of that name; llmq neither "
-         "maps nor quantizes them")
-GATE = "Qwen2-MoE's shared_expert_gate (one output) is an nn.Linear that llmq tries to quantize"
-
-
-def _xfail(*values: str, raises: type[Exception], reason: str):
-    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, raises=raises, reason=reason))
-
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt", "bert"]
-MOE = [_xfail("mixtral", raises=CorruptCheckpointError, reason=FUSED),
-       _xfail("qwen2_moe", raises=ValueError, reason=GATE),
-       _xfail("qwen3_moe", raises=CorruptCheckpointError, reason=FUSED)]
-CAPTURED = list(DENSE)
-CAPTURED += [_xfail(k, raises=CorruptCheckpointError, reason=FUSED) for k in ("mixtral", "qwen2_moe", "qwen3_moe")]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+CAPTURED = DENSE + MOE
 CALIBRATION = {"n": 4, "seqlen": 32}  # longer than the sliding windows (8) of Mistral and Gemma
 
 
@@ -109,7 +91,7 @@ def test_quantize_save_load_generate(tiny_models, tmp_path, kind, method):
     report = quantize(src, QuantConfig(bits=8, group_size=32, method=method), tmp_path / "q",
                       calibration=calibration_ids(**CALIBRATION), progress=False)
     model, base = load_quantized(tmp_path / "q"), _reference(src)
-    layout = models.find_layout(base)
+    layout = models.find_layout(models.build_skeleton(AutoConfig.from_pretrained(src)))  # experts unfused
     linears = {layout.block_prefix(i) + name for i, b in enumerate(layout.blocks) for name in models.block_linears(b)}
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized == linears == set(report.quantized)
@@ -134,17 +116,8 @@ def test_quantize_save_load_generate(tiny_models, tmp_path, kind, method):
     torch.testing.assert_close(torch.cat(gen.logits), full, rtol=1e-4, atol=1e-4)
 
 
-SILENT = "RTN writes a checkpoint without the experts (their fused parameters have no checkpoint tensor)"
-
-
-@pytest.mark.parametrize(("kind", "method"), [
-    _xfail("mixtral", "rtn", raises=AssertionError, reason=SILENT),
-    _xfail("mixtral", "gptq", raises=CorruptCheckpointError, reason=FUSED),
-    _xfail("qwen2_moe", "rtn", raises=ValueError, reason=GATE),
-    _xfail("qwen2_moe", "gptq", raises=ValueError, reason=GATE),
-    _xfail("qwen3_moe", "rtn", raises=AssertionError, reason=SILENT),
-    _xfail("qwen3_moe", "gptq", raises=CorruptCheckpointError, reason=FUSED),
-])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("kind", MOE)
 def test_moe_experts_quantized_routers_kept(tiny_models, tmp_path, kind, method):
     """Every expert's projections are written as GPTQ tensors under the checkpoint's own per-expert
     names, the routers (and Qwen2-MoE's shared-expert gate) stay unquantized, and the model loads."""

@@ -180,6 +180,7 @@ def quantize(
         start, total = len(state.blocks), len(layout.blocks)
         for done in state.blocks:
             report.quantized += done["quantized"]
+            report.notes += done.get("notes", [])  # absent in the progress of runs before notes were kept
             report.block_errors.append(done["error"])
         if config.method == "gptq" and start < total:
             captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
@@ -203,10 +204,12 @@ def quantize(
             saved.add_block(block, prefix, result.packed)
             quantized = [prefix + name for name in result.packed]
             report.quantized += quantized
+            report.notes += result.notes
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
             hidden = [batch.hidden for batch in inputs] if config.method == "gptq" and i + 1 < total else None
-            state.commit(saved.shards, quantized, report.block_errors[-1], hidden)  # the block is saved for a resume
+            # The block is saved for a resume.
+            state.commit(saved.shards, quantized, report.block_errors[-1], hidden, result.notes)
             stop.check(i + 1, total)
         writer = Writer(checkpoint.ShardWriter(tmp, max_shard_bytes), keys, out_dtype)
         writer.add_finished(state, report.quantized)
