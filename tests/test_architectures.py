@@ -23,7 +23,8 @@ import re
 
 import pytest
 import torch
-from conftest import calibration_ids
+import transformers
+from conftest import _DECODER, calibration_ids
 from transformers import AutoConfig
 
 from llmq import QuantConfig, QuantLinear, models, streaming
@@ -136,3 +137,81 @@ def test_moe_experts_quantized_routers_kept(tiny_models, tmp_path, kind, method)
     with torch.no_grad():
         out, ref = model(ids).logits, base(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+# Attention left unquantized: block 0's MoE layer then sees exactly the reference model's inputs.
+KEEP_ATTENTION = {r"-:.*self_attn\.": {}}
+
+
+def _routed(src, calibration) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's MoE layer in the reference model: its input ``[tokens, hidden]`` and the experts
+    transformers' own router picks for each token ``[tokens, top_k]``."""
+    model = _reference(src)
+    seen = []
+    hook = models.find_layout(model).blocks[0].mlp.gate.register_forward_hook(
+        lambda _m, args, out: seen.append((args[0], out[-1])))
+    with torch.no_grad():
+        model(calibration.input_ids)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_each_expert_hessian_holds_its_routed_tokens(tiny_models, tmp_path, monkeypatch, kind):
+    """GPTQ's Hessian of every expert of block 0 is ``2/n XᵀX`` over exactly the ``n`` tokens that
+    transformers' router sends to that expert; experts it sends none get none."""
+    from llmq.pipeline import solve
+
+    src = tiny_models[kind]
+    calibration = calibration_ids(n=8, seqlen=32)
+    stages: list[dict[str, torch.Tensor | None]] = []
+    real = solve.collect_hessians
+
+    def spy(block, inputs, hessians, *args):
+        real(block, inputs, hessians, *args)
+        stages.append({name: h.H.clone() if h.nsamples else None for name, h in hessians.items()})
+
+    monkeypatch.setattr(solve, "collect_hessians", spy)
+    quantize(src, QuantConfig(bits=8, group_size=32, method="gptq", dynamic=KEEP_ATTENTION), tmp_path / "q",
+             calibration=calibration, calib_dtype=torch.float32, progress=False)
+    hidden, chosen = _routed(src, calibration)
+    first = next(s for s in stages if any(".experts." in name for name in s))  # block 0's experts' inputs
+    gate = models.EXPERT_LINEARS[kind][0]
+    experts = models.find_layout(models.build_skeleton(AutoConfig.from_pretrained(src))).blocks[0].mlp.experts
+    routed = [(chosen == e).any(-1) for e in range(len(experts))]
+    assert {name for name in first if first[name] is not None} == \
+        {f"mlp.experts.{e}.{gate}" for e in range(len(experts)) if routed[e].any()}
+    for e in range(len(experts)):
+        if routed[e].any():
+            x = hidden[routed[e]]
+            torch.testing.assert_close(first[f"mlp.experts.{e}.{gate}"], 2 / len(x) * x.t() @ x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_experts_short_of_tokens_use_rtn_and_are_reported(tiny_models, tmp_path, kind):
+    """With 8 calibration tokens every expert gets fewer tokens than its linears have inputs: each is
+    quantized exactly as RTN quantizes it, and the notes list every one with the tokens the router
+    sent it (block 0: counted with transformers' router)."""
+    src = tiny_models[kind]
+    calibration = calibration_ids(n=1, seqlen=8)
+    reports = {method: quantize(src, QuantConfig(bits=8, group_size=32, method=method, dynamic=KEEP_ATTENTION),
+                                tmp_path / method, calibration=calibration, progress=False)
+               for method in ("gptq", "rtn")}
+    gptq, rtn = (streaming.ShardReader(tmp_path / method) for method in ("gptq", "rtn"))
+    experts = [k for k in gptq.keys() if ".experts." in k]
+    assert experts and all(torch.equal(gptq.get(k), rtn.get(k)) for k in experts)
+    notes = [n for n in reports["gptq"].notes if "quantized with RTN" in n]
+    assert len(notes) == 2 and notes[0].startswith("model.layers.0: ") and notes[1].startswith("model.layers.1: ")
+    listed = dict(re.findall(r"(mlp\.experts\.\d+\.\w+) \((\d+)\)", notes[0]))
+    names = models.EXPERT_LINEARS[kind]
+    _, chosen = _routed(src, calibration)
+    expected = {f"mlp.experts.{e}.{name}": str(int((chosen == e).any(-1).sum())) for e in range(4) for name in names}
+    assert listed == expected
+    assert not reports["rtn"].notes
+
+
+def test_unknown_fused_experts_are_refused():
+    """A mixture whose fused experts llmq does not know fails with one line naming the model type."""
+    config = transformers.OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(models.UnsupportedModelError, match=r"^unsupported architecture 'olmoe': .*experts"):
+        models.build_skeleton(config)
