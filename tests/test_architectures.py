@@ -215,3 +215,18 @@ def test_unknown_fused_experts_are_refused():
     config = transformers.OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2)
     with pytest.raises(models.UnsupportedModelError, match=r"^unsupported architecture 'olmoe': .*experts"):
         models.build_skeleton(config)
+
+
+def test_mixtral_rules_match_checkpoint_names(tiny_models, tmp_path):
+    """``dynamic`` rules match the names the checkpoint gives Mixtral's experts (``block_sparse_moe``,
+    which transformers calls ``mlp``): one expert left unquantized, another at 4 bits, both loaded so."""
+    rules = {r"-:.*block_sparse_moe\.experts\.0\.": {}, r"+:.*block_sparse_moe\.experts\.1\.": {"bits": 4}}
+    quantize(tiny_models["mixtral"], QuantConfig(bits=8, group_size=32, method="rtn", dynamic=rules), tmp_path / "q",
+             progress=False)
+    written = set(streaming.ShardReader(tmp_path / "q").keys())
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in written
+    assert "model.layers.0.block_sparse_moe.experts.1.w1.qweight" in written
+    assert not any(".mlp." in k for k in written)
+    experts = load_quantized(tmp_path / "q").model.layers[0].mlp.experts
+    assert type(experts[0].w1) is torch.nn.Linear
+    assert (experts[1].w1.bits, experts[2].w1.bits) == (4, 8)

@@ -46,6 +46,11 @@ class BlockWeights:
         """Linear ``name``'s weight ``[out, in]``, in its stored dtype."""
         return models.linear_weight(self.block.get_submodule(name), self.keys.reader.get(self._key(name)))
 
+    def spec(self, config: QuantConfig, name: str) -> ModuleSpec | None:
+        """Linear ``name``'s width and group size in ``config`` (whose ``dynamic`` rules match the
+        name the checkpoint gives it, :meth:`~llmq.streaming.KeyMap.checkpoint_name`)."""
+        return config.for_module(self.keys.checkpoint_name(self.prefix + name))
+
     def rows(self, name: str) -> torch.Tensor | streaming.RowReader:
         """:meth:`original`, an ``nn.Linear``'s read a slice of output rows at a time."""
         if isinstance(self.block.get_submodule(name), nn.Linear):
@@ -88,7 +93,7 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     Per group of linears that share an input, in call order (all groups in one pass without
     ``true_sequential``): one pass collects the group's Hessian, then each of its linears is solved,
     so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
-    Each linear's width and group size are the config's for it (:meth:`QuantConfig.for_module`).
+    Each linear's width and group size are the config's for it (:meth:`BlockWeights.spec`).
 
     A mixture's experts (:class:`~llmq.models.RoutedExperts`) each see only the tokens routed to
     them, so each expert's Hessian comes from those alone; the same projection of every expert is
@@ -96,7 +101,7 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     quantized with RTN instead, and said so in the result's notes.
     """
     config, device = run.config, run.device
-    specs = {name: config.for_module(weights.prefix + name) for name in names}
+    specs = {name: weights.spec(config, name) for name in names}
     linears = list(models.block_linears(block))
     streaming.materialize(block, weights.prefix, weights.keys, device, run.dtype, skip={f"{n}.weight" for n in linears})
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -186,7 +191,7 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
     packed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     for name in names:
-        packed[name], errors[name] = _rtn(weights.original(name), config.for_module(weights.prefix + name), config,
+        packed[name], errors[name] = _rtn(weights.original(name), weights.spec(config, name), config,
                                           device)
     return BlockResult(packed, errors, [])
 
