@@ -68,25 +68,27 @@ def input_groups(block: nn.Module, names: list[str], samples: list[Batch]) -> tu
     hooks += [block.get_submodule(n).register_forward_hook(
         lambda _m, _a, out, n=n: returned.__setitem__(n, out)) for n in names]
     hooks += [child.register_forward_hook(child_returned(c)) for c, child in block.named_children() if c not in names]
+    groups: list[list[str]] = []
+    seen: set[str] = set()
     try:
         with torch.no_grad():
-            for sample in samples:
+            for sample in samples:  # one sample's inputs and outputs are kept at a time
                 sample.run(block)
+                prev: torch.Tensor | None = None
+                for name, x in calls:
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
+                        groups[-1].append(name)
+                    else:
+                        groups.append([name])
+                    prev = x
+                calls.clear()
+                returned.clear()
     finally:
         for h in hooks:
             h.remove()
-    groups: list[list[str]] = []
-    seen: set[str] = set()
-    prev: torch.Tensor | None = None
-    for name, x in calls:
-        if name in seen:
-            continue
-        seen.add(name)
-        if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        prev = x
     return groups, tails
 
 
