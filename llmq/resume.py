@@ -8,7 +8,7 @@ The temporary folder of a run (see :mod:`llmq.outdir`) holds a folder ``.llmq-re
   output checkpoint stores them;
 - ``inputs-NNNNN/model.safetensors``: GPTQ's calibration hidden states entering block N, the
   first unfinished one;
-- ``progress.json``: each finished block's quantized layers and error, and the inputs' folder.
+- ``progress.json``: each finished block's quantized layers, error and notes, and the inputs' folder.
 
 Every file is written under another name, flushed to disk and renamed into place, and
 ``progress.json`` is renamed last: at any moment it names complete files only. A resumed run
@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +125,8 @@ class RunState:
     manifest ``expected`` (``ResumeError`` when it differs), with whatever that run wrote after its
     last finished block removed.
 
-    ``blocks``: per finished block, ``{"quantized": [layer names], "error": mean relative error}``.
+    ``blocks``: per finished block, ``{"quantized": [layer names], "error": mean relative error,
+    "notes": [what was done otherwise than asked]}``.
     """
 
     def __init__(self, tmp: Path, out: Path, expected: dict[str, Any], resume: bool) -> None:
@@ -192,9 +194,9 @@ class RunState:
         return ShardWriter(part, max_shard_bytes=1 << 62)
 
     def commit(self, writer: ShardWriter, quantized: list[str], error: float,
-               hidden: list[torch.Tensor] | None = None) -> None:
+               hidden: list[torch.Tensor] | None = None, notes: Iterable[str] = ()) -> None:
         """Record the next block as finished: its tensors (``writer``'s, see :meth:`block_writer`),
-        its quantized layers and error, and the hidden states entering the block after it (GPTQ's,
+        its quantized layers, error and notes, and the hidden states entering the block after it (GPTQ's,
         per calibration batch); durably, ``progress.json`` last."""
         from llmq.checkpoint import save_tensors
 
@@ -209,7 +211,7 @@ class RunState:
             inputs = f"inputs-{i + 1:05d}"
             self._place(part, inputs)
         _fsync(self.folder)  # the renames above reach the disk before progress.json names them
-        self.blocks.append({"quantized": quantized, "error": error})
+        self.blocks.append({"quantized": quantized, "error": error, "notes": list(notes)})
         previous, self._inputs = self._inputs, inputs
         self._write_json(PROGRESS, {"blocks": self.blocks, "inputs": inputs})
         if previous:

@@ -276,23 +276,37 @@ class ShardReader:
         return torch.float32
 
 
+# Modules that transformers renames when it loads a checkpoint of a model type (it renames them
+# back when it saves): the model's name part -> the checkpoint's.
+CHECKPOINT_NAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
+
+
 class KeyMap:
     """Maps the skeleton's state-dict names to the checkpoint's keys (prefixes may differ:
-    ``bert.encoder...`` vs ``encoder...``, ``transformer.h...`` vs ``h...``)."""
+    ``bert.encoder...`` vs ``encoder...``, ``transformer.h...`` vs ``h...``; so may module names,
+    see ``CHECKPOINT_NAMES``)."""
 
     def __init__(self, model: nn.Module, reader: ShardReader) -> None:
         self.reader = reader
         self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.renames = CHECKPOINT_NAMES.get(getattr(getattr(model, "config", None), "model_type", None), ())
+
+    def checkpoint_name(self, name: str) -> str:
+        """Model tensor ``name`` as checkpoints of its architecture name it (``name`` itself for most)."""
+        for model_part, stored in self.renames:
+            name = name.replace(model_part, stored)
+        return name
 
     def source(self, name: str) -> str | None:
         """The checkpoint key of model tensor ``name``, or None when absent (e.g. a tied head)."""
-        if name in self.reader:
-            return name
         p = self.prefix + "."
-        if self.prefix and name.startswith(p) and name[len(p):] in self.reader:
-            return name[len(p):]
-        if self.prefix and p + name in self.reader:
-            return p + name
+        for candidate in dict.fromkeys((name, self.checkpoint_name(name))):
+            if candidate in self.reader:
+                return candidate
+            if self.prefix and candidate.startswith(p) and candidate[len(p):] in self.reader:
+                return candidate[len(p):]
+            if self.prefix and p + candidate in self.reader:
+                return p + candidate
         return None
 
 

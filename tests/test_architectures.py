@@ -6,20 +6,15 @@ embeddings), Phi-3 (fused projections), three mixtures of experts, GPT-2, OPT an
 Two checks per architecture: the blocks' outputs during the pipeline's calibration capture equal
 a plain forward's, and quantize -> save -> load -> generate (encode, for BERT) with RTN and GPTQ.
 
-Known failures are marked ``xfail(strict=True)`` with their cause and exception type, so that
-each turns into a failure to unmark once fixed:
-
-- Mixtures of experts: transformers 5 (5.17 and 5.25 alike) holds each layer's experts as two
-  fused 3-D parameters, ``experts.gate_up_proj`` ``[experts, 2 * intermediate, hidden]`` and
-  ``experts.down_proj`` ``[experts, hidden, intermediate]``, not as ``nn.Linear`` modules, and
-  converts the checkpoints' per-expert tensors (``experts.0.w1.weight`` for Mixtral,
-  ``experts.0.gate_proj.weight`` for the Qwen MoEs, which ``save_pretrained`` writes back) only in
-  ``from_pretrained``. llmq's skeleton therefore has parameters with no checkpoint tensor: the
-  pipeline's block materialization fails ("checkpoint has no tensor for
-  model.layers.0.mlp.experts.gate_up_proj"), RTN skips those tensors and writes a checkpoint
-  without experts (and, for Mixtral, without its router, renamed from ``block_sparse_moe.gate``),
-  which fails only on load; Qwen2-MoE's one-output ``shared_expert_gate`` is an ``nn.Linear``
-  that llmq tries to quantize.
+Mixtures of experts: transformers 5 (5.17 and 5.25 alike) holds each layer's experts as two
+fused 3-D parameters, ``experts.gate_up_proj`` ``[experts, 2 * intermediate, hidden]`` and
+``experts.down_proj`` ``[experts, hidden, intermediate]``, and converts the checkpoints' per-expert
+tensors (``experts.0.w1.weight`` under ``block_sparse_moe`` for Mixtral, ``experts.0.gate_proj.weight``
+for the Qwen MoEs, which ``save_pretrained`` writes back) only in ``from_pretrained``. llmq's
+skeleton holds them as one linear per expert and projection under the checkpoint's names
+(``models.RoutedExperts``); the routers and Qwen2-MoE's one-output ``shared_expert_gate`` stay in
+full precision. Further checks: every expert's Hessian holds exactly the tokens transformers'
+own router sends it, and experts short of tokens are quantized with RTN and reported.
 """
 
 from __future__ import annotations
@@ -28,29 +23,17 @@ import re
 
 import pytest
 import torch
-from conftest import calibration_ids
+import transformers
+from conftest import _DECODER, calibration_ids
 from transformers import AutoConfig
 
 from llmq import QuantConfig, QuantLinear, models, streaming
 from llmq.checkpoint import load_quantized
 from llmq.pipeline import capture, quantize
-from llmq.streaming import CorruptCheckpointError
-
-FUSED = ("transformers 5 fuses experts into 3-D parameters with no checkpoint tensor of that name; llmq neither "
-         "maps nor quantizes them")
-GATE = "Qwen2-MoE's shared_expert_gate (one output) is an nn.Linear that llmq tries to quantize"
-
-
-def _xfail(*values: str, raises: type[Exception], reason: str):
-    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, raises=raises, reason=reason))
-
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt", "bert"]
-MOE = [_xfail("mixtral", raises=CorruptCheckpointError, reason=FUSED),
-       _xfail("qwen2_moe", raises=ValueError, reason=GATE),
-       _xfail("qwen3_moe", raises=CorruptCheckpointError, reason=FUSED)]
-CAPTURED = list(DENSE)
-CAPTURED += [_xfail(k, raises=CorruptCheckpointError, reason=FUSED) for k in ("mixtral", "qwen2_moe", "qwen3_moe")]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+CAPTURED = DENSE + MOE
 CALIBRATION = {"n": 4, "seqlen": 32}  # longer than the sliding windows (8) of Mistral and Gemma
 
 
@@ -123,7 +106,7 @@ def test_quantize_save_load_generate(tiny_models, tmp_path, kind, method):
     report = quantize(src, QuantConfig(bits=8, group_size=32, method=method), tmp_path / "q",
                       calibration=calibration_ids(**CALIBRATION), progress=False)
     model, base = load_quantized(tmp_path / "q"), _reference(src)
-    layout = models.find_layout(base)
+    layout = models.find_layout(models.build_skeleton(AutoConfig.from_pretrained(src)))  # experts unfused
     linears = {layout.block_prefix(i) + name for i, b in enumerate(layout.blocks) for name in models.block_linears(b)}
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized == linears == set(report.quantized)
@@ -148,17 +131,8 @@ def test_quantize_save_load_generate(tiny_models, tmp_path, kind, method):
     torch.testing.assert_close(torch.cat(gen.logits), full, rtol=1e-4, atol=1e-4)
 
 
-SILENT = "RTN writes a checkpoint without the experts (their fused parameters have no checkpoint tensor)"
-
-
-@pytest.mark.parametrize(("kind", "method"), [
-    _xfail("mixtral", "rtn", raises=AssertionError, reason=SILENT),
-    _xfail("mixtral", "gptq", raises=CorruptCheckpointError, reason=FUSED),
-    _xfail("qwen2_moe", "rtn", raises=ValueError, reason=GATE),
-    _xfail("qwen2_moe", "gptq", raises=ValueError, reason=GATE),
-    _xfail("qwen3_moe", "rtn", raises=AssertionError, reason=SILENT),
-    _xfail("qwen3_moe", "gptq", raises=CorruptCheckpointError, reason=FUSED),
-])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("kind", MOE)
 def test_moe_experts_quantized_routers_kept(tiny_models, tmp_path, kind, method):
     """Every expert's projections are written as GPTQ tensors under the checkpoint's own per-expert
     names, the routers (and Qwen2-MoE's shared-expert gate) stay unquantized, and the model loads."""
@@ -177,3 +151,96 @@ def test_moe_experts_quantized_routers_kept(tiny_models, tmp_path, kind, method)
     with torch.no_grad():
         out, ref = model(ids).logits, base(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+# Attention left unquantized: block 0's MoE layer then sees exactly the reference model's inputs.
+KEEP_ATTENTION = {r"-:.*self_attn\.": {}}
+
+
+def _routed(src, calibration) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's MoE layer in the reference model: its input ``[tokens, hidden]`` and the experts
+    transformers' own router picks for each token ``[tokens, top_k]``."""
+    model = _reference(src)
+    seen = []
+    hook = models.find_layout(model).blocks[0].mlp.gate.register_forward_hook(
+        lambda _m, args, out: seen.append((args[0], out[-1])))
+    with torch.no_grad():
+        model(calibration.input_ids)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_each_expert_hessian_holds_its_routed_tokens(tiny_models, tmp_path, monkeypatch, kind):
+    """GPTQ's Hessian of every expert of block 0 is ``2/n XᵀX`` over exactly the ``n`` tokens that
+    transformers' router sends to that expert; experts it sends none get none."""
+    from llmq.pipeline import solve
+
+    src = tiny_models[kind]
+    calibration = calibration_ids(n=8, seqlen=32)
+    stages: list[dict[str, torch.Tensor | None]] = []
+    real = solve.collect_hessians
+
+    def spy(block, inputs, hessians, *args):
+        real(block, inputs, hessians, *args)
+        stages.append({name: h.H.clone() if h.nsamples else None for name, h in hessians.items()})
+
+    monkeypatch.setattr(solve, "collect_hessians", spy)
+    quantize(src, QuantConfig(bits=8, group_size=32, method="gptq", dynamic=KEEP_ATTENTION), tmp_path / "q",
+             calibration=calibration, calib_dtype=torch.float32, progress=False)
+    hidden, chosen = _routed(src, calibration)
+    first = next(s for s in stages if any(".experts." in name for name in s))  # block 0's experts' inputs
+    gate = models.EXPERT_LINEARS[kind][0]
+    experts = models.find_layout(models.build_skeleton(AutoConfig.from_pretrained(src))).blocks[0].mlp.experts
+    routed = [(chosen == e).any(-1) for e in range(len(experts))]
+    assert {name for name in first if first[name] is not None} == \
+        {f"mlp.experts.{e}.{gate}" for e in range(len(experts)) if routed[e].any()}
+    for e in range(len(experts)):
+        if routed[e].any():
+            x = hidden[routed[e]]
+            torch.testing.assert_close(first[f"mlp.experts.{e}.{gate}"], 2 / len(x) * x.t() @ x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_experts_short_of_tokens_use_rtn_and_are_reported(tiny_models, tmp_path, kind):
+    """With 8 calibration tokens every expert gets fewer tokens than its linears have inputs: each is
+    quantized exactly as RTN quantizes it, and the notes list every one with the tokens the router
+    sent it (block 0: counted with transformers' router)."""
+    src = tiny_models[kind]
+    calibration = calibration_ids(n=1, seqlen=8)
+    reports = {method: quantize(src, QuantConfig(bits=8, group_size=32, method=method, dynamic=KEEP_ATTENTION),
+                                tmp_path / method, calibration=calibration, progress=False)
+               for method in ("gptq", "rtn")}
+    gptq, rtn = (streaming.ShardReader(tmp_path / method) for method in ("gptq", "rtn"))
+    experts = [k for k in gptq.keys() if ".experts." in k]
+    assert experts and all(torch.equal(gptq.get(k), rtn.get(k)) for k in experts)
+    notes = [n for n in reports["gptq"].notes if "quantized with RTN" in n]
+    assert len(notes) == 2 and notes[0].startswith("model.layers.0: ") and notes[1].startswith("model.layers.1: ")
+    listed = dict(re.findall(r"(mlp\.experts\.\d+\.\w+) \((\d+)\)", notes[0]))
+    names = models.EXPERT_LINEARS[kind]
+    _, chosen = _routed(src, calibration)
+    expected = {f"mlp.experts.{e}.{name}": str(int((chosen == e).any(-1).sum())) for e in range(4) for name in names}
+    assert listed == expected
+    assert not reports["rtn"].notes
+
+
+def test_unknown_fused_experts_are_refused():
+    """A mixture whose fused experts llmq does not know fails with one line naming the model type."""
+    config = transformers.OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(models.UnsupportedModelError, match=r"^unsupported architecture 'olmoe': .*experts"):
+        models.build_skeleton(config)
+
+
+def test_mixtral_rules_match_checkpoint_names(tiny_models, tmp_path):
+    """``dynamic`` rules match the names the checkpoint gives Mixtral's experts (``block_sparse_moe``,
+    which transformers calls ``mlp``): one expert left unquantized, another at 4 bits, both loaded so."""
+    rules = {r"-:.*block_sparse_moe\.experts\.0\.": {}, r"+:.*block_sparse_moe\.experts\.1\.": {"bits": 4}}
+    quantize(tiny_models["mixtral"], QuantConfig(bits=8, group_size=32, method="rtn", dynamic=rules), tmp_path / "q",
+             progress=False)
+    written = set(streaming.ShardReader(tmp_path / "q").keys())
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in written
+    assert "model.layers.0.block_sparse_moe.experts.1.w1.qweight" in written
+    assert not any(".mlp." in k for k in written)
+    experts = load_quantized(tmp_path / "q").model.layers[0].mlp.experts
+    assert type(experts[0].w1) is torch.nn.Linear
+    assert (experts[1].w1.bits, experts[2].w1.bits) == (4, 8)

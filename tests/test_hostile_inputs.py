@@ -80,10 +80,10 @@ def test_racing_runs_never_read_a_half_written_lock(tmp_path, monkeypatch):
     import threading
 
     out, outcomes = tmp_path / "q", []
-    for attempt in range(20):
+    for _ in range(20):
         start = threading.Barrier(8)
 
-        def take():
+        def take(start=start):
             start.wait()
             try:
                 outcomes.append(outdir._acquire(out))

@@ -140,7 +140,7 @@ def quantize(
     skeleton = models.build_skeleton(hf_config, dtype=torch.float32)
     layout = models.find_layout(skeleton)
     keys = streaming.KeyMap(skeleton, reader)
-    plan, skipped = _plan(layout, config)
+    plan, skipped = _plan(layout, keys, config)
     planned = [layout.block_prefix(i) + n for i, ns in enumerate(plan) for n in ns]
     kept = streaming.check_weights(keys, skeleton, planned, config.bits, out_dtype, config.skip_nonfinite)
     plan = [[n for n in ns if layout.block_prefix(i) + n not in kept] for i, ns in enumerate(plan)]
@@ -149,7 +149,7 @@ def quantize(
         reason = f" ({next(iter(skipped.values()))})" if skipped else ""
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
     head = _head_name(skeleton, config)
-    config, notes = _fit_config(layout, plan, skeleton, head, config)
+    config, notes = _fit_config(layout, keys, plan, skeleton, head, config)
     # Models with layers of OUT_OF_CORE_FROM inputs or more: memory comes first. Such layers are
     # solved out of core on CPU, where fewer samples go through each forward, and no tail-linear
     # inputs are kept for the replay (see llmq.pipeline.hessians.ForwardMemo).
@@ -180,6 +180,7 @@ def quantize(
         start, total = len(state.blocks), len(layout.blocks)
         for done in state.blocks:
             report.quantized += done["quantized"]
+            report.notes += done.get("notes", [])  # absent in the progress of runs before notes were kept
             report.block_errors.append(done["error"])
         if config.method == "gptq" and start < total:
             captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
@@ -203,10 +204,12 @@ def quantize(
             saved.add_block(block, prefix, result.packed)
             quantized = [prefix + name for name in result.packed]
             report.quantized += quantized
+            report.notes += result.notes
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
             hidden = [batch.hidden for batch in inputs] if config.method == "gptq" and i + 1 < total else None
-            state.commit(saved.shards, quantized, report.block_errors[-1], hidden)  # the block is saved for a resume
+            # The block is saved for a resume.
+            state.commit(saved.shards, quantized, report.block_errors[-1], hidden, result.notes)
             stop.check(i + 1, total)
         writer = Writer(checkpoint.ShardWriter(tmp, max_shard_bytes), keys, out_dtype)
         writer.add_finished(state, report.quantized)
@@ -222,15 +225,16 @@ def quantize(
     return report
 
 
-def _plan(layout: models.Layout, config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
-    """Per block, the linears to quantize (those a ``dynamic`` rule excludes are left out); and the
-    skipped ones with why."""
+def _plan(layout: models.Layout, keys: streaming.KeyMap,
+          config: QuantConfig) -> tuple[list[list[str]], dict[str, str]]:
+    """Per block, the linears to quantize (those a ``dynamic`` rule excludes are left out; the rules
+    match the names the checkpoint gives them); and the skipped ones with why."""
     plan, skipped = [], {}
     for i, block in enumerate(layout.blocks):
         names = []
         for name, module in models.block_linears(block).items():
             full = layout.block_prefix(i) + name
-            spec = config.for_module(full)
+            spec = config.for_module(keys.checkpoint_name(full))
             if spec is None:
                 continue
             in_f, out_f = models.linear_shape(module)
@@ -262,15 +266,15 @@ def _head_name(model: nn.Module, config: QuantConfig) -> str | None:
     return name
 
 
-def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, head: str | None,
-                config: QuantConfig) -> tuple[QuantConfig, list[str]]:
+def _fit_config(layout: models.Layout, keys: streaming.KeyMap, plan: list[list[str]], model: nn.Module,
+                head: str | None, config: QuantConfig) -> tuple[QuantConfig, list[str]]:
     """``config`` with the group sizes ``fit_groups`` picks for the planned linears (and the
     quantized head), written as the base group size or ``dynamic`` rules; the head's width goes
     into ``dynamic`` too when it differs from the rest, and when every linear of the model is
     quantized, ``block_name_to_quantize`` tells transformers' loader so. Returns the config and
-    what changed."""
-    inputs = {layout.block_prefix(i) + n: models.linear_shape(layout.blocks[i].get_submodule(n))[0]
-              for i, names in enumerate(plan) for n in names}
+    what changed. Rules name modules as the written checkpoint does (:meth:`KeyMap.checkpoint_name`)."""
+    inputs = {keys.checkpoint_name(layout.block_prefix(i) + n):
+              models.linear_shape(layout.blocks[i].get_submodule(n))[0] for i, names in enumerate(plan) for n in names}
     if head is not None:
         inputs[head] = model.get_submodule(head).in_features
     group_size, sizes, note = fit_groups(inputs, config.group_size, config.group_fit)
@@ -279,6 +283,7 @@ def _fit_config(layout: models.Layout, plan: list[list[str]], model: nn.Module, 
         settings.setdefault(head, {})["bits"] = config.head_bits
     meta = dict(config.meta, group_size_requested=config.group_size) if note else config.meta
     dynamic = {**config.dynamic, **dynamic_rules(settings, inputs)}
-    everything = head is not None and set(inputs) == {n for n, m in model.named_modules() if models.is_linear(m)}
+    everything = head is not None and set(inputs) == {keys.checkpoint_name(n) for n, m in model.named_modules()
+                                                       if models.is_linear(m)}
     return config.replace(group_size=group_size, dynamic=dynamic, lm_head=head is not None, meta=meta,
                           block_name_to_quantize="" if everything else None), [note] if note else []

@@ -141,9 +141,9 @@ def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: strea
     memos = [{} for _ in batches]  # per batch: a tensor several blocks receive is cast once
     store = _OneTensor(sum(args[0].shape[0] for args, _ in seen[0]))
     inputs = [Batch(store.add(_cast(args[0], dtype, memo)), _cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo))
-              for (args, kwargs), memo in zip(seen[0], memos)]
-    others = [[(_cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo)) for (args, kwargs), memo in zip(calls, memos)]
-              for calls in seen]
+              for (args, kwargs), memo in zip(seen[0], memos, strict=True)]
+    others = [[(_cast(args[1:], dtype, memo), _cast(kwargs, dtype, memo))
+               for (args, kwargs), memo in zip(calls, memos, strict=True)] for calls in seen]
     return Captured(inputs, others)
 
 

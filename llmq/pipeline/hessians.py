@@ -45,11 +45,12 @@ class Tail(NamedTuple):
         return None
 
 
-def input_groups(block: nn.Module, names: list[str], sample: Batch) -> tuple[list[list[str]], dict[str, Tail]]:
+def input_groups(block: nn.Module, names: list[str], samples: list[Batch]) -> tuple[list[list[str]], dict[str, Tail]]:
     """Linears ``names`` grouped by shared input, in call order (q/k/v; o; gate/up; down for
     Llama); and the block's tails (see :class:`Tail`), such as Llama's and GPT-2's MLPs and
-    attentions. Both are found by running ``sample`` through ``block`` once, by object identity,
-    so the check is generic."""
+    attentions. Both are found by running ``samples`` through ``block``, by object identity, so
+    the check is generic. Linears that none of them calls (experts no token was routed to) are in
+    no group."""
     calls: list[tuple[str, torch.Tensor]] = []  # the inputs are kept alive so their memory is not reused
     returned: dict[str, Any] = {}  # each linear's output (kept alive too, so identities are meaningful)
     tails: dict[str, Tail] = {}
@@ -67,32 +68,35 @@ def input_groups(block: nn.Module, names: list[str], sample: Batch) -> tuple[lis
     hooks += [block.get_submodule(n).register_forward_hook(
         lambda _m, _a, out, n=n: returned.__setitem__(n, out)) for n in names]
     hooks += [child.register_forward_hook(child_returned(c)) for c, child in block.named_children() if c not in names]
+    groups: list[list[str]] = []
+    seen: set[str] = set()
     try:
         with torch.no_grad():
-            sample.run(block)
+            for sample in samples:  # one sample's inputs and outputs are kept at a time
+                sample.run(block)
+                prev: torch.Tensor | None = None
+                for name, x in calls:
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
+                        groups[-1].append(name)
+                    else:
+                        groups.append([name])
+                    prev = x
+                calls.clear()
+                returned.clear()
     finally:
         for h in hooks:
             h.remove()
-    groups: list[list[str]] = []
-    seen: set[str] = set()
-    prev: torch.Tensor | None = None
-    for name, x in calls:
-        if name in seen:
-            continue
-        seen.add(name)
-        if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        prev = x
     return groups, tails
 
 
-def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, GPTQ], stop_at: str,
+def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, GPTQ], stop_at: str | None,
                      first_token_weight: float, memo: ForwardMemo) -> None:
     """One pass of every batch through ``block``: the input of each linear named in ``hessians``
-    is added to its Hessian (and offered to ``memo``), and the forward ends at linear ``stop_at``,
-    before any other hook of that linear runs (so its weight is never loaded)."""
+    is added to its Hessian (and offered to ``memo``), and the forward ends at linear ``stop_at``
+    (None: runs whole), before any other hook of that linear runs (so its weight is never loaded)."""
 
     def hook(name: str):
         def pre_hook(_m: nn.Module, args: tuple) -> None:
@@ -104,7 +108,7 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
         return pre_hook
 
     hooks = [block.get_submodule(n).register_forward_pre_hook(hook(n), prepend=True)
-             for n in dict.fromkeys([*hessians, stop_at])]
+             for n in dict.fromkeys([*hessians, stop_at]) if n is not None]
     try:
         with torch.no_grad():
             for b, batch in enumerate(inputs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,6 +31,7 @@ class BlockResult(NamedTuple):
     packed: dict[str, dict[str, torch.Tensor]]  # GPTQ tensors of each quantized linear, by name in the block
     errors: dict[str, float]  # relative error of each
     outputs: list[Batch]  # the next block's inputs (GPTQ; RTN runs no forward)
+    notes: tuple[str, ...] = ()  # what was done otherwise than asked, and why (experts short of tokens)
 
 
 @dataclass
@@ -43,6 +45,11 @@ class BlockWeights:
     def original(self, name: str) -> torch.Tensor:
         """Linear ``name``'s weight ``[out, in]``, in its stored dtype."""
         return models.linear_weight(self.block.get_submodule(name), self.keys.reader.get(self._key(name)))
+
+    def spec(self, config: QuantConfig, name: str) -> ModuleSpec | None:
+        """Linear ``name``'s width and group size in ``config`` (whose ``dynamic`` rules match the
+        name the checkpoint gives it, :meth:`~llmq.streaming.KeyMap.checkpoint_name`)."""
+        return config.for_module(self.keys.checkpoint_name(self.prefix + name))
 
     def rows(self, name: str) -> torch.Tensor | streaming.RowReader:
         """:meth:`original`, an ``nn.Linear``'s read a slice of output rows at a time."""
@@ -86,10 +93,15 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     Per group of linears that share an input, in call order (all groups in one pass without
     ``true_sequential``): one pass collects the group's Hessian, then each of its linears is solved,
     so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
-    Each linear's width and group size are the config's for it (:meth:`QuantConfig.for_module`).
+    Each linear's width and group size are the config's for it (:meth:`BlockWeights.spec`).
+
+    A mixture's experts (:class:`~llmq.models.RoutedExperts`) each see only the tokens routed to
+    them, so each expert's Hessian comes from those alone; the same projection of every expert is
+    one stage. An expert's linears whose Hessian holds fewer tokens than they have inputs are
+    quantized with RTN instead, and said so in the result's notes.
     """
     config, device = run.config, run.device
-    specs = {name: config.for_module(weights.prefix + name) for name in names}
+    specs = {name: weights.spec(config, name) for name in names}
     linears = list(models.block_linears(block))
     streaming.materialize(block, weights.prefix, weights.keys, device, run.dtype, skip={f"{n}.weight" for n in linears})
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -102,24 +114,42 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
             w = weights.original(name)
         return models.linear_weight(block.get_submodule(name), w).to(device, run.dtype).contiguous()
 
+    experts = models.expert_linears(block)
+    short: dict[str, int] = {}  # expert linears quantized with RTN -> the tokens routed to them
+
+    def rtn(name: str, tokens: int) -> None:
+        packed[name], errors[name] = _rtn(weights.original(name), specs[name], config, device)
+        short[name] = tokens
+
     with WeightsOnCall(block, linears, load) as on_call:
-        groups, tails = input_groups(block, names, inputs[0])
+        # An expert runs only in the batches that route tokens to it: every batch is needed to find its group.
+        groups, tails = input_groups(block, names, inputs if experts else inputs[:1])
         on_call.release()
-        stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+        stages = _stages(groups, experts) if config.true_sequential else [[n for g in groups for n in g]]
         keep_bytes = run.tail_input_budget * sum(batch.hidden.nbytes for batch in inputs)
         with ForwardMemo(block, names, tails, keep_bytes) as memo:
             for stage in stages:
                 stage_groups = [g for g in groups if g[0] in stage]
                 hessians = {g[0]: new_gptq(models.linear_shape(block.get_submodule(g[0]))[0], device, run.spill_dir)
                             for g in stage_groups}
-                # The group's linears share one input: the pass can stop where the last group's first is called.
+                # The group's linears share one input: the pass can stop where the last group's first is
+                # called; with experts it runs whole, since which expert runs last differs between batches.
+                stop_at = None if experts.intersection(stage) else stage_groups[-1][0]
                 try:
-                    collect_hessians(block, inputs, hessians, stage_groups[-1][0], run.first_token_weight, memo)
+                    collect_hessians(block, inputs, hessians, stop_at, run.first_token_weight, memo)
                 except CalibrationError as e:
                     raise CalibrationError(f"{weights.prefix[:-1]}: {e}") from None
                 on_call.release()
                 for group in stage_groups:
                     gptq = hessians.pop(group[0])
+                    # An expert's Hessian from fewer tokens than inputs is singular (its rank is at most the
+                    # token count): GPTQ would push the rounding error into input directions no calibration
+                    # token spans, fitting the expert to those few activations rather than to its inputs in use.
+                    if group[0] in experts and gptq.nsamples < gptq.in_features:
+                        for name in group:
+                            rtn(name, int(gptq.nsamples))
+                            memo.solved(name)
+                        continue
                     for name in group:
                         # The out-of-core solver reads the weight a slice of rows at a time, from the shards.
                         weight = weights.rows(name) if isinstance(gptq, OutOfCoreGPTQ) else \
@@ -132,10 +162,28 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                         del weight, qw
                         memo.solved(name)
                     del gptq
+            for name in experts.intersection(names).difference(packed):  # no calibration token was routed to them
+                rtn(name, 0)
+                memo.solved(name)
             memo.storing = False  # nothing runs after the output pass
             outputs = run_block(block, inputs, memo.start)
     streaming.to_meta(block)
-    return BlockResult(packed, errors, outputs)
+    notes = ()
+    if short:
+        listed = ", ".join(f"{name} ({short[name]})" for name in linears if name in short)
+        notes = (f"{weights.prefix[:-1]}: {len(short)} expert linears got fewer calibration tokens than they have "
+                 f"inputs and were quantized with RTN (tokens routed to each): {listed}",)
+    return BlockResult(packed, errors, outputs, notes)
+
+
+def _stages(groups: list[list[str]], experts: set[str]) -> list[list[str]]:
+    """True-sequential stages: one per group, except that the same projection of every expert is one
+    stage (experts run side by side: solving one never changes another's inputs)."""
+    stages: dict[str, list[str]] = {}
+    for group in groups:
+        key = re.sub(r"\.\d+\.", ".*.", group[0]) if group[0] in experts else group[0]
+        stages.setdefault(key, []).extend(group)
+    return list(stages.values())
 
 
 def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, device: torch.device) -> BlockResult:
@@ -143,7 +191,7 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
     packed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     for name in names:
-        packed[name], errors[name] = _rtn(weights.original(name), config.for_module(weights.prefix + name), config,
+        packed[name], errors[name] = _rtn(weights.original(name), weights.spec(config, name), config,
                                           device)
     return BlockResult(packed, errors, [])
 

@@ -16,8 +16,8 @@ from llmq.resume import RunState
 
 class Writer:
     """Checkpoint tensors written to ``shards`` as they are added (a run's output, or one block's
-    file of a resumable run's state, see :mod:`llmq.resume`); ``written`` holds the model's names
-    of those done."""
+    file of a resumable run's state, see :mod:`llmq.resume`), under the names checkpoints of the
+    architecture use (:meth:`KeyMap.checkpoint_name`); ``written`` holds those names of the ones done."""
 
     def __init__(self, shards: checkpoint.ShardWriter, keys: streaming.KeyMap, out_dtype: torch.dtype) -> None:
         self.shards, self.keys, self.out_dtype = shards, keys, out_dtype
@@ -26,15 +26,16 @@ class Writer:
     def add_finished(self, state: RunState, quantized: list[str]) -> None:
         """The tensors of every block ``state`` holds as finished, block after block (``quantized``:
         the names of their quantized linears, whose source weights are not copied)."""
-        self.written |= state.copy_blocks(self.shards) | {f"{name}.weight" for name in quantized}
+        self.written |= state.copy_blocks(self.shards)
+        self.written |= {self.keys.checkpoint_name(f"{name}.weight") for name in quantized}
 
     def add_block(self, block: nn.Module, prefix: str, packed: dict[str, dict[str, torch.Tensor]]) -> None:
         """The packed tensors of a block (named ``prefix``) by linear name, then the block's other
         tensors from the source (norms; the quantized linears' biases in fp16, as GPTQ stores them)."""
         for name, tensors in packed.items():
             for tname, t in tensors.items():
-                self.shards.add(f"{prefix}{name}.{tname}", t)
-            self.written.add(f"{prefix}{name}.weight")
+                self.shards.add(self.keys.checkpoint_name(f"{prefix}{name}.{tname}"), t)
+            self.written.add(self.keys.checkpoint_name(f"{prefix}{name}.weight"))
         self.copy_untouched(block, prefix, bias_dtype=torch.float16, quantized=set(packed))
 
     def copy_untouched(self, module: nn.Module, prefix: str = "", bias_dtype: torch.dtype | None = None,
@@ -45,7 +46,7 @@ class Writer:
         names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
         names += [n for n, _ in module.named_buffers()]
         for name in names:
-            full = prefix + name
+            full = self.keys.checkpoint_name(prefix + name)
             key = self.keys.source(full)
             if full in self.written or key is None:
                 continue
