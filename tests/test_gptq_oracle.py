@@ -9,9 +9,14 @@ weight; otherwise a group's grid is found when its first column comes up, on the
 stood at the start of the current lazy batch. Of llmq it uses only the quantization grid
 (``find_params``, ``quantize``, ``dequant``): everything else is computed here, in float64.
 
-The codes must be the same; where fp32 rounding in llmq's solve breaks a near-tie the other way,
-at most a 1e-4 fraction of them may differ, and the loss ``tr((W - Q)(H + λI)(W - Q)ᵀ)`` of both
-solutions must agree to 1e-6. The out-of-core solver is held to the same standard against the plain one.
+The codes must be the same, except where fp32 rounding in llmq's solve breaks a near-tie the
+other way: GPTQ's rows are independent, so such a flip changes the rest of its row only (one row
+in 64 with one thread at 8 bits, none with two, in these problems). At most one row in 32 may
+differ, each of them at a code the float64 solve put within 1e-2 of a rounding boundary (fp32
+updates of 8-bit weights over their small scales move them by up to a few 1e-3), and the
+loss ``tr((W - Q)(H + λI)(W - Q)ᵀ)`` of both solutions must agree to 1e-3. The out-of-core solver
+is held to the same standard against the plain one (without the tie check: the plain solve's
+values before rounding are not kept).
 
 The inputs are correlated and of unequal scale, as a layer's are, but not so ill-conditioned that
 fp32 alone moves many codes: with twice the correlation, 8-bit act-order solves differ from the
@@ -36,9 +41,10 @@ ORDERS = {"natural": (False, False), "static": (False, True), "act-order": (True
 
 def oracle(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, act_order: bool,
            static_groups: bool, percdamp: float = 0.01, blocksize: int = 128
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ in float64: the integer codes ``[rows, cols]`` and the weights they stand for (original
-    column order), and each column's group ``g_idx``."""
+    column order), each column's group ``g_idx``, and how far each weight over its scale was from a
+    rounding boundary ``[rows, cols]`` (0: a tie)."""
     W, H = W.double().clone(), H.double().clone()
     rows, cols = W.shape
     maxq = 2**bits - 1
@@ -56,6 +62,7 @@ def oracle(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bo
 
     Q = torch.zeros(rows, cols, dtype=torch.long)
     deq = torch.zeros(rows, cols, dtype=W.dtype)
+    tie = torch.zeros(rows, cols, dtype=W.dtype)
     group = [int(perm[j]) // gs if static_groups else j // gs for j in range(cols)]
     for i in range(0, cols, blocksize):
         i2 = min(i + blocksize, cols)
@@ -66,12 +73,13 @@ def oracle(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bo
                 grids[group[j]] = find_params(start[:, j:j + gs], bits, sym)
             scale, zero = (t.double() for t in grids[group[j]])
             q = quantize(W[:, j], scale, zero, maxq)
+            tie[:, j] = ((W[:, j] / scale).frac().abs() - 0.5).abs()
             Q[:, j], deq[:, j] = q.long(), dequant(q, scale, zero)
             E[:, j - i] = (W[:, j] - deq[:, j]) / U[j, j]
             W[:, j:i2] -= torch.outer(E[:, j - i], U[j, j:i2])
         W[:, i2:] -= E @ U[i:i2, i2:]
     back = torch.argsort(perm)
-    return Q[:, back], deq[:, back], torch.tensor(group)[back]
+    return Q[:, back], deq[:, back], torch.tensor(group)[back], tie[:, back]
 
 
 def _problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +102,18 @@ def _loss(W: torch.Tensor, H: torch.Tensor, deq: torch.Tensor) -> float:
     return float(((E @ H[live][:, live]) * E).sum())
 
 
-def _assert_same_solution(W, H, qw, codes, deq, g_idx) -> None:
-    """``qw`` (llmq's solution) has the groups ``g_idx`` and the codes ``codes``, or, where fp32
-    rounding broke near-ties the other way, under 1e-4 of them differ and the loss is the same."""
+def _assert_same_solution(W, H, qw, codes, deq, g_idx, tie=None) -> None:
+    """``qw`` (llmq's solution) has the groups ``g_idx`` and the codes ``codes``, but for rows where
+    fp32 rounding broke a near-tie (``tie``: the reference's distances to a rounding boundary) the
+    other way: few, each with a near-tie among its differing codes, and the same loss."""
     assert torch.equal(qw.g_idx.long(), g_idx.long())
-    differ = float((qw.q.long() != codes.long()).float().mean())
-    assert differ < 1e-4, differ
-    if differ:
-        assert _loss(W, H, qw.dequantize()) == pytest.approx(_loss(W, H, deq), rel=1e-6)
+    differ = qw.q.long() != codes.long()
+    rows = differ.any(dim=1).nonzero().flatten().tolist()
+    assert len(rows) <= max(1, W.shape[0] // 32), rows
+    if tie is not None:
+        assert all(float(tie[r][differ[r]].min()) < 1e-2 for r in rows), [tie[r][differ[r]].min() for r in rows]
+    if rows:
+        assert _loss(W, H, qw.dequantize()) == pytest.approx(_loss(W, H, deq), rel=1e-3)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -112,10 +124,10 @@ def test_plain_solver_matches_the_oracle(bits, group_size, order):
     W, H = _problem(seed=bits * 1000 + group_size)
     sym = bits == 4
     qw, info = gptq_quantize(W, H, bits, group_size, sym, desc_act=act_order, static_groups=static_groups)
-    codes, deq, g_idx = oracle(W, H, bits, group_size, sym, act_order, static_groups)
+    codes, deq, g_idx, tie = oracle(W, H, bits, group_size, sym, act_order, static_groups)
     assert info.dead_columns == len(DEAD) and info.damp_percent == 0.01
     assert torch.equal(qw.dequantize()[:, DEAD], torch.zeros(OUT, len(DEAD)))
-    _assert_same_solution(W, H, qw, codes, deq, g_idx)
+    _assert_same_solution(W, H, qw, codes, deq, g_idx, tie)
 
 
 @pytest.mark.parametrize("chunks", [1, 3], ids=["factor-in-memory", "factor-from-file"])
