@@ -6,8 +6,9 @@ The data flow, one module each:
   arguments the model passes), and a block's outputs as the next block's inputs;
 - :mod:`.hessians`: the passes over a block that collect its Hessians, and the replay of what
   earlier passes computed;
-- :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, returning their packed tensors
-  and the block's outputs;
+- :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, then optionally learned
+  rounding against the unquantized block's outputs, returning their packed tensors and the
+  block's outputs;
 - :mod:`.write`: the output checkpoint, written block by block (each finished block first to a
   file of its own that :mod:`llmq.resume` keeps, so that a stopped run can continue).
 
@@ -32,9 +33,10 @@ from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
 from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
-from llmq.pipeline.solve import BlockWeights, GPTQRun, gptq_block, rtn_block, rtn_head
+from llmq.pipeline.solve import BlockWeights, GPTQRun, fp_outputs, gptq_block, rtn_block, rtn_head, tune_block_step
 from llmq.pipeline.write import Writer
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
+from llmq.quantizers.tune import TuneConfig
 
 # How many tokens each decoder calibration sample's first position counts for in GPTQ's Hessians:
 # it carries the attention sink (massive activations that every later token attends to). Chosen
@@ -61,6 +63,7 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)
     block_errors: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
+    tune_losses: list[tuple[float, float]] = field(default_factory=list)  # per tuned block: loss before, after
 
 
 def peak_rss_mb() -> float:
@@ -94,6 +97,7 @@ def quantize(
     progress: bool = True,
     resume: bool = False,
     stop_on_signals: bool = False,
+    tune: TuneConfig | None = None,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -116,6 +120,10 @@ def quantize(
 
     ``first_token_weight`` is how many tokens' worth each calibration sample's first position
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
+
+    ``tune``: after each block's RTN or GPTQ solve, learned rounding (:mod:`llmq.quantizers.tune`)
+    of its linears against the unquantized block's outputs, on the block's calibration inputs (the
+    quantized previous blocks' outputs); it calibrates RTN runs too.
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -123,7 +131,8 @@ def quantize(
                          f"{default_format(config.sym)}, not {config.checkpoint_format}")
     src = assets.resolve_model(model)
     sources = {src: "input model"}
-    if config.method == "gptq" and calibration is None:
+    calibrated = config.method == "gptq" or tune is not None
+    if calibrated and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
     outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
@@ -157,8 +166,11 @@ def quantize(
     wide = widest >= OUT_OF_CORE_FROM
     if batch_size is None:
         batch_size = 2 if out_of_core(widest, device) else 8
+    if tune is not None and config.method == "gptq" and out_of_core(widest, device):
+        raise ValueError(f"learned rounding from GPTQ needs in-core solves: layers of {widest} inputs are solved "
+                         f"out of core on {device.type} (tune from --method rtn, or solve on CUDA)")
 
-    if config.method == "gptq":
+    if calibrated:
         if calibration is None:
             tokenizer = assets.load_tokenizer(src)
             max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
@@ -168,9 +180,12 @@ def quantize(
         config = config.replace(meta={**config.meta, **calibration.describe(),
                                       "calib_dtype": str(fwd_dtype).removeprefix("torch."),
                                       "first_token_weight": first_token_weight})
+    if tune is not None:
+        config = config.replace(meta={**config.meta, "tune": {"steps": tune.steps, "lr": tune.learning_rate,
+                                                              "seed": tune.seed}})
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
-    expected = resumable.manifest(src, config, calibration if config.method == "gptq" else None,
+    expected = resumable.manifest(src, config, calibration if calibrated else None,
                                   out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
                                   batch_size=batch_size, max_shard_bytes=max_shard_bytes)
     keep = (resumable.Stopped, resumable.ResumeError)  # what a resume needs stays in place
@@ -181,7 +196,7 @@ def quantize(
         for done in state.blocks:
             report.quantized += done["quantized"]
             report.block_errors.append(done["error"])
-        if config.method == "gptq" and start < total:
+        if calibrated and start < total:
             captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             inputs = captured.inputs
             if start:
@@ -194,18 +209,29 @@ def quantize(
         for i in bar:
             block, prefix = layout.blocks[i], layout.block_prefix(i)
             weights = BlockWeights(block, prefix, keys)
+            if calibrated:
+                block_inputs = captured.for_block(i, inputs)
+                targets = fp_outputs(block, block_inputs, weights, run) if tune is not None else None
+            bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
-                result = gptq_block(block, plan[i], captured.for_block(i, inputs), weights, run)
-                inputs = result.outputs
+                result = gptq_block(block, plan[i], block_inputs, weights, run, bases)
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)
+                if bases is not None:
+                    bases.update((n, weights.original(n).to(device, torch.float32)) for n in result.packed)
+            if tune is not None:
+                result, before, after = tune_block_step(block, block_inputs, targets, result, bases, weights, run,
+                                                        tune, progress)
+                report.tune_losses.append((before, after))
+            if calibrated:
+                inputs = result.outputs
             saved = Writer(state.block_writer(), keys, out_dtype)
             saved.add_block(block, prefix, result.packed)
             quantized = [prefix + name for name in result.packed]
             report.quantized += quantized
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
-            hidden = [batch.hidden for batch in inputs] if config.method == "gptq" and i + 1 < total else None
+            hidden = [batch.hidden for batch in inputs] if calibrated and i + 1 < total else None
             state.commit(saved.shards, quantized, report.block_errors[-1], hidden)  # the block is saved for a resume
             stop.check(i + 1, total)
         writer = Writer(checkpoint.ShardWriter(tmp, max_shard_bytes), keys, out_dtype)

@@ -1,7 +1,7 @@
 """Learned rounding for one block (SignRound / AutoRound, Cheng et al. 2023): starting from a
 solved grid (RTN or GPTQ), learn per-weight rounding offsets ``V`` in ``[-½, ½]`` and per-group
 range factors, so that the block's outputs on the calibration inputs match the unquantized
-block's, with straight-through rounding and sign-gradient descent (or Adam).
+block's, with straight-through rounding and sign-gradient descent.
 
 Each tuned linear's weight during tuning is ``s · (clamp(round(B / s + V) + z, 0, maxq) - z)``,
 where ``B`` is the continuous weight being rounded (the checkpoint's weight after RTN, or GPTQ's
@@ -40,33 +40,24 @@ if TYPE_CHECKING:
 
 ROUND_BOUND = 0.5  # |V| <= 1/2: each code moves at most one step from plain rounding of B
 RANGE_BOUNDS = (0.5, 1.0)  # range factors only shrink the grid, to half at most (as AutoRound)
-OPTIMIZERS = ("sign", "adam")
+TUNE_STEPS = 200  # default steps per block
 
 
 @dataclass
 class TuneConfig:
-    """How to tune one block: ``steps`` updates, each on one batch of inputs, learning rate ``lr``
-    (default ``1 / steps`` for sign steps, which bounds how far each offset can travel under the
-    linear decay to 0), ``optimizer`` ``sign`` or ``adam``, ``tune_range`` whether the per-group
-    range factors are learned too, ``first_token_weight`` how much each sample's first position
-    counts in the loss, and ``seed`` for the batch order."""
+    """How to tune one block: ``steps`` sign-gradient updates, each on one batch of inputs, with
+    learning rate ``lr`` decayed linearly to 0 (default ``1 / steps``, which bounds how far each
+    offset can travel), and ``seed`` for the batch order."""
 
-    steps: int = 200
+    steps: int = TUNE_STEPS
     lr: float | None = None
-    optimizer: str = "sign"
-    tune_range: bool = True
-    first_token_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"tune steps must be >= 0, got {self.steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"tune optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"tune learning rate must be positive, got {self.lr}")
-        if self.first_token_weight <= 0:
-            raise ValueError(f"first token weight must be positive, got {self.first_token_weight}")
 
     @property
     def learning_rate(self) -> float:
@@ -219,28 +210,21 @@ def quantized_forwards(block: nn.Module, grids: dict[str, LearnedGrid]) -> Itera
             del module.forward
 
 
-def output_loss(out: torch.Tensor, target: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
-    """Mean squared error of ``out`` against ``target`` (``[batch, seq, hidden]`` or any shape), each
-    sample's first position counting ``first_token_weight`` times (3-D inputs only)."""
-    err = (out.float() - target.float()).square()
-    if first_token_weight != 1 and err.dim() == 3 and err.shape[1] > 1:
-        weights = torch.ones(err.shape[1], device=err.device)
-        weights[0] = first_token_weight
-        return (err.mean(dim=(0, 2)) * weights).sum() / weights.sum()
-    return err.mean()
+def output_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``out`` against ``target`` (any shape, computed in float32)."""
+    return (out.float() - target.float()).square().mean()
 
 
 def _hidden(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def block_loss(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor],
-               first_token_weight: float = 1.0) -> float:
+def block_loss(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor]) -> float:
     """:func:`output_loss` of ``block`` over all batches, weighted by their sizes."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch, target in zip(inputs, targets, strict=True):
-            total += float(output_loss(_hidden(batch.run(block)), target, first_token_weight)) * target.numel()
+            total += float(output_loss(_hidden(batch.run(block)), target)) * target.numel()
             count += target.numel()
     return total / max(count, 1)
 
@@ -275,20 +259,17 @@ def tune_block(
     device = targets[0].device
     grids = {name: LearnedGrid(base, init, sym).to(device) for name, (base, init) in starts.items()}
     params = [p for g in grids.values() for p in ([g.v, g.hi] + ([] if sym else [g.lo]))]
-    if not config.tune_range:
-        params = [g.v for g in grids.values()]
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     lr = config.learning_rate
-    adam = torch.optim.Adam(params, lr=lr) if config.optimizer == "adam" else None
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     best_loss, best_step = math.inf, -1
     best = [p.detach().clone() for p in params]
     try:
         with quantized_forwards(block, grids):
-            init_loss = block_loss(block, inputs, targets, config.first_token_weight)
+            init_loss = block_loss(block, inputs, targets)
             bar = tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False)
             for step in bar:
                 if not order:
@@ -296,7 +277,7 @@ def tune_block(
                 b = order.pop()
                 with torch.enable_grad():
                     out = _hidden(inputs[b].run(block))
-                    loss = output_loss(out, targets[b], config.first_token_weight)
+                    loss = output_loss(out, targets[b])
                     grads = torch.autograd.grad(loss, params)
                 value = float(loss.detach())
                 if value < best_loss:  # the parameters that gave this loss, before this step moves them
@@ -305,22 +286,15 @@ def tune_block(
                         keep.copy_(p.detach())
                 rate = lr * (1 - step / config.steps)  # linear decay to 0
                 with torch.no_grad():
-                    if adam is None:
-                        for p, g in zip(params, grads, strict=True):
-                            p.sub_(rate * torch.sign(g))
-                    else:
-                        for group in adam.param_groups:
-                            group["lr"] = rate
-                        for p, g in zip(params, grads, strict=True):
-                            p.grad = g
-                        adam.step()
+                    for p, g in zip(params, grads, strict=True):
+                        p.sub_(rate * torch.sign(g))
                 for g in grids.values():
                     g.clamp_()
                 bar.set_postfix(loss=f"{value:.4g}", init=f"{init_loss:.4g}")
             with torch.no_grad():
                 for p, keep in zip(params, best, strict=True):
                     p.copy_(keep)
-            loss = block_loss(block, inputs, targets, config.first_token_weight) if config.steps else math.inf
+            loss = block_loss(block, inputs, targets) if config.steps else math.inf
             if loss >= init_loss:  # the starting point wins
                 loss, best_step = init_loss, -1
                 solutions = {name: init for name, (_, init) in starts.items()}
