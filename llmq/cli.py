@@ -54,6 +54,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: solve attention inputs, attention output, MLP inputs, MLP output in turn")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--awq", action="store_true",
+                   help="activation-aware scaling before the RTN or GPTQ solve: per-channel scales searched on the "
+                        "calibration set, folded into the norm or linear before each group of linears (Llama-style, "
+                        "GPT-2, OPT, BERT), the unquantized model unchanged; calibrates RTN too")
     p.add_argument("--tune", action="store_true",
                    help="learned rounding after the RTN or GPTQ solve: per block, rounding offsets and group ranges "
                         "fitted to the unquantized block's outputs on the calibration set (calibrates RTN too)")
@@ -175,7 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
                       first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True,
-                      tune=tune)
+                      tune=tune, awq=args.awq)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_block_inputs
+from conftest import calibration_ids, save_tiny, tiny_block_inputs
+from safetensors.torch import load_file, save_file
 
+from llmq import QuantConfig, assets, models, streaming
+from llmq.checkpoint import load_quantized
 from llmq.models import is_linear, linear_shape
+from llmq.pipeline import quantize
+from llmq.pipeline.capture import capture_block_inputs
+from llmq.pipeline.scale import awq_block, block_folds
+from llmq.pipeline.solve import BlockWeights, GPTQRun, fp_outputs
 from llmq.quantizers.awq import (
     channel_scales,
     fold_into_norm_,
@@ -19,53 +26,97 @@ from llmq.quantizers.awq import (
 )
 from llmq.quantizers.rtn import rtn_quantize
 
-H = 64  # hidden size of the tiny models
-# Per architecture: (producer, producer rows or None, consumers, GQA (heads, kv heads, head dim) or None).
-FOLDS = {
-    "llama": [("input_layernorm", None, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),
-              ("self_attn.v_proj", None, ["self_attn.o_proj"], (4, 2, 16)),
-              ("post_attention_layernorm", None, ["mlp.gate_proj", "mlp.up_proj"], None),
-              ("mlp.up_proj", None, ["mlp.down_proj"], None)],
-    "gpt2": [("ln_1", None, ["attn.c_attn"], None),
-             ("attn.c_attn", slice(2 * H, 3 * H), ["attn.c_proj"], None),  # the value third of the fused QKV
-             ("ln_2", None, ["mlp.c_fc"], None)],
-    "opt": [("self_attn_layer_norm", None, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),
-            ("self_attn.v_proj", None, ["self_attn.out_proj"], None),
-            ("final_layer_norm", None, ["fc1"], None),
-            ("fc1", None, ["fc2"], None)],  # ReLU commutes with positive scales
-    "bert": [("attention.self.value", None, ["attention.output.dense"], None)],
-}
-
 
 def _outputs(block, inputs):
     with torch.no_grad():
         return [batch.run(block) for batch in inputs]
 
 
-@pytest.mark.parametrize("kind", FOLDS)
-def test_folded_scales_leave_outputs_unchanged(kind):
-    _, block, inputs = tiny_block_inputs(kind, batches=2)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "opt", "bert"])
+def test_folded_scales_leave_outputs_unchanged_exactly(kind):
+    """Every fold the pipeline uses, with random power-of-two scales (as the search returns): the
+    block's float32 outputs are bit for bit the same."""
+    model, block, inputs = tiny_block_inputs(kind, batches=2)
     for p in block.parameters():  # biases and norm weights away from their defaults: the fold must move them
         p.data.add_(0.1 * torch.randn_like(p))
     before = _outputs(block, inputs)
     gen = torch.Generator().manual_seed(1)
-    for producer, rows, consumers, gqa in FOLDS[kind]:
-        module = block.get_submodule(producer)
-        (n,) = {linear_shape(block.get_submodule(name))[0] for name in consumers}
-        tie = gqa_tie(*gqa) if gqa else None
-        small = torch.exp(torch.randn(int(tie.max()) + 1 if gqa else n, generator=gen))
-        s = small[tie] if gqa else small
-        if is_linear(module):
-            fold_into_rows_(module, small, rows)
+    for fold in block_folds(model.config):
+        (n,) = {linear_shape(block.get_submodule(name))[0] for name in fold.consumers}
+        rows = n if fold.tie is None else int(fold.tie.max()) + 1
+        per_row = torch.exp2(torch.randint(-3, 4, (rows,), generator=gen).float())
+        s = per_row if fold.tie is None else per_row[fold.tie]
+        producer = block.get_submodule(fold.producer)
+        if is_linear(producer):
+            fold_into_rows_(producer, per_row, fold.rows)
         else:
-            fold_into_norm_(module, s)
-        for name in consumers:
+            fold_into_norm_(producer, s)
+        for name in fold.consumers:
             scale_inputs_(block.get_submodule(name), s)
     after = _outputs(block, inputs)
-    changed = sum(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert changed  # the weights really moved
     for a, b in zip(before, after, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert torch.equal(a, b)
+
+
+def _with_outliers(kind, folder):
+    """A tiny ``kind`` checkpoint whose first norm makes a few input channels of the linears after
+    it large (as in LLMs), and its tensors."""
+    src = save_tiny(kind, folder)
+    tensors = load_file(src / "model.safetensors")
+    ends = ("input_layernorm.weight", "ln_1.weight", "self_attn_layer_norm.weight", "attention.output.LayerNorm.weight")
+    tensors[next(k for k in tensors if k.endswith(ends))][:3] *= 40
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    return src, tensors
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+def test_awq_block_folds_exactly(tmp_path, kind):
+    """The pipeline's AWQ step on a block: the scales are applied, and the block read back with
+    them computes its float32 outputs bit for bit as before (the quantizer sees the same function)."""
+    src, _ = _with_outliers(kind, tmp_path / "src")
+    hf_config = assets.load_config(src)
+    skeleton = models.build_skeleton(hf_config)
+    layout = models.find_layout(skeleton)
+    keys = streaming.KeyMap(skeleton, streaming.ShardReader(src))
+    cpu = torch.device("cpu")
+    captured = capture_block_inputs(skeleton, layout, keys, calibration_ids(), cpu, 4, torch.float32)
+    block, prefix = layout.blocks[0], layout.block_prefix(0)
+    run = GPTQRun(QuantConfig(method="rtn", bits=3, group_size=32, sym=False), torch.float32, cpu, 1.0)
+    inputs = captured.for_block(0, captured.inputs)
+    weights = BlockWeights(block, prefix, keys)
+    specs = {n: run.config.for_module(prefix + n) for n in models.block_linears(block)}
+    folded, gains = awq_block(block, block_folds(hf_config), specs, inputs, weights, run)
+    assert max(gains.values()) > 1 and folded.keys.reader.tensors  # some scales were folded
+    for a, b in zip(fp_outputs(block, inputs, weights, run), fp_outputs(block, inputs, folded, run), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "bert"])
+def test_pipeline_awq_quantizes_and_loads(tmp_path, kind):
+    """``quantize(awq=True)``: scales found and folded (other codes than plain RTN's), the
+    checkpoint loads as plain GPTQ and runs."""
+    src, _ = _with_outliers(kind, tmp_path / "src")
+    config = QuantConfig(method="rtn", bits=3, group_size=32, sym=False)
+    report = quantize(src, config, tmp_path / "q", calibration=calibration_ids(), progress=False, awq=True)
+    assert max(report.awq_gains.values()) > 1 and min(report.awq_gains.values()) >= 1
+    quantize(src, config, tmp_path / "plain", progress=False)
+    written = load_file(tmp_path / "q" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert any(not torch.equal(written[k], plain[k]) for k in written if k.endswith(".qweight"))
+    model = load_quantized(tmp_path / "q")
+    assert model.config.quantization_config["meta"]["awq"] is True
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_awq_refuses_architectures_without_folds(tmp_path):
+    src = save_tiny("phi3", tmp_path / "src")
+    with pytest.raises(ValueError, match="activation-aware scaling folds scales in"):
+        quantize(src, QuantConfig(method="rtn"), tmp_path / "q", calibration=calibration_ids(), progress=False,
+                 awq=True)
+    assert not (tmp_path / "q").exists()
 
 
 def test_gqa_tie_maps_output_projection_channels_to_value_rows():

@@ -6,6 +6,8 @@ The data flow, one module each:
   arguments the model passes), and a block's outputs as the next block's inputs;
 - :mod:`.hessians`: the passes over a block that collect its Hessians, and the replay of what
   earlier passes computed;
+- :mod:`.scale`: optionally, activation-aware scales searched on a block's inputs and folded
+  into its tensors before the solve;
 - :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, then optionally learned
   rounding against the unquantized block's outputs, returning their packed tensors and the
   block's outputs;
@@ -33,7 +35,17 @@ from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
 from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
-from llmq.pipeline.solve import BlockWeights, GPTQRun, fp_outputs, gptq_block, rtn_block, rtn_head, tune_block_step
+from llmq.pipeline.scale import awq_block, block_folds
+from llmq.pipeline.solve import (
+    BlockWeights,
+    GPTQRun,
+    fp_outputs,
+    gptq_block,
+    quantized_outputs,
+    rtn_block,
+    rtn_head,
+    tune_block_step,
+)
 from llmq.pipeline.write import Writer
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
 from llmq.quantizers.tune import TuneConfig
@@ -63,6 +75,7 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)
     block_errors: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
+    awq_gains: dict[str, float] = field(default_factory=dict)  # per fold's producer: estimated error ratio
     tune_losses: list[tuple[float, float]] = field(default_factory=list)  # per tuned block: loss before, after
 
 
@@ -98,6 +111,7 @@ def quantize(
     resume: bool = False,
     stop_on_signals: bool = False,
     tune: TuneConfig | None = None,
+    awq: bool = False,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -123,7 +137,10 @@ def quantize(
 
     ``tune``: after each block's RTN or GPTQ solve, learned rounding (:mod:`llmq.quantizers.tune`)
     of its linears against the unquantized block's outputs, on the block's calibration inputs (the
-    quantized previous blocks' outputs); it calibrates RTN runs too.
+    quantized previous blocks' outputs); it calibrates RTN runs too. ``awq``: before each block's
+    solve, activation-aware scales searched on its calibration inputs and folded into the tensors
+    before its linears (:mod:`llmq.pipeline.scale`; Llama-style, GPT-2, OPT and BERT blocks),
+    which leaves the unquantized model's function unchanged; it calibrates RTN runs too.
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -131,13 +148,14 @@ def quantize(
                          f"{default_format(config.sym)}, not {config.checkpoint_format}")
     src = assets.resolve_model(model)
     sources = {src: "input model"}
-    calibrated = config.method == "gptq" or tune is not None
+    calibrated = config.method == "gptq" or tune is not None or awq
     if calibrated and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
     outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
+    folds = block_folds(hf_config) if awq else []
     reader = streaming.ShardReader(src)
     out_dtype = out_dtype or (torch.bfloat16 if reader.dtype() == torch.bfloat16 else torch.float16)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,6 +198,8 @@ def quantize(
         config = config.replace(meta={**config.meta, **calibration.describe(),
                                       "calib_dtype": str(fwd_dtype).removeprefix("torch."),
                                       "first_token_weight": first_token_weight})
+    if awq:
+        config = config.replace(meta={**config.meta, "awq": True})
     if tune is not None:
         config = config.replace(meta={**config.meta, "tune": {"steps": tune.steps, "lr": tune.learning_rate,
                                                               "seed": tune.seed}})
@@ -211,6 +231,10 @@ def quantize(
             weights = BlockWeights(block, prefix, keys)
             if calibrated:
                 block_inputs = captured.for_block(i, inputs)
+                if awq:
+                    specs = {n: config.for_module(prefix + n) for n in plan[i]}
+                    weights, gains = awq_block(block, folds, specs, block_inputs, weights, run)
+                    report.awq_gains.update(gains)
                 targets = fp_outputs(block, block_inputs, weights, run) if tune is not None else None
             bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
@@ -219,13 +243,16 @@ def quantize(
                 result = rtn_block(plan[i], weights, config, device)
                 if bases is not None:
                     bases.update((n, weights.original(n).to(device, torch.float32)) for n in result.packed)
+                elif calibrated:  # the next block's inputs
+                    result = result._replace(outputs=quantized_outputs(block, block_inputs, result.packed, weights,
+                                                                       run))
             if tune is not None:
                 result, before, after = tune_block_step(block, block_inputs, targets, result, bases, weights, run,
                                                         tune, progress)
                 report.tune_losses.append((before, after))
             if calibrated:
                 inputs = result.outputs
-            saved = Writer(state.block_writer(), keys, out_dtype)
+            saved = Writer(state.block_writer(), weights.keys, out_dtype)  # with the folded tensors
             saved.add_block(block, prefix, result.packed)
             quantized = [prefix + name for name in result.packed]
             report.quantized += quantized

@@ -182,17 +182,30 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
     solutions, info = tune_block(block, starts, inputs, targets, config.sym, tune, progress,
                                  desc=f"tune {weights.prefix[:-1]}")
     del starts
+    streaming.to_meta(block)
     packed, errors = {}, {}
     for name, qw in solutions.items():
-        module = block.get_submodule(name)
         w = weights.original(name).to(run.device, torch.float32)
         errors[name] = math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
         packed[name] = qw.pack(config.checkpoint_format)
-        module._parameters["weight"] = nn.Parameter(models.linear_weight(module, qw.dequantize(dtype=run.dtype)),
+    outputs = quantized_outputs(block, inputs, packed, weights, run)
+    return BlockResult(packed, errors, outputs), info.init_loss, info.loss
+
+
+def quantized_outputs(block: nn.Module, inputs: list[Batch], packed: dict[str, dict[str, torch.Tensor]],
+                      weights: BlockWeights, run: GPTQRun) -> list[Batch]:
+    """The block's outputs on ``inputs`` (the next block's inputs) with its linears ``packed``
+    dequantized, in ``run.dtype``; the block is loaded for the pass and released after."""
+    streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype,
+                          skip={f"{n}.weight" for n in packed})
+    for name, tensors in packed.items():
+        module = block.get_submodule(name)
+        w = QuantizedWeight.from_packed(tensors, run.config.checkpoint_format).dequantize(dtype=run.dtype)
+        module._parameters["weight"] = nn.Parameter(models.linear_weight(module, w).to(run.device),
                                                     requires_grad=False)
     outputs = run_block(block, inputs)
     streaming.to_meta(block)
-    return BlockResult(packed, errors, outputs), info.init_loss, info.loss
+    return outputs
 
 
 def rtn_head(model: nn.Module, head: str, keys: streaming.KeyMap, config: QuantConfig,

@@ -65,20 +65,25 @@ def weight_stats(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
 def channel_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float,
                    tie: torch.Tensor | None = None) -> torch.Tensor:
     """``s = x_mean^α / w_mean^(1-α)`` (``w_mean`` None: ``x_mean^α``), normalized so that
-    ``max(s) · min(s) = 1``, ``[in]``. With ``tie`` (``[in]`` long: the producer row of each channel,
-    e.g. GQA's value heads shared by several query heads), channels with the same producer row
-    share one scale (the mean of their statistics)."""
+    ``max(s) · min(s) = 1`` and rounded to the nearest power of two, ``[in]``. With ``tie``
+    (``[in]`` long: the producer row of each channel, e.g. GQA's value heads shared by several
+    query heads), channels with the same producer row share one scale (the mean of their
+    statistics)."""
     if tie is not None:
+        tie = tie.to(x_mean.device)
         n = int(tie.max()) + 1
-        counts = torch.zeros(n).index_add_(0, tie, torch.ones_like(x_mean))
-        x_mean = (torch.zeros(n).index_add_(0, tie, x_mean) / counts)[tie]
+        zeros = x_mean.new_zeros(n)
+        counts = zeros.index_add(0, tie, torch.ones_like(x_mean))
+        x_mean = (zeros.index_add(0, tie, x_mean) / counts)[tie]
         if w_mean is not None:
-            w_mean = (torch.zeros(n).index_add_(0, tie, w_mean) / counts)[tie]
+            w_mean = (zeros.index_add(0, tie, w_mean) / counts)[tie]
     s = x_mean.clamp_min(MIN_SCALE).pow(alpha)
     if w_mean is not None:
         s = s / w_mean.clamp_min(MIN_SCALE).pow(1 - alpha)
     s = s / (s.max() * s.min()).sqrt()
-    return s.clamp_min(MIN_SCALE)
+    # Powers of two: dividing and multiplying by them is exact in floating point, so the folded
+    # model computes bit for bit what the original did (before quantization).
+    return torch.exp2(torch.round(torch.log2(s.clamp_min(MIN_SCALE))))
 
 
 def output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
