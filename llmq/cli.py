@@ -58,6 +58,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="activation-aware scaling before the RTN or GPTQ solve: per-channel scales searched on the "
                         "calibration set, folded into the norm or linear before each group of linears (Llama-style, "
                         "GPT-2, OPT, BERT), the unquantized model unchanged; calibrates RTN too")
+    p.add_argument("--bits-budget", type=float, default=None, metavar="B",
+                   help="choose each block linear's width (2, 3, 4, 8) and group size (32, 64, 128) so that their "
+                        "stored tensors (qweight, qzeros, scales, g_idx) take at most B bits per weight, least "
+                        "output error first; written as per-module 'dynamic' rules (GPTQModel, vLLM and llmq read "
+                        "them); calibrates RTN too")
     p.add_argument("--tune", action="store_true",
                    help="learned rounding after the RTN or GPTQ solve: per block, rounding offsets and group ranges "
                         "fitted to the unquantized block's outputs on the calibration set (calibrates RTN too)")
@@ -179,7 +184,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
                       first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True,
-                      tune=tune, awq=args.awq)
+                      tune=tune, awq=args.awq, bits_budget=args.bits_budget)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
@@ -197,6 +202,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                               "bits_per_weight": info["bits_per_weight"],
                               "bits_per_param_overall": info["bits_per_param_overall"], "skipped": report.skipped,
                               "block_errors": report.block_errors, "notes": report.notes}
+    if report.allocation is not None:
+        counts: dict[str, int] = {}
+        for c in report.allocation.choice.values():
+            counts[str(c)] = counts.get(str(c), 0) + 1
+        print(f"bit allocation: {report.allocation.bits_per_weight:.4f} bits/weight in the block linears "
+              f"(budget {args.bits_budget}): " + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())))
     if report.tune_losses:
         before, after = (sum(x) for x in zip(*report.tune_losses, strict=True))
         print(f"learned rounding: block output error {before:.4g} -> {after:.4g} (summed over the tuned blocks)")
@@ -268,8 +279,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  unquantized params:  {info['unquantized_params']:,}")
     print(f"  bits per parameter:  {info['bits_per_param_overall']:.3f} (whole checkpoint)")
     print("  quantization_config (as in the file): " + json.dumps(info["quantization_config"]))
-    for layer in info["layers"]:
-        print(f"    {layer}")
+    for layer, spec in zip(info["layers"], info["layer_specs"], strict=True):
+        print(f"    {layer}  {spec}")
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}

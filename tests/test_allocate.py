@@ -7,7 +7,12 @@ import itertools
 
 import pytest
 import torch
+from conftest import calibration_ids, save_tiny
 
+from llmq import QuantConfig, QuantLinear
+from llmq.checkpoint import load_quantized
+from llmq.inspect_ckpt import inspect_checkpoint
+from llmq.pipeline import quantize
 from llmq.quantizers.allocate import Candidate, allocate, candidates_for, storage_bits
 from llmq.quantizers.rtn import rtn_quantize
 
@@ -62,3 +67,29 @@ def test_budget_below_the_cheapest_is_an_error():
     shapes, damage = _problem(0)
     with pytest.raises(ValueError, match="below the cheapest"):
         allocate(shapes, damage, 2.0)
+
+
+def test_pipeline_meets_the_budget_and_loads(tmp_path):
+    """``quantize(bits_budget=...)``: the checkpoint's block linears take at most the budget, counted
+    as ``llmq inspect`` counts them and equal to what the allocation spent; widths are mixed,
+    written as ``dynamic`` rules that the loader applies, and ``inspect`` lists each layer's."""
+    src = save_tiny("llama", tmp_path / "src")
+    budget = 3.3
+    config = QuantConfig(method="gptq", bits=4, group_size=32, sym=False)
+    report = quantize(src, config, tmp_path / "q", calibration=calibration_ids(), progress=False, bits_budget=budget)
+    info = inspect_checkpoint(tmp_path / "q")
+    spent = info["bits_per_weight"] * info["quantized_weights"]
+    assert spent == pytest.approx(report.allocation.bits, abs=1e-6)
+    assert spent <= budget * info["quantized_weights"]
+    assert budget - info["bits_per_weight"] < 0.1  # the budget is spent, not just respected
+    assert len(set(info["layer_specs"])) > 1
+    model = load_quantized(tmp_path / "q")
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            chosen = report.allocation.choice[name]
+            assert (module.bits, module.group_size) == (chosen.bits, chosen.group_size)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        quantize(src, config, tmp_path / "low", calibration=calibration_ids(), progress=False, bits_budget=1.5)
+    assert not (tmp_path / "low").exists()

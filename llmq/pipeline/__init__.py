@@ -34,6 +34,7 @@ import llmq.resume as resumable
 from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
+from llmq.pipeline.budget import allocation_rules, damages
 from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
 from llmq.pipeline.scale import awq_block, block_folds
 from llmq.pipeline.solve import (
@@ -47,6 +48,7 @@ from llmq.pipeline.solve import (
     tune_block_step,
 )
 from llmq.pipeline.write import Writer
+from llmq.quantizers.allocate import Allocation, allocate
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
 from llmq.quantizers.tune import TuneConfig
 
@@ -76,6 +78,7 @@ class QuantizeReport:
     block_errors: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
     awq_gains: dict[str, float] = field(default_factory=dict)  # per fold's producer: estimated error ratio
+    allocation: Allocation | None = None  # with a bits budget: the width and group size of each block linear
     tune_losses: list[tuple[float, float]] = field(default_factory=list)  # per tuned block: loss before, after
 
 
@@ -112,6 +115,7 @@ def quantize(
     stop_on_signals: bool = False,
     tune: TuneConfig | None = None,
     awq: bool = False,
+    bits_budget: float | None = None,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -141,6 +145,9 @@ def quantize(
     solve, activation-aware scales searched on its calibration inputs and folded into the tensors
     before its linears (:mod:`llmq.pipeline.scale`; Llama-style, GPT-2, OPT and BERT blocks),
     which leaves the unquantized model's function unchanged; it calibrates RTN runs too.
+    ``bits_budget``: each block linear's width and group size chosen (:mod:`llmq.pipeline.budget`)
+    so that their stored tensors take at most this many bits per weight, written as ``dynamic``
+    rules; it calibrates RTN runs too.
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -148,7 +155,7 @@ def quantize(
                          f"{default_format(config.sym)}, not {config.checkpoint_format}")
     src = assets.resolve_model(model)
     sources = {src: "input model"}
-    calibrated = config.method == "gptq" or tune is not None or awq
+    calibrated = config.method == "gptq" or tune is not None or awq or bits_budget is not None
     if calibrated and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
     outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
@@ -203,8 +210,17 @@ def quantize(
     if tune is not None:
         config = config.replace(meta={**config.meta, "tune": {"steps": tune.steps, "lr": tune.learning_rate,
                                                               "seed": tune.seed}})
+    captured, allocation = None, None
+    if bits_budget is not None:  # the allocation decides the config, so it comes before the run's manifest
+        captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+        shapes, damage = damages(layout, keys, plan, captured, GPTQRun(config, fwd_dtype, device, first_token_weight),
+                                 progress)
+        allocation = allocate(shapes, damage, bits_budget)
+        config = config.replace(dynamic={**allocation_rules(allocation, list(shapes)), **config.dynamic},
+                                meta={**config.meta, "bits_budget": bits_budget})
 
-    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
+    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes,
+                            allocation=allocation)
     expected = resumable.manifest(src, config, calibration if calibrated else None,
                                   out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
                                   batch_size=batch_size, max_shard_bytes=max_shard_bytes)
@@ -217,7 +233,8 @@ def quantize(
             report.quantized += done["quantized"]
             report.block_errors.append(done["error"])
         if calibrated and start < total:
-            captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+            if captured is None:
+                captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             inputs = captured.inputs
             if start:
                 state.load_inputs(inputs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmq.config import ModuleSpec
 from llmq.packing import packable
 from llmq.quantizers.grid import num_groups
 
@@ -27,15 +28,7 @@ CANDIDATE_GROUPS = (32, 64, 128)
 DP_STATES = 200_000  # budget resolution of the dynamic programme when no unit is given
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One way to quantize a linear: ``bits`` and ``group_size`` (-1: one group per row)."""
-
-    bits: int
-    group_size: int
-
-    def __str__(self) -> str:
-        return f"int{self.bits} " + ("per-channel" if self.group_size == -1 else f"g{self.group_size}")
+Candidate = ModuleSpec  # one way to quantize a linear: bits and group size (-1: one group per row)
 
 
 def storage_bits(in_features: int, out_features: int, candidate: Candidate) -> int:
