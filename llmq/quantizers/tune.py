@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 
 ROUND_BOUND = 0.5  # |V| <= 1/2: each code moves at most one step from plain rounding of B
 RANGE_BOUNDS = (0.5, 1.0)  # range factors only shrink the grid, to half at most (as AutoRound)
-TUNE_STEPS = 200  # default steps per block
+# Default steps per block, chosen on calibration loss: MiniLM int4 g128 from RTN (64 x 128 tokens),
+# block output MSE summed over blocks 0.0251 untuned, 0.0109 / 0.0083 / 0.0072 after 25 / 50 / 100
+# steps; each doubling gains less, and costs twice the time.
+TUNE_STEPS = 100
 
 
 @dataclass
