@@ -41,6 +41,11 @@ CONFIGS = {
     # int4 variants: MSE grid, more calibration samples
     "gptq-int4-g128-mse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse",
     "gptq-int4-g128-n512": "--method gptq --bits 4 --group-size 128 --asym --desc-act --nsamples 512",
+    # activation-aware scaling, learned rounding (default steps), both; a 4-bit budget allocated per layer
+    "gptq-int4-g128-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq",
+    "rtn-int4-g128-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
+    "rtn-int4-g128-awq-tune": "--method rtn --bits 4 --group-size 128 --asym --awq --tune",
+    "gptq-budget-4.21": "--method gptq --asym --desc-act --bits-budget 4.21",
 }
 RESULTS = Path(__file__).parent / "results"
 

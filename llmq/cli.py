@@ -16,6 +16,7 @@ import torch
 
 from llmq.chat import DTYPES, add_chat_parser, cmd_chat
 from llmq.outdir import StaleOutputError
+from llmq.quantizers.tune import TUNE_STEPS, TuneConfig
 from llmq.resume import Stopped
 
 MODEL_HELP = "local checkpoint folder, hub id, or a bundled name (smollm2-135m, bert-minilm)"
@@ -53,6 +54,21 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: solve attention inputs, attention output, MLP inputs, MLP output in turn")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--awq", action="store_true",
+                   help="activation-aware scaling before the RTN or GPTQ solve: per-channel scales searched on the "
+                        "calibration set, folded into the norm or linear before each group of linears (Llama-style, "
+                        "GPT-2, OPT, BERT), the unquantized model unchanged; calibrates RTN too")
+    p.add_argument("--bits-budget", type=float, default=None, metavar="B",
+                   help="choose each block linear's width (2, 3, 4, 8) and group size (32, 64, 128) so that their "
+                        "stored tensors (qweight, qzeros, scales, g_idx) take at most B bits per weight, least "
+                        "output error first; written as per-module 'dynamic' rules (GPTQModel, vLLM and llmq read "
+                        "them); calibrates RTN too")
+    p.add_argument("--tune", action="store_true",
+                   help="learned rounding after the RTN or GPTQ solve: per block, rounding offsets and group ranges "
+                        "fitted to the unquantized block's outputs on the calibration set (calibrates RTN too)")
+    p.add_argument("--tune-steps", type=int, default=None, metavar="N",
+                   help=f"with --tune: sign-gradient steps per block (default {TUNE_STEPS}), one calibration "
+                        "batch each")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--calib", default="bundled",
@@ -156,6 +172,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                          true_sequential=args.true_sequential, damp_percent=args.damp, mse=args.mse,
                          skip_unpackable=args.skip_unpackable, group_fit=args.group_fit, head_bits=args.quantize_head,
                          skip_nonfinite=args.skip_nonfinite)
+    if args.tune_steps is not None and not args.tune:
+        raise ValueError("--tune-steps needs --tune")
+    tune = TuneConfig(steps=TUNE_STEPS if args.tune_steps is None else args.tune_steps) if args.tune else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:
@@ -164,7 +183,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       calib_seqlen=args.calib_seqlen, seed=args.seed, chat_template=args.chat_template,
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
-                      first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True)
+                      first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True,
+                      tune=tune, awq=args.awq, bits_budget=args.bits_budget)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
@@ -182,6 +202,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                               "bits_per_weight": info["bits_per_weight"],
                               "bits_per_param_overall": info["bits_per_param_overall"], "skipped": report.skipped,
                               "block_errors": report.block_errors, "notes": report.notes}
+    if report.allocation is not None:
+        counts: dict[str, int] = {}
+        for c in report.allocation.choice.values():
+            counts[str(c)] = counts.get(str(c), 0) + 1
+        print(f"bit allocation: {report.allocation.bits_per_weight:.4f} bits/weight in the block linears "
+              f"(budget {args.bits_budget}): " + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())))
+    if report.tune_losses:
+        before, after = (sum(x) for x in zip(*report.tune_losses, strict=True))
+        print(f"learned rounding: block output error {before:.4g} -> {after:.4g} (summed over the tuned blocks)")
+        result["tune_losses"] = report.tune_losses
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)
@@ -249,8 +279,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  unquantized params:  {info['unquantized_params']:,}")
     print(f"  bits per parameter:  {info['bits_per_param_overall']:.3f} (whole checkpoint)")
     print("  quantization_config (as in the file): " + json.dumps(info["quantization_config"]))
-    for layer in info["layers"]:
-        print(f"    {layer}")
+    for layer, spec in zip(info["layers"], info["layer_specs"], strict=True):
+        print(f"    {layer}  {spec}")
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}

@@ -46,6 +46,9 @@ class ModuleSpec(NamedTuple):
     bits: int
     group_size: int
 
+    def __str__(self) -> str:
+        return f"int{self.bits} " + ("per-channel" if self.group_size == -1 else f"g{self.group_size}")
+
 
 def default_format(sym: bool) -> str:
     """The checkpoint format llmq writes: ``gptq`` (v1) for symmetric grids, whose zero point
@@ -251,6 +254,12 @@ class QuantConfig:
             parts.append("quantized head")
         if self.dynamic:
             parts.append(f"{len(self.dynamic)} per-module rules")
+        if self.meta.get("bits_budget") is not None:
+            parts.append(f"budget {self.meta['bits_budget']} bits/weight")
+        if self.meta.get("awq"):
+            parts.append("awq")
+        if self.meta.get("tune"):
+            parts.append("learned rounding")
         return " ".join(parts)
 
     def replace(self, **changes: Any) -> QuantConfig:

@@ -19,7 +19,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """The file's own ``quantization_config`` and producer (``meta.quantizer``), size on disk, bits
     per quantized weight (``qweight``, ``qzeros``, ``scales`` and ``g_idx`` counted) and per
-    parameter of the whole checkpoint, and which layers are quantized; after the same checks as
+    parameter of the whole checkpoint, and which layers are quantized at which width and group
+    size (``layer_specs``, e.g. ``int4 g128``, after ``dynamic`` overrides); after the same checks as
     loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
     path = resolve_model(path)
     raw = read_quantization_config(path)
@@ -65,4 +66,5 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "unquantized_params": other_params,
         "bits_per_param_overall": 8 * (q_bytes + other_bytes) / max(q_weights + other_params, 1),
         "layers": sorted(layers),
+        "layer_specs": [str(module_spec(qconfig, f"{layer}.qweight")) for layer in sorted(layers)],
     }

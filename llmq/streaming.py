@@ -3,6 +3,7 @@ onto a meta-device skeleton; and return modules to meta when done."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -281,6 +282,36 @@ class ShardReader:
 CHECKPOINT_NAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
 
 
+class Overlay:
+    """A :class:`ShardReader` with some tensors replaced (``tensors``, by checkpoint key): every
+    read of those keys returns the replacement, any other goes to ``reader``. For a block whose
+    tensors were changed before its solve (activation-aware scaling), read like the checkpoint."""
+
+    def __init__(self, reader: ShardReader, tensors: dict[str, torch.Tensor]) -> None:
+        self.reader, self.tensors = reader, tensors
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors or key in self.reader
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key].clone() if key in self.tensors else self.reader.get(key)
+
+    def rows(self, key: str) -> torch.Tensor | RowReader:
+        return self.tensors[key] if key in self.tensors else self.reader.rows(key)
+
+    def chunks(self, key: str, max_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
+        return iter([self.tensors[key]]) if key in self.tensors else self.reader.chunks(key, max_bytes)
+
+    def info(self, key: str) -> tuple[str, list[int]]:
+        if key not in self.tensors:
+            return self.reader.info(key)
+        t = self.tensors[key]
+        return next(name for name, dtype in DTYPES.items() if dtype == t.dtype), list(t.shape)
+
+
 class KeyMap:
     """Maps the skeleton's state-dict names to the checkpoint's keys (prefixes may differ:
     ``bert.encoder...`` vs ``encoder...``, ``transformer.h...`` vs ``h...``; so may module names,
@@ -296,6 +327,12 @@ class KeyMap:
         for model_part, stored in self.renames:
             name = name.replace(model_part, stored)
         return name
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> KeyMap:
+        """This map over an :class:`Overlay` of its reader with ``tensors`` (by model name)."""
+        keys = copy.copy(self)
+        keys.reader = Overlay(self.reader, {self.source(name): t for name, t in tensors.items()})
+        return keys
 
     def source(self, name: str) -> str | None:
         """The checkpoint key of model tensor ``name``, or None when absent (e.g. a tied head)."""

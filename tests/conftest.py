@@ -76,3 +76,24 @@ def calibration_ids(n: int = 8, seqlen: int = 32, vocab: int = 256, seed: int = 
 
     g = torch.Generator().manual_seed(seed)
     return Calibration(torch.randint(0, vocab, (n, seqlen), generator=g), "random tokens", seed, False)
+
+
+def tiny_block_inputs(kind: str, batches: int = 2, batch: int = 2, seqlen: int = 16, seed: int = 0):
+    """A random in-memory ``kind`` model, its first block and that block's input batches
+    (:class:`llmq.pipeline.capture.Batch`) for ``batches`` batches of random tokens."""
+    from llmq import models
+    from llmq.pipeline.capture import Batch
+
+    config = TINY[kind]()
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config).eval()
+    block = models.find_layout(model).blocks[0]
+    captured = []
+    hook = block.register_forward_pre_hook(lambda _m, a, k: captured.append(Batch(a[0], a[1:], k)), with_kwargs=True)
+    g = torch.Generator().manual_seed(seed)
+    extra = {"use_cache": False} if kind != "bert" else {}
+    with torch.no_grad():
+        for _ in range(batches):
+            model(input_ids=torch.randint(0, config.vocab_size, (batch, seqlen), generator=g), **extra)
+    hook.remove()
+    return model, block, captured

@@ -6,8 +6,11 @@ The data flow, one module each:
   passes to each block, and a block's outputs as the next block's inputs;
 - :mod:`.hessians`: the passes over a block that collect its Hessians, and the replay of what
   earlier passes computed;
-- :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, returning their packed tensors
-  and the block's outputs;
+- :mod:`.scale`: optionally, activation-aware scales searched on a block's inputs and folded
+  into its tensors before the solve;
+- :mod:`.solve`: one block's step, GPTQ (or RTN) for its linears, then optionally learned
+  rounding against the unquantized block's outputs, returning their packed tensors and the
+  block's outputs;
 - :mod:`.write`: the output checkpoint, written block by block (each finished block first to a
   file of its own that :mod:`llmq.resume` keeps, so that a stopped run can continue).
 
@@ -31,10 +34,23 @@ import llmq.resume as resumable
 from llmq import assets, checkpoint, models, outdir, packing, streaming
 from llmq.calibration import Calibration, calibration_files, get_calibration
 from llmq.config import QuantConfig, default_format, dynamic_rules, fit_groups
+from llmq.pipeline.budget import allocation_rules, damages
 from llmq.pipeline.capture import capture_block_inputs, resolve_calib_dtype
-from llmq.pipeline.solve import BlockWeights, GPTQRun, gptq_block, rtn_block, rtn_head
+from llmq.pipeline.scale import awq_block, block_folds
+from llmq.pipeline.solve import (
+    BlockWeights,
+    GPTQRun,
+    fp_outputs,
+    gptq_block,
+    quantized_outputs,
+    rtn_block,
+    rtn_head,
+    tune_block_step,
+)
 from llmq.pipeline.write import Writer
+from llmq.quantizers.allocate import Allocation, allocate
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
+from llmq.quantizers.tune import TuneConfig
 
 # How many tokens each decoder calibration sample's first position counts for in GPTQ's Hessians:
 # it carries the attention sink (massive activations that every later token attends to). Chosen
@@ -61,6 +77,9 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)
     block_errors: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was changed to keep the checkpoint loadable elsewhere
+    awq_gains: dict[str, float] = field(default_factory=dict)  # per fold's producer: estimated error ratio
+    allocation: Allocation | None = None  # with a bits budget: the width and group size of each block linear
+    tune_losses: list[tuple[float, float]] = field(default_factory=list)  # per tuned block: loss before, after
 
 
 def peak_rss_mb() -> float:
@@ -94,6 +113,9 @@ def quantize(
     progress: bool = True,
     resume: bool = False,
     stop_on_signals: bool = False,
+    tune: TuneConfig | None = None,
+    awq: bool = False,
+    bits_budget: float | None = None,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -116,6 +138,16 @@ def quantize(
 
     ``first_token_weight`` is how many tokens' worth each calibration sample's first position
     counts for in GPTQ's Hessians (default: ``FIRST_TOKEN_WEIGHT`` for decoders, 1 for encoders).
+
+    ``tune``: after each block's RTN or GPTQ solve, learned rounding (:mod:`llmq.quantizers.tune`)
+    of its linears against the unquantized block's outputs, on the block's calibration inputs (the
+    quantized previous blocks' outputs); it calibrates RTN runs too. ``awq``: before each block's
+    solve, activation-aware scales searched on its calibration inputs and folded into the tensors
+    before its linears (:mod:`llmq.pipeline.scale`; Llama-style, GPT-2, OPT and BERT blocks),
+    which leaves the unquantized model's function unchanged; it calibrates RTN runs too.
+    ``bits_budget``: each block linear's width and group size chosen (:mod:`llmq.pipeline.budget`)
+    so that their stored tensors take at most this many bits per weight, written as ``dynamic``
+    rules; it calibrates RTN runs too.
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -123,12 +155,14 @@ def quantize(
                          f"{default_format(config.sym)}, not {config.checkpoint_format}")
     src = assets.resolve_model(model)
     sources = {src: "input model"}
-    if config.method == "gptq" and calibration is None:
+    calibrated = config.method == "gptq" or tune is not None or awq or bits_budget is not None
+    if calibrated and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
     outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{src} is already quantized ({hf_config.quantization_config.get('quant_method', '?')})")
+    folds = block_folds(hf_config) if awq else []
     reader = streaming.ShardReader(src)
     out_dtype = out_dtype or (torch.bfloat16 if reader.dtype() == torch.bfloat16 else torch.float16)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,8 +191,11 @@ def quantize(
     wide = widest >= OUT_OF_CORE_FROM
     if batch_size is None:
         batch_size = 2 if out_of_core(widest, device) else 8
+    if tune is not None and config.method == "gptq" and out_of_core(widest, device):
+        raise ValueError(f"learned rounding from GPTQ needs in-core solves: layers of {widest} inputs are solved "
+                         f"out of core on {device.type} (tune from --method rtn, or solve on CUDA)")
 
-    if config.method == "gptq":
+    if calibrated:
         if calibration is None:
             tokenizer = assets.load_tokenizer(src)
             max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
@@ -168,9 +205,23 @@ def quantize(
         config = config.replace(meta={**config.meta, **calibration.describe(),
                                       "calib_dtype": str(fwd_dtype).removeprefix("torch."),
                                       "first_token_weight": first_token_weight})
+    if awq:
+        config = config.replace(meta={**config.meta, "awq": True})
+    if tune is not None:
+        config = config.replace(meta={**config.meta, "tune": {"steps": tune.steps, "lr": tune.learning_rate,
+                                                              "seed": tune.seed}})
+    captured, allocation = None, None
+    if bits_budget is not None:  # the allocation decides the config, so it comes before the run's manifest
+        captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+        shapes, damage = damages(layout, keys, plan, captured, GPTQRun(config, fwd_dtype, device, first_token_weight),
+                                 progress)
+        allocation = allocate(shapes, damage, bits_budget)
+        config = config.replace(dynamic={**allocation_rules(allocation, list(shapes)), **config.dynamic},
+                                meta={**config.meta, "bits_budget": bits_budget})
 
-    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes)
-    expected = resumable.manifest(src, config, calibration if config.method == "gptq" else None,
+    report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes,
+                            allocation=allocation)
+    expected = resumable.manifest(src, config, calibration if calibrated else None,
                                   out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
                                   batch_size=batch_size, max_shard_bytes=max_shard_bytes)
     keep = (resumable.Stopped, resumable.ResumeError)  # what a resume needs stays in place
@@ -182,8 +233,9 @@ def quantize(
             report.quantized += done["quantized"]
             report.notes += done.get("notes", [])  # absent in the progress of runs before notes were kept
             report.block_errors.append(done["error"])
-        if config.method == "gptq" and start < total:
-            captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
+        if calibrated and start < total:
+            if captured is None:
+                captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             inputs = captured.inputs
             if start:
                 state.load_inputs(inputs)
@@ -195,19 +247,37 @@ def quantize(
         for i in bar:
             block, prefix = layout.blocks[i], layout.block_prefix(i)
             weights = BlockWeights(block, prefix, keys)
+            if calibrated:
+                block_inputs = captured.for_block(i, inputs)
+                if awq:
+                    specs = {n: config.for_module(prefix + n) for n in plan[i]}
+                    weights, gains = awq_block(block, folds, specs, block_inputs, weights, run)
+                    report.awq_gains.update(gains)
+                targets = fp_outputs(block, block_inputs, weights, run) if tune is not None else None
+            bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
-                result = gptq_block(block, plan[i], captured.for_block(i, inputs), weights, run)
-                inputs = result.outputs
+                result = gptq_block(block, plan[i], block_inputs, weights, run, bases)
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)
-            saved = Writer(state.block_writer(), keys, out_dtype)
+                if bases is not None:
+                    bases.update((n, weights.original(n).to(device, torch.float32)) for n in result.packed)
+                elif calibrated:  # the next block's inputs
+                    result = result._replace(outputs=quantized_outputs(block, block_inputs, result.packed, weights,
+                                                                       run))
+            if tune is not None:
+                result, before, after = tune_block_step(block, block_inputs, targets, result, bases, weights, run,
+                                                        tune, progress)
+                report.tune_losses.append((before, after))
+            if calibrated:
+                inputs = result.outputs
+            saved = Writer(state.block_writer(), weights.keys, out_dtype)  # with the folded tensors
             saved.add_block(block, prefix, result.packed)
             quantized = [prefix + name for name in result.packed]
             report.quantized += quantized
             report.notes += result.notes
             report.block_errors.append(sum(result.errors.values()) / max(len(result.errors), 1))
             bar.set_postfix(rel_err=f"{report.block_errors[-1]:.4f}")
-            hidden = [batch.hidden for batch in inputs] if config.method == "gptq" and i + 1 < total else None
+            hidden = [batch.hidden for batch in inputs] if calibrated and i + 1 < total else None
             # The block is saved for a resume.
             state.commit(saved.shards, quantized, report.block_errors[-1], hidden, result.notes)
             stop.check(i + 1, total)

@@ -1,6 +1,7 @@
 """Quantizing one block: :func:`gptq_block` (Hessians from the calibration passes, then GPTQ for
-each linear) and :func:`rtn_block`. Each takes the block and its inputs and returns a
-:class:`BlockResult`; neither writes anything.
+each linear) and :func:`rtn_block`, optionally followed by :func:`tune_block_step` (learned
+rounding). Each takes the block and its inputs and returns a :class:`BlockResult`; none writes
+anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llmq.quantizers.gptq import GPTQ, CalibrationError
 from llmq.quantizers.gptq_out_of_core import OutOfCoreGPTQ, out_of_core
 from llmq.quantizers.grid import QuantizedWeight
 from llmq.quantizers.rtn import rtn_quantize
+from llmq.quantizers.tune import TuneConfig, tune_block
 
 
 class BlockResult(NamedTuple):
@@ -84,7 +86,7 @@ def new_gptq(in_features: int, device: torch.device, spill_dir: str | os.PathLik
 
 
 def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights: BlockWeights,
-               run: GPTQRun) -> BlockResult:
+               run: GPTQRun, bases: dict[str, torch.Tensor] | None = None) -> BlockResult:
     """GPTQ for the linears ``names`` of ``block``, given the block's calibration ``inputs``.
 
     The block's other tensors are loaded for the forwards (in ``run.dtype`` on ``run.device``) and
@@ -94,6 +96,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     ``true_sequential``): one pass collects the group's Hessian, then each of its linears is solved,
     so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
     Each linear's width and group size are the config's for it (:meth:`BlockWeights.spec`).
+    ``bases``, when given, receives each linear's updated weights (see ``gptq_quantize``), float32
+    ``[out, in]``: learned rounding starts from them (in-core solves only).
 
     A mixture's experts (:class:`~llmq.models.RoutedExperts`) each see only the tokens routed to
     them, so each expert's Hessian comes from those alone; the same projection of every expert is
@@ -154,9 +158,13 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                         # The out-of-core solver reads the weight a slice of rows at a time, from the shards.
                         weight = weights.rows(name) if isinstance(gptq, OutOfCoreGPTQ) else \
                             weights.original(name).to(device)
+                        # Only the in-core solver hands back its updated weights (quantize() checks).
+                        extra = {} if bases is None else {"updated": torch.empty(weight.shape, device=device)}
                         qw = gptq.solve(weight, specs[name].bits, specs[name].group_size, config.sym,
                                         config.desc_act, config.static_groups, config.damp_percent,
-                                        config.block_size, config.mse, free_hessian=name == group[-1])
+                                        config.block_size, config.mse, free_hessian=name == group[-1], **extra)
+                        if bases is not None:
+                            bases[name] = extra["updated"]
                         packed[name] = qw.pack(config.checkpoint_format)
                         errors[name] = gptq.info.relative_error
                         del weight, qw
@@ -194,6 +202,58 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
         packed[name], errors[name] = _rtn(weights.original(name), weights.spec(config, name), config,
                                           device)
     return BlockResult(packed, errors, [])
+
+
+def fp_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[torch.Tensor]:
+    """The unquantized block's hidden outputs ``[batch, seq, hidden]`` on ``inputs`` (in ``run.dtype``):
+    the targets of learned rounding. The block is loaded for the pass and released after."""
+    streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype)
+    outputs = [batch.hidden for batch in run_block(block, inputs)]
+    streaming.to_meta(block)
+    return outputs
+
+
+def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor], start: BlockResult,
+                    bases: dict[str, torch.Tensor], weights: BlockWeights, run: GPTQRun, tune: TuneConfig,
+                    progress: bool = True) -> tuple[BlockResult, float, float]:
+    """Learned rounding (:func:`llmq.quantizers.tune.tune_block`) of the linears ``start`` solved,
+    from those solutions and the continuous weights ``bases`` they rounded, so that the block's
+    outputs on ``inputs`` (the quantized previous blocks' outputs) approach ``targets`` (see
+    :func:`fp_outputs`). Returns the tuned result, with the block's outputs under it (the next
+    block's inputs), and the calibration loss (output mean squared error) before and after."""
+    config = run.config
+    names = list(start.packed)
+    streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype,
+                          skip={f"{n}.weight" for n in names})
+    starts = {n: (bases[n].to(run.device), QuantizedWeight.from_packed(start.packed[n], config.checkpoint_format))
+              for n in names}
+    solutions, info = tune_block(block, starts, inputs, targets, config.sym, tune, progress,
+                                 desc=f"tune {weights.prefix[:-1]}")
+    del starts
+    streaming.to_meta(block)
+    packed, errors = {}, {}
+    for name, qw in solutions.items():
+        w = weights.original(name).to(run.device, torch.float32)
+        errors[name] = math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
+        packed[name] = qw.pack(config.checkpoint_format)
+    outputs = quantized_outputs(block, inputs, packed, weights, run)
+    return BlockResult(packed, errors, outputs), info.init_loss, info.loss
+
+
+def quantized_outputs(block: nn.Module, inputs: list[Batch], packed: dict[str, dict[str, torch.Tensor]],
+                      weights: BlockWeights, run: GPTQRun) -> list[Batch]:
+    """The block's outputs on ``inputs`` (the next block's inputs) with its linears ``packed``
+    dequantized, in ``run.dtype``; the block is loaded for the pass and released after."""
+    streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype,
+                          skip={f"{n}.weight" for n in packed})
+    for name, tensors in packed.items():
+        module = block.get_submodule(name)
+        w = QuantizedWeight.from_packed(tensors, run.config.checkpoint_format).dequantize(dtype=run.dtype)
+        module._parameters["weight"] = nn.Parameter(models.linear_weight(module, w).to(run.device),
+                                                    requires_grad=False)
+    outputs = run_block(block, inputs)
+    streaming.to_meta(block)
+    return outputs
 
 
 def rtn_head(model: nn.Module, head: str, keys: streaming.KeyMap, config: QuantConfig,

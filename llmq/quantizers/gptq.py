@@ -128,14 +128,14 @@ class GPTQ:
 
     def solve(self, weight: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool = False,
               static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-              mse: bool = False, free_hessian: bool = False) -> QuantizedWeight:
+              mse: bool = False, free_hessian: bool = False, updated: torch.Tensor | None = None) -> QuantizedWeight:
         """Quantize ``weight`` ``[out, in_features]`` against the accumulated ``H``; see
-        :func:`gptq_quantize`. The solve's :class:`GPTQInfo` is left in ``self.info``.
-        ``free_hessian``: this is the last solve against ``H`` (layers that share an input share
-        it), which is then dropped (``self.H`` is None)."""
+        :func:`gptq_quantize` (and for ``updated``). The solve's :class:`GPTQInfo` is left in
+        ``self.info``. ``free_hessian``: this is the last solve against ``H`` (layers that share an
+        input share it), which is then dropped (``self.H`` is None)."""
         self._check_ready()
         result, self.info = gptq_quantize(weight, self.H, bits, group_size, sym, desc_act, static_groups,
-                                          damp_percent, block_size, mse)
+                                          damp_percent, block_size, mse, updated)
         if free_hessian:
             self.H = None
         return result
@@ -152,6 +152,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     mse: bool = False,
+    updated: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ-quantize ``weight`` ``[out, in]`` given the Hessian ``H`` ``[in, in]`` (not modified).
 
@@ -164,8 +165,11 @@ def gptq_quantize(
     ``block_size`` columns are updated together (the lazy batch).
 
     Computes in float32 on ``weight``'s device, where the result is; ``q`` in the original column
-    order. Raises :class:`HessianError` when ``H`` cannot be factorized even with damping raised to
-    ``damp_percent * 10**DAMP_RETRIES``.
+    order. ``updated`` (float32 ``[out, in]``), when given, receives each column as it was
+    rounded: the weight plus the error GPTQ pushed onto it, so that
+    ``q = clamp(round(updated / scale) + zero, 0, maxq)`` (the starting point of learned rounding,
+    :mod:`llmq.quantizers.tune`). Raises :class:`HessianError` when ``H`` cannot be factorized even
+    with damping raised to ``damp_percent * 10**DAMP_RETRIES``.
     """
     group_size = check_settings(bits, group_size, block_size, damp_percent)
     grid = Grid(bits, sym, mse)
@@ -204,6 +208,8 @@ def gptq_quantize(
     del Hinv
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+    if updated is not None:
+        updated.copy_(W if perm is None else W[:, torch.argsort(perm)])
     result = QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx, bits)
     return result, solve_info(result, weight, dead, float(diag.mean()), damp, float(losses.sum()), energy)
 
@@ -272,6 +278,7 @@ def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, 
             losses += err**2
             W1[:, i + 1:] -= torch.outer(err, Hinv1[i, i + 1:])
             Err1[:, i] = err
+        W[:, i1:i2] = W1  # each column as it was rounded (later blocks never read these columns)
         # Lazy batch update: the columns after this block get all its errors in one matmul.
         W[:, i2:].addmm_(Err1, rows[:, i2 - i1:], alpha=-1)
 
