@@ -47,7 +47,9 @@ def damages(layout: models.Layout, keys: streaming.KeyMap, plan: list[list[str]]
         block_inputs = captured.for_block(i, inputs)
         weights = BlockWeights(block, prefix, keys)
         streaming.materialize(block, prefix, keys, run.device, run.dtype)
-        groups = input_groups(block, plan[i], block_inputs[0])[0] if plan[i] else []
+        # A mixture's experts run only in the batches that route tokens to them (as in solve.gptq_block).
+        samples = block_inputs if models.expert_linears(block) else block_inputs[:1]
+        groups = input_groups(block, plan[i], samples)[0] if plan[i] else []
         stats = input_statistics(block, [g[0] for g in groups], block_inputs, run.first_token_weight) if groups else {}
         if i + 1 < len(layout.blocks):
             inputs = run_block(block, block_inputs)
@@ -62,6 +64,11 @@ def damages(layout: models.Layout, keys: streaming.KeyMap, plan: list[list[str]]
                 for c in candidates_for(in_f, out_f, groups=candidate_groups(in_f, config.group_fit == "partial")):
                     e = w - rtn_quantize(w, c.bits, c.group_size, config.sym, config.mse).dequantize()
                     damage[prefix + name][c] = float(((e @ hessian) * e).sum())
+    unmeasured = [layout.block_prefix(i) + n for i, names in enumerate(plan) for n in names
+                  if layout.block_prefix(i) + n not in damage]
+    if unmeasured:
+        raise ValueError(f"--bits-budget: {unmeasured[0]} received no calibration tokens (an expert no token was "
+                         f"routed to; {len(unmeasured)} such linears), so its sensitivity cannot be measured")
     return shapes, damage
 
 
