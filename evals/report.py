@@ -77,12 +77,19 @@ def label(row: dict[str, Any]) -> str:
     """A configuration's name, from the ``llmq quantize`` arguments that made it."""
     a, default = quantize_args(row), quantize_args({"args": ""})
     group = "per-channel" if a.group_size == "-1" else f"g{a.group_size}"
-    parts = [f"{a.method.upper()} int{a.bits} {group} {'sym' if a.sym else 'asym'}"]
+    width = (f"`--bits-budget {a.bits_budget:g}` (mixed widths)" if a.bits_budget is not None
+             else f"int{a.bits} {group}")
+    parts = [f"{a.method.upper()} {width} {'sym' if a.sym else 'asym'}"]
     if a.method == "gptq":
         parts.append("act-order" if a.desc_act in (None, True) else "no act-order")
     if a.mse:
         parts.append("`--mse`")
-    if a.method == "gptq" and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
+    if a.awq:
+        parts.append("`--awq`")
+    if a.tune:
+        parts.append(f"`--tune` ({a.tune_steps} steps)" if a.tune_steps else "`--tune`")
+    calibrated = a.method == "gptq" or a.awq or a.tune or a.bits_budget is not None
+    if calibrated and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
         parts.append(f"{a.nsamples} × {a.calib_seqlen} calibration tokens")
     if a.first_token_weight is not None:
         parts.append(f"first-token weight {a.first_token_weight:g}")
