@@ -6,7 +6,6 @@ anything.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable
@@ -234,7 +233,7 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
     packed, errors = {}, {}
     for name, qw in solutions.items():
         w = weights.original(name).to(run.device, torch.float32)
-        errors[name] = math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
+        errors[name] = qw.relative_error(w)
         packed[name] = qw.pack(config.checkpoint_format)
     outputs = quantized_outputs(block, inputs, packed, weights, run)
     return BlockResult(packed, errors, outputs), info.init_loss, info.loss
@@ -274,7 +273,7 @@ def _rtn(weight: torch.Tensor, spec: ModuleSpec, config: QuantConfig,
     its relative error."""
     w = weight.to(device, torch.float32)
     qw = rtn_quantize(w, spec.bits, spec.group_size, config.sym, config.mse)
-    return qw.pack(config.checkpoint_format), math.sqrt(qw.squared_error(w)) / max(float(w.norm()), 1e-12)
+    return qw.pack(config.checkpoint_format), qw.relative_error(w)
 
 
 class WeightsOnCall:

@@ -3,6 +3,7 @@ rounding onto the grid, and the solved weight of one matrix before packing."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,10 @@ class QuantizedWeight:
             e = weight[r:r + step].float() - self.dequantize(slice(r, r + step))
             total += float((e if columns is None else e[:, columns]).square().sum())
         return total
+
+    def relative_error(self, weight: torch.Tensor) -> float:
+        """``‖weight - dequantize()‖ / ‖weight‖``: RTN's (and learned rounding's) error measure."""
+        return math.sqrt(self.squared_error(weight)) / max(float(weight.norm()), 1e-12)
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], checkpoint_format: str) -> QuantizedWeight:
