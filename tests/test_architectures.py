@@ -224,6 +224,16 @@ def test_experts_short_of_tokens_use_rtn_and_are_reported(tiny_models, tmp_path,
     assert not reports["rtn"].notes
 
 
+def test_learned_rounding_keeps_the_experts_notes(tiny_models, tmp_path):
+    """Learned rounding after GPTQ keeps the block's notes on experts short of tokens."""
+    from llmq.quantizers.tune import TuneConfig
+
+    report = quantize(tiny_models["mixtral"], QuantConfig(bits=8, group_size=32, method="gptq", dynamic=KEEP_ATTENTION),
+                      tmp_path / "q", calibration=calibration_ids(n=1, seqlen=8), progress=False,
+                      tune=TuneConfig(steps=2))
+    assert len([n for n in report.notes if "quantized with RTN" in n]) == 2
+
+
 def test_unknown_fused_experts_are_refused():
     """A mixture whose fused experts llmq does not know fails with one line naming the model type."""
     config = transformers.OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2)

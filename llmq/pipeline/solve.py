@@ -123,6 +123,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     def rtn(name: str, tokens: int) -> None:
         packed[name], errors[name] = _rtn(weights.original(name), specs[name], config, device)
         short[name] = tokens
+        if bases is not None:  # RTN rounds the weight itself
+            bases[name] = weights.original(name).to(device, torch.float32)
 
     with WeightsOnCall(block, linears, load) as on_call:
         # An expert runs only in the batches that route tokens to it: every batch is needed to find its group.
@@ -236,7 +238,7 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
         errors[name] = qw.relative_error(w)
         packed[name] = qw.pack(config.checkpoint_format)
     outputs = quantized_outputs(block, inputs, packed, weights, run)
-    return BlockResult(packed, errors, outputs), info.init_loss, info.loss
+    return BlockResult(packed, errors, outputs, start.notes), info.init_loss, info.loss
 
 
 def quantized_outputs(block: nn.Module, inputs: list[Batch], packed: dict[str, dict[str, torch.Tensor]],
