@@ -9,6 +9,12 @@ the README's table and plots.
 
     python evals/smollm2_wikitext.py --requantize     # every configuration, 40 windows
     python evals/smollm2_wikitext.py --only rtn-int8-pc rtn-int4-g128-asym --windows 4
+    python evals/smollm2_wikitext.py --first-window 40 --only ...   # windows 41-80, held out
+    python evals/smollm2_wikitext.py --dataset bundled --only ...   # the bundled corpus's held-out documents
+
+The README's table is measured on the first 40 windows; the same checkpoints evaluated on windows
+41-80 and on the second corpus (``--first-window``, ``--dataset``; each written to its own JSON)
+show whether a choice made there holds elsewhere.
 
 Runs of configurations not re-run are kept from an existing JSON with the same corpus, sequence
 length and windows (the baseline is recomputed and must agree). Without --requantize, a
@@ -55,6 +61,24 @@ CONFIGS = {
                                         "--first-token-weight 1",
     "gptq-int3-g128-asym-actorder-ftw1": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
                                          "--first-token-weight 1",
+    # Beyond GPTQ: activation-aware scaling, learned rounding, bits allocated under a budget.
+    "gptq-int4-g128-asym-actorder-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq",
+    "gptq-int4-g128-asym-actorder-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --tune",
+    "gptq-int4-g128-asym-actorder-awq-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq --tune",
+    "rtn-int4-g128-asym-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
+    "gptq-int3-g128-asym-actorder-mse-awq": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --awq",
+    "gptq-int3-g128-asym-actorder-mse-tune": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --tune",
+    "gptq-budget3.5-asym-actorder": "--method gptq --bits-budget 3.5 --asym --desc-act",
+}
+# What each method beyond GPTQ is measured against: the same width without it.
+REFERENCE = {
+    "gptq-int4-g128-asym-actorder-awq": "gptq-int4-g128-asym-actorder",
+    "gptq-int4-g128-asym-actorder-tune": "gptq-int4-g128-asym-actorder",
+    "gptq-int4-g128-asym-actorder-awq-tune": "gptq-int4-g128-asym-actorder",
+    "rtn-int4-g128-asym-tune": "rtn-int4-g128-asym",
+    "gptq-int3-g128-asym-actorder-mse-awq": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-int3-g128-asym-actorder-mse-tune": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-budget3.5-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,12 +87,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run (default: all)")
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--first-window", type=int, default=0, help="windows left out first (40: windows 41-80)")
+    ap.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "bundled"],
+                    help="bundled: the bundled corpus's held-out documents (never used for calibration)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--workdir", default=str(cache_dir() / "evals" / "smollm2"))
     ap.add_argument("--requantize", action="store_true", help="quantize again even if a checkpoint exists")
-    ap.add_argument("--json", default=str(RESULTS / "smollm2_wikitext.json"))
+    ap.add_argument("--json", default=None, help="default: evals/results/smollm2_wikitext.json for the first "
+                    "windows of WikiText-2, else smollm2_DATASET[_wFIRST-LAST].json")
     args = ap.parse_args()
+    if args.json is None:
+        span = f"_w{args.first_window + 1}-{args.first_window + args.windows}" if args.first_window else ""
+        stem = "smollm2_wikitext" if (args.dataset, span) == ("wikitext2", "") else f"smollm2_{args.dataset}{span}"
+        args.json = str(RESULTS / f"{stem}.json")
 
     base_path = resolve_model("smollm2-135m")  # converts the bundled GGUF once, outside the timed runs
     names = args.only or list(CONFIGS)
@@ -84,17 +116,20 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         quantized = json.loads(report.read_text())
         runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
+        if name in REFERENCE:
+            runs[name]["reference"] = REFERENCE[name]
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     candidates = {name: load_model(work / name) for name in names}
-    results = compare_lms(candidates, tokenizer, "wikitext2", args.seqlen, args.windows, baseline=load_model(base_path))
+    results = compare_lms(candidates, tokenizer, args.dataset, args.seqlen, args.windows,
+                          baseline=load_model(base_path), first_window=args.first_window)
 
     first = next(iter(results.values()))
     prov = provenance()
     merged = {name: {**runs[name], "eval": results[name].to_dict(), "provenance": prov} for name in names}
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and (previous["corpus"], previous["seqlen"], previous["windows"]) == (first.corpus, first.seqlen,
-                                                                                     first.windows):
+    if previous and (previous["corpus"], previous["seqlen"], previous["windows"], previous.get("first_window", 0)) == (
+            first.corpus, first.seqlen, first.windows, first.first_window):
         before = previous["baseline"]["perplexity"]
         if abs(before - first.baseline_perplexity) > 1e-6 * first.baseline_perplexity:
             raise SystemExit(f"baseline perplexity changed ({before} -> {first.baseline_perplexity}): "
@@ -102,7 +137,8 @@ def main() -> None:
         merged = {**previous["runs"], **merged}
     table = {
         "model": "SmolLM2-135M (dequantized from Q4_1)",
-        "corpus": first.corpus, "seqlen": first.seqlen, "windows": first.windows, "tokens": first.tokens,
+        "corpus": first.corpus, "seqlen": first.seqlen, "windows": first.windows, "first_window": first.first_window,
+        "tokens": first.tokens,
         "baseline": {"perplexity": first.baseline_perplexity,
                      "size_on_disk_bytes": sum(p.stat().st_size for p in base_path.glob("*.safetensors")),
                      "provenance": prov},
