@@ -96,6 +96,28 @@ def test_keeps_the_start_when_tuning_does_not_help():
         assert torch.equal(qw.q, starts[name][1].q) and torch.equal(qw.scales, starts[name][1].scales)
 
 
+def test_lowest_batch_loss_does_not_pick_the_solution():
+    """One batch is trivially easy (its target is what the starting point already gives, loss 0),
+    and it comes first: choosing by batch loss alone would keep the start. The last step's
+    parameters, measured over all batches, are better and are kept."""
+    _, block, inputs = tiny_block_inputs("llama", batches=4)
+    targets = _targets(block, inputs)
+    starts = _starts(block, inputs, 2, 32, False, "rtn")
+    easy = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0)).tolist()[-1]  # step 0's batch
+    saved = {n: block.get_submodule(n).weight.detach().clone() for n in starts}
+    with torch.no_grad():
+        for name, (_, init) in starts.items():
+            module = block.get_submodule(name)
+            module.weight.copy_(models.linear_weight(module, init.dequantize()))
+        targets[easy] = _hidden(inputs[easy].run(block))
+        for name, w in saved.items():
+            block.get_submodule(name).weight.copy_(w)
+    _, info = tune_block(block, starts, inputs, targets, sym=False, config=TuneConfig(steps=60, seed=0),
+                         progress=False)
+    assert info.best_step >= 0
+    assert info.loss < 0.9 * info.init_loss
+
+
 def test_symmetric_grid_also_improves():
     _, block, inputs = tiny_block_inputs("llama", batches=2)
     targets = _targets(block, inputs)

@@ -249,9 +249,10 @@ def tune_block(
     and ``targets[b]`` the hidden states ``[batch, seq, hidden]`` the unquantized block gives for
     it. Each step runs one batch (in a seeded random order, a new one each pass over the batches).
 
-    Returns the solutions and a :class:`TuneInfo`. The parameters of the step with the lowest batch
-    loss are kept, and they replace the starting point only if their loss over all batches is
-    lower (so ``info.loss <= info.init_loss``). The block's own parameters are not changed.
+    Returns the solutions and a :class:`TuneInfo`. Of the last step's parameters and those of the
+    step with the lowest batch loss, the one with the lower loss over all batches is kept, and it
+    replaces the starting point only if that loss is lower (so ``info.loss <= info.init_loss``).
+    The block's own parameters are not changed.
     """
     config = config or TuneConfig()
     if not starts:
@@ -294,15 +295,25 @@ def tune_block(
                 for g in grids.values():
                     g.clamp_()
                 bar.set_postfix(loss=f"{value:.4g}", init=f"{init_loss:.4g}")
-            with torch.no_grad():
-                for p, keep in zip(params, best, strict=True):
-                    p.copy_(keep)
-            loss = block_loss(block, inputs, targets) if config.steps else math.inf
+            # Batches differ in difficulty, so the step with the lowest batch loss is only a
+            # guess: the last step's parameters (the learning rate has decayed to 0 there) and that
+            # step's are both measured over all batches, and the better one is kept.
+            loss, solutions = math.inf, None
+            if config.steps:
+                loss = block_loss(block, inputs, targets)
+                solutions, last_step = {name: g.export() for name, g in grids.items()}, config.steps - 1
+                if best_step != last_step:
+                    with torch.no_grad():
+                        for p, keep in zip(params, best, strict=True):
+                            p.copy_(keep)
+                    best_loss = block_loss(block, inputs, targets)
+                    if best_loss < loss:
+                        loss, solutions = best_loss, {name: g.export() for name, g in grids.items()}
+                    else:
+                        best_step = last_step
             if loss >= init_loss:  # the starting point wins
                 loss, best_step = init_loss, -1
                 solutions = {name: init for name, (_, init) in starts.items()}
-            else:
-                solutions = {name: g.export() for name, g in grids.items()}
     finally:
         for p in frozen:
             p.requires_grad_(True)
