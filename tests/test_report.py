@@ -63,3 +63,24 @@ def test_labels_come_from_the_quantize_arguments():
                                  "--nsamples 256"}) == \
         "GPTQ int3 g128 asym, act-order, `--mse`, 256 × 512 calibration tokens"
     assert report.label({"args": ""}) == "GPTQ int4 g128 asym, act-order"
+
+
+def test_a_difference_holds_elsewhere_only_with_its_sign_and_half_its_size(monkeypatch):
+    def run(ppl, reference=None):
+        row = {"args": "--method gptq --bits 4 --group-size 128 --asym --desc-act --tune",
+               "eval": {"perplexity": ppl, "kl_divergence": 0.1}, "quantize_seconds": 10.0}
+        row["quantize_seconds"] = 10.0
+        return {**row, "reference": reference} if reference else {**row, "args": row["args"][:-7]}
+
+    def text(first_window, gains):  # gains per method name: reference perplexity - method perplexity
+        runs = {"ref": run(30.0)}
+        runs.update({name: run(30.0 - g, "ref") for name, g in gains.items()})
+        return {"corpus": "c (x)", "windows": 40, "first_window": first_window, "tokens": 1, "runs": runs}
+
+    sets = {"smollm2_wikitext": text(0, {"a": 2.0, "b": 2.0, "c": -1.0}),
+            "smollm2_wikitext2_w41-80": text(40, {"a": 1.0, "b": 0.9, "c": -0.6}),
+            "smollm2_bundled": text(0, {"a": 3.0, "b": 1.5, "c": 0.1})}
+    monkeypatch.setattr(report, "load", lambda name: sets[name])
+    rows = [line.split(" | ") for line in report.smollm2_elsewhere_table().splitlines()
+            if line.startswith("| GPTQ")]
+    assert [r[-2] for r in rows] == ["yes", "no", "no"]  # b: 0.9 < 2.0 / 2; c: the sign flips
