@@ -96,7 +96,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     so that later groups see the earlier ones quantized. A last pass gives the block's outputs.
     Each linear's width and group size are the config's for it (:meth:`BlockWeights.spec`).
     ``bases``, when given, receives each linear's updated weights (see ``gptq_quantize``), float32
-    ``[out, in]``: learned rounding starts from them (in-core solves only).
+    ``[out, in]``: learned rounding starts from them (in-core solves only), and no outputs are
+    computed (its step computes those of the tuned solution).
 
     A mixture's experts (:class:`~llmq.models.RoutedExperts`) each see only the tokens routed to
     them, so each expert's Hessian comes from those alone; the same projection of every expert is
@@ -175,7 +176,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                 rtn(name, 0)
                 memo.solved(name)
             memo.storing = False  # nothing runs after the output pass
-            outputs = run_block(block, inputs, memo.start)
+            # With bases, learned rounding follows and computes the outputs of its own solution.
+            outputs = run_block(block, inputs, memo.start) if bases is None else []
     streaming.to_meta(block)
     notes = ()
     if short:
