@@ -83,14 +83,26 @@ REFERENCE = {
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run (default: all)")
+def results_path(stem: str, prefix: str, dataset: str, first_window: int, windows: int) -> Path:
+    """``results/STEM.json`` for the README's protocol (the first windows of WikiText-2), else
+    ``results/PREFIX_DATASET[_wFIRST-LAST].json``: each span and corpus to its own file."""
+    span = f"_w{first_window + 1}-{first_window + windows}" if first_window else ""
+    return RESULTS / (f"{stem}.json" if (dataset, span) == ("wikitext2", "") else f"{prefix}_{dataset}{span}.json")
+
+
+def add_protocol_arguments(ap: argparse.ArgumentParser) -> None:
+    """The evaluation's options: --windows, --first-window, --dataset and --seqlen."""
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--first-window", type=int, default=0, help="windows left out first (40: windows 41-80)")
     ap.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "bundled"],
                     help="bundled: the bundled corpus's held-out documents (never used for calibration)")
     ap.add_argument("--seqlen", type=int, default=2048)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run (default: all)")
+    add_protocol_arguments(ap)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--workdir", default=str(cache_dir() / "evals" / "smollm2"))
     ap.add_argument("--requantize", action="store_true", help="quantize again even if a checkpoint exists")
@@ -98,9 +110,7 @@ def main() -> None:
                     "windows of WikiText-2, else smollm2_DATASET[_wFIRST-LAST].json")
     args = ap.parse_args()
     if args.json is None:
-        span = f"_w{args.first_window + 1}-{args.first_window + args.windows}" if args.first_window else ""
-        stem = "smollm2_wikitext" if (args.dataset, span) == ("wikitext2", "") else f"smollm2_{args.dataset}{span}"
-        args.json = str(RESULTS / f"{stem}.json")
+        args.json = str(results_path("smollm2_wikitext", "smollm2", args.dataset, args.first_window, args.windows))
 
     base_path = resolve_model("smollm2-135m")  # converts the bundled GGUF once, outside the timed runs
     names = args.only or list(CONFIGS)
