@@ -208,6 +208,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             counts[str(c)] = counts.get(str(c), 0) + 1
         print(f"bit allocation: {report.allocation.bits_per_weight:.4f} bits/weight in the block linears "
               f"(budget {args.bits_budget}): " + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())))
+        result["allocation"] = {"budget": args.bits_budget, "bits_per_weight": report.allocation.bits_per_weight,
+                                "linears": dict(sorted(counts.items()))}
     if report.tune_losses:
         before, after = (sum(x) for x in zip(*report.tune_losses, strict=True))
         print(f"learned rounding: block output error {before:.4g} -> {after:.4g} (summed over the tuned blocks)")

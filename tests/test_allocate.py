@@ -93,3 +93,23 @@ def test_pipeline_meets_the_budget_and_loads(tmp_path):
     with pytest.raises(ValueError, match="below the cheapest"):
         quantize(src, config, tmp_path / "low", calibration=calibration_ids(), progress=False, bits_budget=1.5)
     assert not (tmp_path / "low").exists()
+
+
+def test_damage_is_measured_on_the_block_output(tmp_path):
+    """A linear's damage is what its error does to its block's output, not the error of its own output:
+    with block 0's attention output scaled down a thousandfold, errors in its q/k/v/o barely reach the
+    residual stream, so those four linears get the fewest bits; the MLP beside them, whose inputs and
+    weights are unchanged, keeps more."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny("llama", tmp_path / "src")
+    shard = src / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.o_proj.weight"] *= 1e-3
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
+    report = quantize(src, config, tmp_path / "q", calibration=calibration_ids(), progress=False, bits_budget=3.5)
+    bits = {name: c.bits for name, c in report.allocation.choice.items()}
+    attention = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    assert all(bits[n] == 2 for n in attention), bits
+    assert min(bits[f"model.layers.0.mlp.{p}_proj"] for p in ("gate", "up", "down")) > 2, bits

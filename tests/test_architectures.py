@@ -29,6 +29,7 @@ from transformers import AutoConfig
 
 from llmq import QuantConfig, QuantLinear, models, streaming
 from llmq.checkpoint import load_quantized
+from llmq.inspect_ckpt import inspect_checkpoint
 from llmq.pipeline import capture, quantize
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt", "bert"]
@@ -254,3 +255,20 @@ def test_mixtral_rules_match_checkpoint_names(tiny_models, tmp_path):
     experts = load_quantized(tmp_path / "q").model.layers[0].mlp.experts
     assert type(experts[0].w1) is torch.nn.Linear
     assert (experts[1].w1.bits, experts[2].w1.bits) == (4, 8)
+
+
+@pytest.mark.parametrize("kind", DENSE + MOE)
+def test_bits_budget_on_every_architecture(tiny_models, tmp_path, kind):
+    """``--bits-budget`` measures every block linear (a mixture's experts included), spends at most
+    the budget, and the mixed-width checkpoint loads with each linear at its allocated width."""
+    src = tiny_models[kind]
+    report = quantize(src, QuantConfig(bits=4, group_size=32, method="rtn"), tmp_path / "q",
+                      calibration=calibration_ids(**CALIBRATION), progress=False, bits_budget=4.5)
+    info = inspect_checkpoint(tmp_path / "q")
+    assert info["bits_per_weight"] <= 4.5 and len(report.allocation.choice) == len(report.quantized)
+    model = load_quantized(tmp_path / "q")
+    widths = {name: (m.bits, m.group_size) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert widths == {name: (c.bits, c.group_size) for name, c in report.allocation.choice.items()}
+    with torch.no_grad():
+        out = model(calibration_ids(n=1, seqlen=12, seed=1).input_ids)
+    assert torch.isfinite(out.logits).all()

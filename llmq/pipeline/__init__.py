@@ -216,7 +216,7 @@ def quantize(
         shapes, damage = damages(layout, keys, plan, captured, GPTQRun(config, fwd_dtype, device, first_token_weight),
                                  progress)
         allocation = allocate(shapes, damage, bits_budget)
-        config = config.replace(dynamic={**allocation_rules(allocation, list(shapes)), **config.dynamic},
+        config = config.replace(dynamic={**allocation_rules(allocation, list(shapes), keys), **config.dynamic},
                                 meta={**config.meta, "bits_budget": bits_budget})
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes,
