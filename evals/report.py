@@ -178,6 +178,29 @@ def smollm2_elsewhere_table() -> str:
     return f"{intro}\n\n{_table(header, rows, 'll' + 'r' * len(sets) + 'lr')}\n\n{notes(shown)}\n"
 
 
+def autoround_table() -> str:
+    """AutoRound (evals/autoround_smollm2.py) beside llmq's int4 g128 asymmetric rows, same windows."""
+    theirs, ours = load("autoround_smollm2"), load("smollm2_wikitext")
+    base = ours["baseline"]["perplexity"]
+    if (theirs["corpus"], theirs["seqlen"], theirs["windows"]) != (ours["corpus"], ours["seqlen"], ours["windows"]) \
+            or abs(theirs["baseline"]["perplexity"] - base) > 1e-6 * base:
+        raise ValueError("autoround_smollm2.json and smollm2_wikitext.json were measured on different windows")
+    runs = [(f"AutoRound ({r['quantizer']}, {r['iters']} steps per block), `{r['format']}` export read by llmq", r)
+            for r in theirs["runs"].values()]
+    runs += [(f"llmq {label(r)}", r) for r in ours["runs"].values()
+             if (r["config"]["bits"], r["config"]["group_size"], r["config"]["sym"]) == (4, 128, False)
+             and not r["config"].get("dynamic")]
+    rows = [[name, f"{r['eval']['perplexity']:.3f}", f"{100 * (r['eval']['perplexity'] / base - 1):+.2f}%",
+             f"{r['eval']['kl_divergence']:.4f}", f"{r['eval']['top1_agreement']:.2f}%", f"{r['bits_per_weight']:.3f}",
+             f"{r['quantize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", code(r)] for name, r in runs]
+    header = ["quantizer and configuration", "perplexity", "Δ ppl", "KL (nats/token)", "top-1 agree", "bits/weight",
+              "quantize (s)", "peak RSS (MiB)", "code"]
+    intro = (f"Int4 g128 asymmetric on SmolLM2-135M (dequantized from Q4_1), {theirs['corpus']}, seqlen "
+             f"{theirs['seqlen']}, first {theirs['windows']} windows, unquantized perplexity {base:.3f}; every "
+             "quantizer calibrated on the same 128 × 512 tokens of the bundled corpus.")
+    return f"{intro}\n\n{_table(header, rows, 'lrrrrrrrl')}\n\n{notes([r for _, r in runs])}\n"
+
+
 def _gptq_config(config: dict[str, Any]) -> tuple[str, str, bool]:
     """``(label, calibration forwards, act-order)`` of a configuration of ``gptq_reference.json``."""
     if config["kind"] == "llmq":
@@ -353,6 +376,7 @@ def interop_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "smollm2": smollm2_table,
     "smollm2-elsewhere": smollm2_elsewhere_table,
+    "autoround": autoround_table,
     "gptq-reference": gptq_reference_table,
     "cpu-decode": cpu_decode_table,
     "minilm": minilm_table,

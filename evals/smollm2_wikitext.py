@@ -69,6 +69,9 @@ CONFIGS = {
     "gptq-int3-g128-asym-actorder-mse-awq": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --awq",
     "gptq-int3-g128-asym-actorder-mse-tune": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --tune",
     "gptq-budget3.5-asym-actorder": "--method gptq --bits-budget 3.5 --asym --desc-act",
+    # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
+    "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act",
+    "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -79,6 +82,8 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-mse-awq": "gptq-int3-g128-asym-actorder-mse",
     "gptq-int3-g128-asym-actorder-mse-tune": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget3.5-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }
 RESULTS = Path(__file__).parent / "results"
 
