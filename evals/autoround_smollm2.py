@@ -9,8 +9,8 @@ llmq's int4 g128 asymmetric rows measured on the same windows beside it.
 
 The export format is AutoRound's ``auto_gptq`` (GPTQ v1, which llmq reads). Its default
 ``auto_round`` format packs asymmetric int4 as AWQ, which refuses SmolLM2's 576-wide inputs at
-group size 128; ``auto_round:auto_gptq`` writes the same tensors as ``auto_gptq`` but names them
-``quant_method: auto-round``, which llmq does not load.
+group size 128; ``auto_round:auto_gptq`` writes the same tensors as ``auto_gptq`` under
+``quant_method: auto-round``, which llmq reads too (``tests/test_interop_format.py``).
 
 AutoRound runs in an environment of its own (``evals/autoround_quantize.py``, in a subprocess,
 so its wall time and peak RSS are that run's own), never in llmq's: from the repository root,

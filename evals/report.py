@@ -189,7 +189,7 @@ def autoround_table() -> str:
             for r in theirs["runs"].values()]
     runs += [(f"llmq {label(r)}", r) for r in ours["runs"].values()
              if (r["config"]["bits"], r["config"]["group_size"], r["config"]["sym"]) == (4, 128, False)
-             and not r["config"].get("dynamic")]
+             and not r["config"].get("dynamic") and "--first-token-weight" not in r["args"]]
     rows = [[name, f"{r['eval']['perplexity']:.3f}", f"{100 * (r['eval']['perplexity'] / base - 1):+.2f}%",
              f"{r['eval']['kl_divergence']:.4f}", f"{r['eval']['top1_agreement']:.2f}%", f"{r['bits_per_weight']:.3f}",
              f"{r['quantize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", code(r)] for name, r in runs]

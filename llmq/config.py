@@ -89,6 +89,39 @@ def dynamic_rules(settings: dict[str, dict[str, Any]], modules: Iterable[str]) -
     return rules
 
 
+# AutoRound's exports whose tensors are GPTQ's (``quant_method: auto-round``), by packing format.
+AUTO_ROUND_PACKINGS = {"auto_round:auto_gptq": "gptq"}
+
+
+def _from_auto_round(d: dict[str, Any]) -> dict[str, Any]:
+    """An AutoRound ``quantization_config`` whose tensors are GPTQ-packed, as the GPTQ config it
+    amounts to: its per-layer ``extra_config`` (16 bits or more: left unquantized) becomes
+    ``dynamic`` rules. Raises ``ValueError`` for its other packings and data types."""
+    packing = d.get("packing_format", "auto_round:auto_gptq")
+    if packing not in AUTO_ROUND_PACKINGS:
+        raise ValueError(f"unsupported AutoRound packing_format {packing!r}: llmq loads "
+                         f"{' and '.join(AUTO_ROUND_PACKINGS)}")
+    if d.get("data_type", "int") != "int":
+        raise ValueError(f"unsupported AutoRound data_type {d['data_type']!r}: llmq loads integer weights")
+    bits, group_size = d.get("bits", 4), d.get("group_size", 128)
+    dynamic: dict[str, dict[str, Any]] = {}
+    for name, layer in (d.get("extra_config") or {}).items():
+        if not isinstance(layer, dict):
+            raise ValueError(f"AutoRound extra_config for {name!r} must be a JSON object, got {layer!r}")
+        if (layer.get("bits") or bits) >= 16:
+            dynamic[f"-:^{re.escape(name)}$"] = {}
+            continue
+        if layer.get("data_type", d.get("data_type", "int")) != "int":  # a layer's sym: its stored zeros say it
+            raise ValueError(f"unsupported AutoRound layer {name!r}: llmq loads integer weights, got {layer}")
+        dynamic[f"+:^{re.escape(name)}$"] = {"bits": layer.get("bits") or bits,
+                                             "group_size": layer.get("group_size") or group_size}
+    blocks = d.get("block_name_to_quantize")
+    return {**{k: v for k, v in d.items() if k not in ("extra_config", "packing_format")},
+            "quant_method": "gptq", "checkpoint_format": AUTO_ROUND_PACKINGS[packing],
+            "dynamic": {**dynamic, **(d.get("dynamic") or {})},
+            "block_name_to_quantize": ",".join(blocks) if isinstance(blocks, list) else blocks}
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
@@ -215,6 +248,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Read a ``quantization_config``; raises ``ValueError`` for formats llmq does not load."""
+        if d.get("quant_method") == "auto-round":
+            d = _from_auto_round(d)
         if d.get("quant_method", "gptq") != "gptq":
             raise ValueError(f"unsupported quant_method {d.get('quant_method')!r}: llmq loads GPTQ checkpoints")
         if not isinstance(d.get("meta") or {}, dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,47 @@ def test_fit_groups_rules():
     assert fit_groups({"a": 512}, 128, "shrink") == (128, {}, None)
     with pytest.raises(ValueError, match="no power of two"):
         fit_groups({"a": 100}, 64, "shrink")
+
+
+AUTOROUND = Path(__file__).parent / "data" / "autoround_tiny"
+
+
+def test_autoround_export_loads():
+    """AutoRound's ``auto_round:auto_gptq`` export (``quant_method: auto-round``, written by
+    ``scripts/make_autoround_fixture.py``): llmq reads its tensors as GPTQ v1, as the independent
+    reader does; the layer its ``extra_config`` leaves at 16 bits stays a plain linear and the 8-bit
+    one is 8 bits; and each weight is close to the source's, much closer than a v2 reading."""
+    qc = json.loads((AUTOROUND / "quantized" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["packing_format"]) == ("auto-round", "auto_round:auto_gptq")
+    model = load_quantized(AUTOROUND / "quantized", dtype=torch.float32)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 13 and type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert layers.pop("model.layers.0.self_attn.o_proj").bits == 8
+    source = load_file(AUTOROUND / "source" / "model.safetensors")
+    tensors = load_file(AUTOROUND / "quantized" / "model.safetensors")
+    for name, layer in layers.items():
+        w = source[f"{name}.weight"].double()
+        assert f"{name}.g_idx" not in tensors  # AutoRound writes none: the groups are in order
+        tensors[f"{name}.g_idx"] = torch.arange(w.shape[1]) // 32
+        v1, bits = read_module(tensors, f"{name}.", w.shape[1], "gptq")
+        v2, _ = read_module(tensors, f"{name}.", w.shape[1], "gptq_v2")
+        assert (bits, layer.bits, layer.group_size) == (4, 4, 32)
+        assert torch.equal(layer.dequantize_weight().double(), v1), name
+        e1, e2 = (float((q - w).norm() / w.norm()) for q in (v1, v2))
+        assert e1 < 0.15 and e1 < e2 / 2, (name, e1, e2)
+    kept = "model.layers.1.mlp.down_proj.weight"  # stored in bfloat16 by AutoRound
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, tensors[kept].float())
+    torch.testing.assert_close(tensors[kept].float(), source[kept].float(), rtol=2**-8, atol=0)
+
+
+def test_autoround_formats_llmq_cannot_read_are_refused():
+    """Another AutoRound packing (here its AWQ one) or a non-integer data type: one clear error."""
+    qc = json.loads((AUTOROUND / "quantized" / "config.json").read_text())["quantization_config"]
+    with pytest.raises(ValueError, match="unsupported AutoRound packing_format 'auto_round:auto_awq'"):
+        QuantConfig.from_dict({**qc, "packing_format": "auto_round:auto_awq"})
+    with pytest.raises(ValueError, match="unsupported AutoRound data_type 'nv_fp'"):
+        QuantConfig.from_dict({**qc, "data_type": "nv_fp"})
+    config = QuantConfig.from_dict(qc)
+    assert (config.checkpoint_format, config.bits, config.group_size, config.sym) == ("gptq", 4, 32, False)
+    assert config.for_module("model.layers.1.mlp.down_proj") is None
+    assert config.for_module("model.layers.0.self_attn.o_proj").bits == 8
