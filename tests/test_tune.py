@@ -15,7 +15,7 @@ from llmq.pipeline import quantize
 from llmq.quantizers import grid
 from llmq.quantizers.gptq import gptq_quantize
 from llmq.quantizers.rtn import rtn_quantize
-from llmq.quantizers.tune import LearnedGrid, TuneConfig, block_loss, output_loss, tune_block
+from llmq.quantizers.tune import LearnedGrid, TuneConfig, block_loss, tune_block
 
 
 def _starts(block, inputs, bits, group_size, sym, method):
@@ -150,18 +150,3 @@ def test_pipeline_tunes_every_block_and_loads(tmp_path, kind, method):
     plain = load_file(tmp_path / "plain" / "model.safetensors")
     assert tuned.keys() == plain.keys()
     assert any(not torch.equal(tuned[k], plain[k]) for k in tuned if k.endswith(".qweight"))
-
-
-def test_output_loss_is_relative_per_token():
-    """Each token's error counts relative to its size: a token with massive activations (the
-    attention sink) weighs no more than any other, and counts ``first_token_weight`` times first."""
-    gen = torch.Generator().manual_seed(0)
-    target = torch.randn(2, 5, 16, generator=gen)
-    out = target + 0.1 * torch.randn(2, 5, 16, generator=gen)
-    loss = output_loss(out, target)
-    scale = torch.ones(2, 5, 1)
-    scale[:, 0] = 1000.0  # massive first tokens, the same relative error
-    assert float(output_loss(out * scale, target * scale)) == pytest.approx(float(loss), rel=1e-5)
-    per_token = (out - target).square().sum(-1) / target.square().sum(-1)
-    weighted = (per_token.sum() + 7 * per_token[:, 0].sum()) / (10 + 7 * 2)
-    assert float(output_loss(out, target, first_token_weight=8)) == pytest.approx(float(weighted), rel=1e-5)

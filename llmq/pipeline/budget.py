@@ -36,7 +36,6 @@ from llmq.pipeline.scale import input_statistics
 from llmq.pipeline.solve import BlockWeights, GPTQRun
 from llmq.quantizers.allocate import CANDIDATE_GROUPS, Allocation, Candidate, candidates_for
 from llmq.quantizers.rtn import rtn_quantize
-from llmq.quantizers.tune import block_loss, hidden_output
 
 
 def candidate_groups(in_features: int, partial: bool) -> tuple[int, ...]:
@@ -107,8 +106,7 @@ class _Probe:
 
     def __init__(self, block: nn.Module, inputs: list[Batch], first_token_weight: float) -> None:
         self.block, self.inputs, self.first_token_weight = block, inputs, first_token_weight
-        with torch.no_grad():
-            self.ref = [hidden_output(batch.run(block)).float() for batch in inputs]
+        self.ref = [_hidden(batch.run(block)).float() for batch in inputs]
 
     def relative_change(self, name: str, weight: torch.Tensor) -> float:
         """Mean over tokens of ``|Δout|² / |out|²`` with ``weight`` ``[out, in]`` in linear ``name``,
@@ -116,10 +114,24 @@ class _Probe:
         module = self.block.get_submodule(name)
         kept = module._parameters["weight"]
         module._parameters["weight"] = nn.Parameter(models.linear_weight(module, weight).to(kept), requires_grad=False)
+        total, tokens = 0.0, 0.0
         try:
-            return block_loss(self.block, self.inputs, self.ref, self.first_token_weight)
+            with torch.no_grad():
+                for batch, ref in zip(self.inputs, self.ref, strict=True):
+                    out = _hidden(batch.run(self.block)).float()
+                    ratio = (out - ref).square().sum(-1) / ref.square().sum(-1).clamp_min(1e-30)
+                    total += float(ratio.sum())
+                    tokens += ratio.numel()
+                    if ratio.dim() == 2:
+                        total += (self.first_token_weight - 1) * float(ratio[:, 0].sum())
+                        tokens += (self.first_token_weight - 1) * ratio.shape[0]
         finally:
             module._parameters["weight"] = kept
+        return total / max(tokens, 1.0)
+
+
+def _hidden(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def allocation_rules(allocation: Allocation, modules: list[str], keys: streaming.KeyMap) -> dict[str, dict[str, int]]:

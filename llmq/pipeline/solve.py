@@ -223,7 +223,7 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
     from those solutions and the continuous weights ``bases`` they rounded, so that the block's
     outputs on ``inputs`` (the quantized previous blocks' outputs) approach ``targets`` (see
     :func:`fp_outputs`). Returns the tuned result, with the block's outputs under it (the next
-    block's inputs), and the calibration loss (:func:`llmq.quantizers.tune.output_loss`) before and after."""
+    block's inputs), and the calibration loss (output mean squared error) before and after."""
     config = run.config
     names = list(start.packed)
     streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype,
@@ -231,7 +231,7 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
     starts = {n: (bases[n].to(run.device), QuantizedWeight.from_packed(start.packed[n], config.checkpoint_format))
               for n in names}
     solutions, info = tune_block(block, starts, inputs, targets, config.sym, tune, progress,
-                                 desc=f"tune {weights.prefix[:-1]}", first_token_weight=run.first_token_weight)
+                                 desc=f"tune {weights.prefix[:-1]}")
     del starts
     streaming.to_meta(block)
     packed, errors = {}, {}

@@ -1,9 +1,7 @@
 """Learned rounding for one block (SignRound / AutoRound, Cheng et al. 2023): starting from a
 solved grid (RTN or GPTQ), learn per-weight rounding offsets ``V`` in ``[-½, ½]`` and per-group
 range factors, so that the block's outputs on the calibration inputs match the unquantized
-block's, with straight-through rounding and sign-gradient descent. The loss is each token's
-output error relative to the token's size (:func:`output_loss`): a plain mean squared error would
-be spent almost wholly on the few tokens with massive activations.
+block's, with straight-through rounding and sign-gradient descent.
 
 Each tuned linear's weight during tuning is ``s · (clamp(round(B / s + V) + z, 0, maxq) - z)``,
 where ``B`` is the continuous weight being rounded (the checkpoint's weight after RTN, or GPTQ's
@@ -71,7 +69,7 @@ class TuneConfig:
 
 @dataclass
 class TuneInfo:
-    """``init_loss`` and ``loss``: :func:`output_loss` of the block's outputs against the targets over
+    """``init_loss`` and ``loss``: mean squared error of the block's outputs against the targets over
     all batches, for the starting point and for the returned solution (never larger);
     ``best_step``: the step whose parameters were kept (-1: the starting point); ``seconds``."""
 
@@ -215,33 +213,22 @@ def quantized_forwards(block: nn.Module, grids: dict[str, LearnedGrid]) -> Itera
             del module.forward
 
 
-def output_loss(out: torch.Tensor, target: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
-    """Per token, ``|out - target|² / |target|²`` (the change the next norm sees, whatever the
-    token's size), averaged over the tokens of hidden states ``[batch, seq, hidden]`` with each
-    sample's first token counted ``first_token_weight`` times; computed in float32."""
-    target = target.float()
-    err = (out.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)
-    if err.dim() == 2 and first_token_weight != 1:
-        weights = torch.ones_like(err)
-        weights[:, 0] = first_token_weight
-        return (err * weights).sum() / weights.sum()
-    return err.mean()
+def output_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``out`` against ``target`` (any shape, computed in float32)."""
+    return (out.float() - target.float()).square().mean()
 
 
-def hidden_output(out: object) -> torch.Tensor:
-    """A block's hidden states from what its forward returns (a tensor, or a tuple led by one)."""
+def _hidden(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def block_loss(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor],
-               first_token_weight: float = 1.0) -> float:
+def block_loss(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor]) -> float:
     """:func:`output_loss` of ``block`` over all batches, weighted by their sizes."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch, target in zip(inputs, targets, strict=True):
-            tokens = target.shape[:-1].numel()
-            total += float(output_loss(hidden_output(batch.run(block)), target, first_token_weight)) * tokens
-            count += tokens
+            total += float(output_loss(_hidden(batch.run(block)), target)) * target.numel()
+            count += target.numel()
     return total / max(count, 1)
 
 
@@ -254,7 +241,6 @@ def tune_block(
     config: TuneConfig | None = None,
     progress: bool = True,
     desc: str = "tune",
-    first_token_weight: float = 1.0,
 ) -> tuple[dict[str, QuantizedWeight], TuneInfo]:
     """Learn the rounding of the linears ``starts`` of ``block`` against ``targets``.
 
@@ -287,15 +273,15 @@ def tune_block(
     best = [p.detach().clone() for p in params]
     try:
         with quantized_forwards(block, grids):
-            init_loss = block_loss(block, inputs, targets, first_token_weight)
+            init_loss = block_loss(block, inputs, targets)
             bar = tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False)
             for step in bar:
                 if not order:
                     order = torch.randperm(len(inputs), generator=gen).tolist()
                 b = order.pop()
                 with torch.enable_grad():
-                    out = hidden_output(inputs[b].run(block))
-                    loss = output_loss(out, targets[b], first_token_weight)
+                    out = _hidden(inputs[b].run(block))
+                    loss = output_loss(out, targets[b])
                     grads = torch.autograd.grad(loss, params)
                 value = float(loss.detach())
                 if value < best_loss:  # the parameters that gave this loss, before this step moves them
@@ -314,13 +300,13 @@ def tune_block(
             # step's are both measured over all batches, and the better one is kept.
             loss, solutions = math.inf, None
             if config.steps:
-                loss = block_loss(block, inputs, targets, first_token_weight)
+                loss = block_loss(block, inputs, targets)
                 solutions, last_step = {name: g.export() for name, g in grids.items()}, config.steps - 1
                 if best_step != last_step:
                     with torch.no_grad():
                         for p, keep in zip(params, best, strict=True):
                             p.copy_(keep)
-                    best_loss = block_loss(block, inputs, targets, first_token_weight)
+                    best_loss = block_loss(block, inputs, targets)
                     if best_loss < loss:
                         loss, solutions = best_loss, {name: g.export() for name, g in grids.items()}
                     else:
