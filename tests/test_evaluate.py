@@ -182,7 +182,10 @@ def test_chunked_equals_unchunked(tokenizer, corpus, monkeypatch, kind):
     assert res.tokens == 3 * (seqlen - 1) and res.windows == 3
     assert res.nll == pytest.approx(nll, rel=1e-6) and res.baseline_perplexity == pytest.approx(
         torch.tensor(base_nll).exp().item(), rel=1e-6)
-    assert res.kl_divergence == pytest.approx(kl, rel=1e-5) and kl > 1e-5
+    # KL (~1e-3 here) is a difference of log-probabilities of size ~10: the head applied to a chunk
+    # of hidden states rounds differently from the full forward's (SIMD width, matmul shape), a few
+    # 1e-8 absolute; a chunk scored twice, skipped or misaligned moves it by orders more.
+    assert res.kl_divergence == pytest.approx(kl, rel=1e-4) and kl > 1e-5
     assert res.top1_agreement == agree and 0 < agree < 100
 
 
