@@ -29,7 +29,10 @@ BLOCKS = 4
 # Per block: 7 linears of 4 tensors each (qweight, qzeros, scales, g_idx) go through ShardWriter.add.
 ADDS_PER_BLOCK = 28
 METHOD_ARGS = {"rtn": ["--method", "rtn", "--group-size", "32"],
-               "gptq": ["--method", "gptq", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32"]}
+               "gptq": ["--method", "gptq", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32"],
+               # learned rounding's targets, the unquantized model's hidden states, are replayed on resume
+               "tune": ["--method", "rtn", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32", "--tune",
+                        "--tune-steps", "4"]}
 
 # A quantize command in a child process that signals itself on the N-th call of one of llmq's
 # functions, before the call or after it returns: argv[1] is JSON {"hook", "at": [N...], "signal", "after"}.
@@ -117,6 +120,7 @@ def resume_counting(args: list[str], monkeypatch) -> tuple[int, int]:
     ("gptq", "write_config", 1, False, BLOCKS),  # every block done, the output being assembled
     ("rtn", "commit", 3, True, 3),
     ("rtn", "add", 2 * ADDS_PER_BLOCK + 14, False, 2),
+    ("tune", "commit", 2, True, 2),
 ])
 def test_sigkill_then_resume_gives_the_uninterrupted_bytes(model, reference, tmp_path, monkeypatch, method, hook, at,
                                                           after, finished):
