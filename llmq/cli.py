@@ -65,8 +65,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "them); calibrates RTN too")
     p.add_argument("--tune", action="store_true",
                    help="learned rounding after the RTN or GPTQ solve: per block, rounding offsets and group ranges "
-                        "fitted to the unquantized model's hidden states after the block on the calibration set "
-                        "(calibrates RTN too)")
+                        "fitted to the unquantized block's outputs on the calibration set (calibrates RTN too)")
     p.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help=f"with --tune: sign-gradient steps per block (default {TUNE_STEPS}), one calibration "
                         "batch each")

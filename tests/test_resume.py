@@ -30,7 +30,7 @@ BLOCKS = 4
 ADDS_PER_BLOCK = 28
 METHOD_ARGS = {"rtn": ["--method", "rtn", "--group-size", "32"],
                "gptq": ["--method", "gptq", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32"],
-               # learned rounding's targets, the unquantized model's hidden states, are replayed on resume
+               # learned rounding (RTN start): its targets and tuned codes come out the same after a resume
                "tune": ["--method", "rtn", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32", "--tune",
                         "--tune-steps", "4"]}
 

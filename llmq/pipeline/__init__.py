@@ -237,16 +237,10 @@ def quantize(
             if captured is None:
                 captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             inputs = captured.inputs
-            run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
-                          tail_input_budget=0 if wide else 4)
-            # Learned rounding's targets: the unquantized model's hidden states, block by block (as
-            # AutoRound's), so that each tuned block also makes up for the error of those before it.
-            fp_inputs = list(inputs) if tune is not None else None
-            for j in range(start if tune is not None else 0):  # a resumed run replays the unquantized blocks
-                fp_inputs = fp_outputs(layout.blocks[j], captured.for_block(j, fp_inputs),
-                                       BlockWeights(layout.blocks[j], layout.block_prefix(j), keys), run)
             if start:
                 state.load_inputs(inputs)
+            run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
+                          tail_input_budget=0 if wide else 4)
         stop.check(start, total)
         bar = tqdm(range(start, total), desc=f"quantize {config.describe()}", unit="block",
                    initial=start, total=total, disable=not progress)
@@ -259,9 +253,7 @@ def quantize(
                     specs = {n: config.for_module(prefix + n) for n in plan[i]}
                     weights, gains = awq_block(block, folds, specs, block_inputs, weights, run)
                     report.awq_gains.update(gains)
-                if tune is not None:
-                    fp_inputs = fp_outputs(block, captured.for_block(i, fp_inputs), weights, run)
-                    targets = [batch.hidden for batch in fp_inputs]
+                targets = fp_outputs(block, block_inputs, weights, run) if tune is not None else None
             bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
                 result = gptq_block(block, plan[i], block_inputs, weights, run, bases)

@@ -207,12 +207,11 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
     return BlockResult(packed, errors, [])
 
 
-def fp_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[Batch]:
-    """The unquantized block's outputs on ``inputs`` (hidden states in ``run.dtype``): on the
-    unquantized model's own hidden states, the next block's inputs in that model and the targets of
-    learned rounding. The block is loaded for the pass and released after."""
+def fp_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[torch.Tensor]:
+    """The unquantized block's hidden outputs ``[batch, seq, hidden]`` on ``inputs`` (in ``run.dtype``):
+    the targets of learned rounding. The block is loaded for the pass and released after."""
     streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype)
-    outputs = run_block(block, inputs)
+    outputs = [batch.hidden for batch in run_block(block, inputs)]
     streaming.to_meta(block)
     return outputs
 
@@ -222,10 +221,9 @@ def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.T
                     progress: bool = True) -> tuple[BlockResult, float, float]:
     """Learned rounding (:func:`llmq.quantizers.tune.tune_block`) of the linears ``start`` solved,
     from those solutions and the continuous weights ``bases`` they rounded, so that the block's
-    outputs on ``inputs`` (the quantized previous blocks' outputs) approach ``targets`` (the
-    unquantized model's hidden states after this block, see :func:`fp_outputs`). Returns the tuned
-    result, with the block's outputs under it (the next block's inputs), and the calibration loss
-    (output mean squared error) before and after."""
+    outputs on ``inputs`` (the quantized previous blocks' outputs) approach ``targets`` (see
+    :func:`fp_outputs`). Returns the tuned result, with the block's outputs under it (the next
+    block's inputs), and the calibration loss (output mean squared error) before and after."""
     config = run.config
     names = list(start.packed)
     streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype,

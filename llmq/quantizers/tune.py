@@ -14,8 +14,8 @@ back exactly. Asymmetric grids scale the range ends ``xmax = s₀ (maxq - z₀)`
 
 Nothing here knows about models: the caller hands over a block, which of its linears to tune,
 their starting points, the block's input batches (e.g. the already-quantized previous blocks'
-outputs) and the targets (e.g. the unquantized model's hidden states after the block). Memory is
-the block's activations for one batch with their gradients, plus ``V`` and two copies (best and gradient) per
+outputs) and the targets (the unquantized block's outputs on them). Memory is the block's
+activations for one batch with their gradients, plus ``V`` and two copies (best and gradient) per
 tuned weight.
 """
 
@@ -246,9 +246,8 @@ def tune_block(
 
     ``starts[name] = (base, init)``: the continuous weight ``[out, in]`` that ``init`` rounded (see
     the module docstring) and the starting solution. ``inputs[b]`` is the block's input batch ``b``
-    and ``targets[b]`` the hidden states ``[batch, seq, hidden]`` its outputs should approach (the
-    pipeline's: the unquantized model's after this block). Each step runs one batch (in a seeded
-    random order, a new one each pass over the batches).
+    and ``targets[b]`` the hidden states ``[batch, seq, hidden]`` the unquantized block gives for
+    it. Each step runs one batch (in a seeded random order, a new one each pass over the batches).
 
     Returns the solutions and a :class:`TuneInfo`. Of the last step's parameters and those of the
     step with the lowest batch loss, the one with the lower loss over all batches is kept, and it
