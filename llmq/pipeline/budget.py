@@ -106,7 +106,8 @@ class _Probe:
 
     def __init__(self, block: nn.Module, inputs: list[Batch], first_token_weight: float) -> None:
         self.block, self.inputs, self.first_token_weight = block, inputs, first_token_weight
-        self.ref = [_hidden(batch.run(block)).float() for batch in inputs]
+        with torch.no_grad():
+            self.ref = [batch.output(block).float() for batch in inputs]
 
     def relative_change(self, name: str, weight: torch.Tensor) -> float:
         """Mean over tokens of ``|Δout|² / |out|²`` with ``weight`` ``[out, in]`` in linear ``name``,
@@ -118,7 +119,7 @@ class _Probe:
         try:
             with torch.no_grad():
                 for batch, ref in zip(self.inputs, self.ref, strict=True):
-                    out = _hidden(batch.run(self.block)).float()
+                    out = batch.output(self.block).float()
                     ratio = (out - ref).square().sum(-1) / ref.square().sum(-1).clamp_min(1e-30)
                     total += float(ratio.sum())
                     tokens += ratio.numel()
@@ -128,10 +129,6 @@ class _Probe:
         finally:
             module._parameters["weight"] = kept
         return total / max(tokens, 1.0)
-
-
-def _hidden(out: torch.Tensor | tuple) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def allocation_rules(allocation: Allocation, modules: list[str], keys: streaming.KeyMap) -> dict[str, dict[str, int]]:

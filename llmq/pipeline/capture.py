@@ -31,6 +31,11 @@ class Batch(NamedTuple):
     def run(self, block: nn.Module) -> Any:
         return block(self.hidden, *self.args, **self.kwargs)
 
+    def output(self, block: nn.Module) -> torch.Tensor:
+        """``block``'s hidden states on this batch (its forward returns them alone or first in a tuple)."""
+        out = self.run(block)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted activations are seen."""
@@ -157,8 +162,8 @@ def run_block(block: nn.Module, inputs: list[Batch],
         for b, batch in enumerate(inputs):
             if before is not None:
                 before(b, batch)
-            out = batch.run(block)
-            outputs.append(batch._replace(hidden=store.add(out[0] if isinstance(out, tuple) else out)))
+            out = batch.output(block)
+            outputs.append(batch._replace(hidden=store.add(out)))
             del out
     return outputs
 

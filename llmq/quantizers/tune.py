@@ -218,16 +218,12 @@ def output_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out.float() - target.float()).square().mean()
 
 
-def _hidden(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def block_loss(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor]) -> float:
     """:func:`output_loss` of ``block`` over all batches, weighted by their sizes."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch, target in zip(inputs, targets, strict=True):
-            total += float(output_loss(_hidden(batch.run(block)), target)) * target.numel()
+            total += float(output_loss(batch.output(block), target)) * target.numel()
             count += target.numel()
     return total / max(count, 1)
 
@@ -280,7 +276,7 @@ def tune_block(
                     order = torch.randperm(len(inputs), generator=gen).tolist()
                 b = order.pop()
                 with torch.enable_grad():
-                    out = _hidden(inputs[b].run(block))
+                    out = inputs[b].output(block)
                     loss = output_loss(out, targets[b])
                     grads = torch.autograd.grad(loss, params)
                 value = float(loss.detach())
