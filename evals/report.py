@@ -164,8 +164,11 @@ def smollm2_elsewhere_table() -> str:
         else:
             holds = "yes" if all(g * first > 0 and abs(g) >= abs(first) / 2 for g in gains[1:]) else "no"
         other = sets[0]["runs"].get(ref)
-        cost = (f"{r['quantize_seconds']:.0f} s vs {other['quantize_seconds']:.0f} s "
-                f"({r['quantize_seconds'] / other['quantize_seconds']:.1f}×)") if other else ""
+        cost = f"{r['quantize_seconds']:.0f} s vs {other['quantize_seconds']:.0f} s" if other else ""
+        if other and _cpu(r) == _cpu(other):
+            cost += f" ({r['quantize_seconds'] / other['quantize_seconds']:.1f}×)"
+        elif other:  # a ratio of times taken on two machines says nothing
+            cost += f" ({_cpu(r)} vs {_cpu(other)})"
         rows.append([label(r), label(other) if other else ref, *cells, holds, cost])
     spans = [f"{d['corpus'].split(' (')[0]}, windows {d.get('first_window', 0) + 1}-"
              f"{d.get('first_window', 0) + d['windows']} ({d['tokens']:,} tokens)" for d in sets]
@@ -176,6 +179,11 @@ def smollm2_elsewhere_table() -> str:
              "text no choice was made on: later WikiText-2 windows and the bundled corpus's held-out documents. "
              "A perplexity difference holds elsewhere when it has the same sign and at least half its size on both.")
     return f"{intro}\n\n{_table(header, rows, 'll' + 'r' * len(sets) + 'lr')}\n\n{notes(shown)}\n"
+
+
+def _cpu(run: dict[str, Any]) -> str:
+    """The processor a row was measured on, as its provenance names it."""
+    return ((run.get("provenance") or {}).get("machine") or {}).get("cpu", "an unrecorded machine")
 
 
 def autoround_table() -> str:
