@@ -83,7 +83,7 @@ def label(row: dict[str, Any]) -> str:
     if a.method == "gptq":
         parts.append("act-order" if a.desc_act in (None, True) else "no act-order")
     if a.mse:
-        parts.append("`--mse`")
+        parts.append("`--mse`" if a.mse is True else f"`--mse {a.mse}`")
     if a.awq:
         parts.append("`--awq`")
     if a.tune:

@@ -68,6 +68,8 @@ CONFIGS = {
     "rtn-int4-g128-asym-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
     "gptq-int3-g128-asym-actorder-mse-awq": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --awq",
     "gptq-int3-g128-asym-actorder-mse-tune": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --tune",
+    "gptq-int4-g128-asym-actorder-wmse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted",
+    "gptq-int3-g128-asym-actorder-wmse": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted",
     "gptq-budget3.5-asym-actorder": "--method gptq --bits-budget 3.5 --asym --desc-act",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act",
@@ -81,6 +83,8 @@ REFERENCE = {
     "rtn-int4-g128-asym-tune": "rtn-int4-g128-asym",
     "gptq-int3-g128-asym-actorder-mse-awq": "gptq-int3-g128-asym-actorder-mse",
     "gptq-int3-g128-asym-actorder-mse-tune": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-int4-g128-asym-actorder-wmse": "gptq-int4-g128-asym-actorder",
+    "gptq-int3-g128-asym-actorder-wmse": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget3.5-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",

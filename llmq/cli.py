@@ -47,7 +47,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
     g.add_argument("--asym", dest="sym", action="store_false", default=False,
                    help="asymmetric grid with a zero point per group (default)")
-    p.add_argument("--mse", action="store_true", help="shrink each group's range where that lowers the error")
+    p.add_argument("--mse", nargs="?", const=True, default=False, metavar="weighted",
+                   help="shrink each group's range where that lowers the error; '--mse weighted' (GPTQ): each "
+                        "column's error weighted as GPTQ weighs it")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order: solve columns by decreasing Hessian diagonal (default: on for GPTQ)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before solving")

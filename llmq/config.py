@@ -178,7 +178,7 @@ class QuantConfig:
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
-    mse: bool = False
+    mse: bool | str = False  # range search per group; "weighted": GPTQ's column weights (RTN: plain)
     block_size: int = 128
     skip_unpackable: bool = False
     checkpoint_format: str | None = None  # None: default_format(sym)
@@ -209,6 +209,8 @@ class QuantConfig:
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
                 or not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if self.mse not in (False, True, "weighted"):
+            raise ValueError(f"mse must be off, on or 'weighted', got {self.mse!r}")
         if self.desc_act is None:
             self.desc_act = self.method == "gptq"
         if self.desc_act and self.method != "gptq":
@@ -264,7 +266,8 @@ class QuantConfig:
                                                   "group_fit", "skip_nonfinite"}
         kwargs = {k: d[k] for k in known if d.get(k) is not None}
         method = meta.get("method", "gptq")
-        return cls(method=method if method in METHODS else "gptq", mse=bool(meta.get("mse", False)),
+        mse = meta.get("mse", False)
+        return cls(method=method if method in METHODS else "gptq", mse=mse if mse == "weighted" else bool(mse),
                    checkpoint_format=fmt,
                    meta={k: v for k, v in meta.items() if k not in ("method", "mse", "quantizer")}, **kwargs)
 
@@ -284,7 +287,7 @@ class QuantConfig:
         if self.desc_act:
             parts.append("act-order")
         if self.mse:
-            parts.append("mse")
+            parts.append("weighted mse" if self.mse == "weighted" else "mse")
         if self.lm_head:
             parts.append("quantized head")
         if self.dynamic:

@@ -27,6 +27,7 @@ def src(tmp_path_factory):
     (["--group-size", "-2"], "group size must be -1 or a positive whole number"),
     (["--group-size", "1.5"], "group size must be -1 or a positive whole number"),
     (["--tune-steps", "5"], "--tune-steps needs --tune"),
+    (["--mse", "hessian"], "mse must be off, on or 'weighted'"),
     (["--tune", "--tune-steps", "-1"], "tune steps must be >= 0"),
 ])
 def test_quantize_errors(src, tmp_path, args, message):

@@ -267,3 +267,52 @@ def test_first_token_weight_counts_first_positions_w_times():
     assert not torch.allclose(plain.H, weighted.H)
     with pytest.raises(ValueError, match="first_token_weight"):
         plain.add_batch(x, first_token_weight=0)
+
+
+def test_weighted_range_search_favours_the_weighted_columns():
+    """``find_params(weights=...)``: unit weights give the plain search's grid; a heavy weight on
+    one column gives a grid that rounds that column at least as well as the plain one does."""
+    from llmq.quantizers.grid import dequant, find_params, quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * torch.linspace(0.2, 3, 32)
+    plain = find_params(w, 3, False, mse=True)
+    ones = find_params(w, 3, False, mse=True, weights=torch.ones(32))
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1])
+    heavy = torch.ones(32)
+    heavy[0] = 1e4
+    s, z = find_params(w, 3, False, mse=True, weights=heavy)
+
+    def col0_error(scale, zero):
+        q = quantize(w, scale[:, None], zero[:, None], 7)
+        return (dequant(q, scale[:, None], zero[:, None]) - w)[:, 0].abs().pow(2.4)
+
+    assert (col0_error(s, z) <= col0_error(*plain) + 1e-6).all()
+    assert col0_error(s, z).sum() < col0_error(*plain).sum()
+
+
+def test_weighted_mse_is_plain_mse_when_gptq_weighs_columns_alike():
+    """With ``H = I`` GPTQ weighs every column's error alike, so ``mse="weighted"`` writes what
+    ``mse=True`` writes; with a correlated ``H`` the grids differ."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=g)
+    eye = torch.eye(256)
+    a, _ = gptq_quantize(w, eye, 3, 128, sym=False, mse=True)
+    b, _ = gptq_quantize(w, eye, 3, 128, sym=False, mse="weighted")
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
+    x = torch.randn(2048, 256, generator=g) * torch.linspace(0.1, 4, 256)
+    H = x.t() @ x / 2048
+    c, _ = gptq_quantize(w, H, 3, 128, sym=False, desc_act=True, mse=True)
+    d, _ = gptq_quantize(w, H, 3, 128, sym=False, desc_act=True, mse="weighted")
+    assert not torch.equal(c.scales, d.scales)
+
+
+def test_mse_setting_round_trips_and_is_checked():
+    from llmq import QuantConfig
+
+    config = QuantConfig(method="gptq", mse="weighted")
+    assert QuantConfig.from_dict(config.to_dict()).mse == "weighted"
+    assert QuantConfig.from_dict(QuantConfig(method="gptq", mse=True).to_dict()).mse is True
+    assert "weighted mse" in config.describe()
+    with pytest.raises(ValueError, match="mse must be off, on or 'weighted'"):
+        QuantConfig(mse="hessian")

@@ -50,15 +50,17 @@ class GPTQInfo:
 
 @dataclass(frozen=True)
 class Grid:
-    """How each group of input columns is quantized: ``bits``, symmetric or not, MSE range search."""
+    """How each group of input columns is quantized: ``bits``, symmetric or not, MSE range search
+    (``mse``: False, True, or ``"weighted"``: each column's error weighted as GPTQ weighs it)."""
 
     bits: int
     sym: bool
-    mse: bool = False
+    mse: bool | str = False
 
-    def find(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point ``[rows]`` of the group ``w`` ``[rows, cols]``."""
-        return find_params(w, self.bits, self.sym, self.mse)
+    def find(self, w: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point ``[rows]`` of the group ``w`` ``[rows, cols]`` (``weights``: see
+        :func:`~llmq.quantizers.grid.find_params`)."""
+        return find_params(w, self.bits, self.sym, bool(self.mse), weights=weights)
 
 
 class GPTQ:
@@ -128,7 +130,8 @@ class GPTQ:
 
     def solve(self, weight: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool = False,
               static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-              mse: bool = False, free_hessian: bool = False, updated: torch.Tensor | None = None) -> QuantizedWeight:
+              mse: bool | str = False, free_hessian: bool = False,
+              updated: torch.Tensor | None = None) -> QuantizedWeight:
         """Quantize ``weight`` ``[out, in_features]`` against the accumulated ``H``; see
         :func:`gptq_quantize` (and for ``updated``). The solve's :class:`GPTQInfo` is left in
         ``self.info``. ``free_hessian``: this is the last solve against ``H`` (layers that share an
@@ -151,7 +154,7 @@ def gptq_quantize(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     block_size: int = 128,
-    mse: bool = False,
+    mse: bool | str = False,
     updated: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ-quantize ``weight`` ``[out, in]`` given the Hessian ``H`` ``[in, in]`` (not modified).
@@ -269,7 +272,14 @@ def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, 
             if not static_groups and k % step == 0:
                 # As in the original, W has earlier blocks' updates but not this block's: grids from the
                 # fully updated columns widen to cover propagated error and measured worse at 2 bits.
-                scales[g], zeros[g] = grid.find(W[:, k:k + step])
+                # Weighted MSE search: rounding column k costs GPTQ err² / d_k² (d_k = U_kk) once later
+                # columns have absorbed what they can, so its error counts 1 / d_k² in the search. A
+                # group that runs past this lazy block (group size not dividing block_size) is searched
+                # unweighted.
+                weights = None
+                if grid.mse == "weighted" and i + step <= i2 - i1:
+                    weights = torch.diagonal(Hinv1)[i:i + step].square().reciprocal()
+                scales[g], zeros[g] = grid.find(W[:, k:k + step], weights)
             scale, zero = scales[g], zeros[g]
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize(w, scale, zero, maxq)

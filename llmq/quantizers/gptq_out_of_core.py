@@ -64,7 +64,7 @@ class OutOfCoreGPTQ(GPTQ):
 
     def solve(self, weight: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool = False,
               static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-              mse: bool = False, free_hessian: bool = False) -> QuantizedWeight:
+              mse: bool | str = False, free_hessian: bool = False) -> QuantizedWeight:
         """:meth:`GPTQ.solve`, for ``weight`` ``[out, in_features]`` given as a tensor or as
         anything that hands out row slices (a :class:`llmq.streaming.RowReader`). With
         ``free_hessian`` ``H`` leaves memory as soon as it is on disk (``self.H`` is then None);

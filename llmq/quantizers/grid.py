@@ -16,14 +16,15 @@ FP16_TINY = 2.0**-24
 
 def find_params(
     w: torch.Tensor, bits: int, sym: bool, mse: bool = False, norm: float = 2.4, grid: int = 100,
-    max_shrink: float = 0.8,
+    max_shrink: float = 0.8, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` ``[rows, cols]`` (one group of columns).
 
     Returns ``(scale, zero)``, both float32 ``[rows]``; ``scale`` is rounded to fp16 (what the
     checkpoint stores) so that quantizing and dequantizing use the same number. ``mse``
     shrinks the range per row (``grid`` steps down to ``1 - max_shrink``) where that lowers
-    ``sum |w - dequant(quant(w))| ** norm``.
+    ``sum |w - dequant(quant(w))| ** norm``, each column's term times ``weights`` ``[cols]`` when
+    given (GPTQ's own weights of the columns' errors, see ``gptq.solve_columns``).
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -42,7 +43,8 @@ def find_params(
             p = 1 - i / grid
             s, z = _scale_zero(p * xmin, p * xmax, maxq, sym)
             err = (dequant(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None]) - w)
-            err = err.abs().pow(norm).sum(dim=1)
+            err = err.abs().pow(norm)
+            err = (err if weights is None else err * weights).sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)

@@ -34,7 +34,7 @@ def rtn_quantize(
         n_rows = w.shape[0]
         for start, end, g0, g1 in spans:
             part = w[:, start:end].reshape(n_rows, g1 - g0, -1)
-            scale, zero = find_params(part.reshape(n_rows * (g1 - g0), -1), bits, sym, mse)
+            scale, zero = find_params(part.reshape(n_rows * (g1 - g0), -1), bits, sym, bool(mse))
             scale, zero = scale.reshape(n_rows, -1, 1), zero.reshape(n_rows, -1, 1)
             q[r:r + rows, start:end] = quantize(part, scale, zero, maxq).reshape(n_rows, -1).to(torch.uint8)
             scales[g0:g1, r:r + rows] = scale[..., 0].t()
