@@ -96,7 +96,7 @@ LLMQ = {
     "llmq-fp32": "--no-desc-act --calib-dtype float32",
     "llmq-fp32-actorder": "--desc-act --calib-dtype float32",
 }
-LLMQ_GPTQ = "--method gptq --bits 4 --group-size 128 --asym --nsamples 128 --calib-seqlen 512 --seed 0"
+LLMQ_GPTQ = "--method gptq --bits 4 --group-size 128 --asym --mse off --nsamples 128 --calib-seqlen 512 --seed 0"
 # SmolLM2's 576-input layers hold 4.5 groups of 128: a shorter last group, as the reference's groups.
 GROUP_FIT = "--group-fit partial"
 

@@ -33,22 +33,22 @@ from llmq.evaluate import evaluate_encoder
 # name: llmq quantize arguments (MiniLM's widths are 384 and 1536: group 128 divides both)
 CONFIGS = {
     "rtn-int8-pc": "--method rtn --bits 8 --group-size -1 --sym",
-    "gptq-int8-pc": "--method gptq --bits 8 --group-size -1 --sym",
+    "gptq-int8-pc": "--method gptq --bits 8 --group-size -1 --sym --mse off",
     "rtn-int4-g128": "--method rtn --bits 4 --group-size 128 --asym",
-    "gptq-int4-g128": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
+    "gptq-int4-g128": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse off",
     "rtn-int3-g128": "--method rtn --bits 3 --group-size 128 --asym",
-    "gptq-int3-g128": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+    "gptq-int3-g128": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse off",
     # int4 variants: MSE grid, more calibration samples
     "gptq-int4-g128-mse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse",
-    "gptq-int4-g128-n512": "--method gptq --bits 4 --group-size 128 --asym --desc-act --nsamples 512",
+    "gptq-int4-g128-n512": "--method gptq --bits 4 --group-size 128 --asym --desc-act --nsamples 512 --mse off",
     # activation-aware scaling, learned rounding (default steps), both; a 4-bit budget allocated per layer
-    "gptq-int4-g128-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq",
+    "gptq-int4-g128-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq --mse off",
     "rtn-int4-g128-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
     "rtn-int4-g128-awq-tune": "--method rtn --bits 4 --group-size 128 --asym --awq --tune",
     "gptq-int4-g128-wmse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted",
     "gptq-int4-g128-mse-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse --tune",
     "rtn-int4-g128-tune400": "--method rtn --bits 4 --group-size 128 --asym --tune --tune-steps 400",
-    "gptq-budget-4.21": "--method gptq --asym --desc-act --bits-budget 4.21",
+    "gptq-budget-4.21": "--method gptq --asym --desc-act --bits-budget 4.21 --mse off",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -26,6 +26,7 @@ RESULTS = ROOT / "evals" / "results"
 README = ROOT / "README.md"
 PLOTS = ROOT / "docs" / "plots"
 OLDER = "older code"
+MSE_NAMES = {False: "off", True: "plain", "weighted": "weighted"}
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
 
 
@@ -82,8 +83,14 @@ def label(row: dict[str, Any]) -> str:
     parts = [f"{a.method.upper()} {width} {'sym' if a.sym else 'asym'}"]
     if a.method == "gptq":
         parts.append("act-order" if a.desc_act in (None, True) else "no act-order")
-    if a.mse:
-        parts.append("`--mse`" if a.mse is True else f"`--mse {a.mse}`")
+    from llmq.config import QuantConfig
+
+    # The range search the run used (its quantize report's config), else what the arguments give today.
+    mse = row.get("config", {}).get("meta", {}).get("mse", "unrecorded")
+    if mse == "unrecorded":
+        mse = QuantConfig(method=a.method, mse=a.mse).mse
+    if mse or a.method == "gptq":
+        parts.append(f"`--mse {MSE_NAMES[mse]}`")
     if a.awq:
         parts.append("`--awq`")
     if a.tune:

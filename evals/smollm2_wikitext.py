@@ -39,41 +39,47 @@ from llmq.evaluate import compare_lms
 # SmolLM2's 576-input layers hold 4.5 groups of 128: the tables measure g128 as named, with a shorter
 # last group (llmq's default would shrink to g64 for other loaders' sake, see README Interop).
 GROUP_FIT = ["--group-fit", "partial"]
-# name: llmq quantize arguments
+# name: llmq quantize arguments (`--mse off`: the rows measured before GPTQ's default became `--mse weighted`)
 CONFIGS = {
     "rtn-int8-pc": "--method rtn --bits 8 --group-size -1 --sym",
     "rtn-int4-g128-asym": "--method rtn --bits 4 --group-size 128 --asym",
     "rtn-int4-g128-sym": "--method rtn --bits 4 --group-size 128 --sym",
     "rtn-int4-g32-asym": "--method rtn --bits 4 --group-size 32 --asym",
     "rtn-int3-g128-asym": "--method rtn --bits 3 --group-size 128 --asym",
-    "gptq-int4-g128-asym": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act",
-    "gptq-int4-g128-asym-actorder": "--method gptq --bits 4 --group-size 128 --asym --desc-act",
-    "gptq-int4-g128-sym-actorder": "--method gptq --bits 4 --group-size 128 --sym --desc-act",
-    "gptq-int3-g128-asym-actorder": "--method gptq --bits 3 --group-size 128 --asym --desc-act",
+    "gptq-int4-g128-asym": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act --mse off",
+    "gptq-int4-g128-asym-actorder": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse off",
+    "gptq-int4-g128-sym-actorder": "--method gptq --bits 4 --group-size 128 --sym --desc-act --mse off",
+    "gptq-int3-g128-asym-actorder": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse off",
     # int3 variants: MSE grid search; twice the calibration samples
     "gptq-int3-g128-asym-actorder-mse": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse",
-    "gptq-int3-g128-asym-actorder-n256": "--method gptq --bits 3 --group-size 128 --asym --desc-act --nsamples 256",
+    "gptq-int3-g128-asym-actorder-n256": "--method gptq --bits 3 --group-size 128 --asym --desc-act --nsamples 256 "
+                                         "--mse off",
     # The same without weighting the first (attention-sink) token of each calibration sample.
-    "gptq-int4-g128-asym-ftw1": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act --first-token-weight 1",
+    "gptq-int4-g128-asym-ftw1": "--method gptq --bits 4 --group-size 128 --asym --no-desc-act --first-token-weight 1 "
+                                "--mse off",
     "gptq-int4-g128-asym-actorder-ftw1": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
-                                         "--first-token-weight 1",
+                                         "--first-token-weight 1 --mse off",
     "gptq-int4-g128-sym-actorder-ftw1": "--method gptq --bits 4 --group-size 128 --sym --desc-act "
-                                        "--first-token-weight 1",
+                                        "--first-token-weight 1 --mse off",
     "gptq-int3-g128-asym-actorder-ftw1": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
-                                         "--first-token-weight 1",
+                                         "--first-token-weight 1 --mse off",
     # Beyond GPTQ: activation-aware scaling, learned rounding, bits allocated under a budget.
-    "gptq-int4-g128-asym-actorder-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq",
-    "gptq-int4-g128-asym-actorder-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --tune",
-    "gptq-int4-g128-asym-actorder-awq-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq --tune",
+    "gptq-int4-g128-asym-actorder-awq": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq --mse off",
+    "gptq-int4-g128-asym-actorder-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --tune --mse off",
+    "gptq-int4-g128-asym-actorder-awq-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --awq --tune "
+                                             "--mse off",
     "rtn-int4-g128-asym-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
     "gptq-int3-g128-asym-actorder-mse-awq": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --awq",
     "gptq-int3-g128-asym-actorder-mse-tune": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse --tune",
     "gptq-int4-g128-asym-actorder-wmse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted",
     "gptq-int3-g128-asym-actorder-wmse": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted",
-    "gptq-budget3.5-asym-actorder": "--method gptq --bits-budget 3.5 --asym --desc-act",
+    "gptq-budget3.5-asym-actorder": "--method gptq --bits-budget 3.5 --asym --desc-act --mse off",
+    "gptq-budget3.5-asym-actorder-wmse": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted",
+    "gptq-int4-g128-asym-actorder-wmse-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                              "--mse weighted --tune",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
-    "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act",
-    "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act",
+    "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
+    "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act --mse off",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -86,6 +92,8 @@ REFERENCE = {
     "gptq-int4-g128-asym-actorder-wmse": "gptq-int4-g128-asym-actorder",
     "gptq-int3-g128-asym-actorder-wmse": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget3.5-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
+    "gptq-budget3.5-asym-actorder-wmse": "gptq-int3-g128-asym-actorder-wmse",
+    "gptq-int4-g128-asym-actorder-wmse-tune": "gptq-int4-g128-asym-actorder-wmse",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }

@@ -47,9 +47,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
     g.add_argument("--asym", dest="sym", action="store_false", default=False,
                    help="asymmetric grid with a zero point per group (default)")
-    p.add_argument("--mse", nargs="?", const=True, default=False, metavar="weighted",
-                   help="shrink each group's range where that lowers the error; '--mse weighted' (GPTQ): each "
-                        "column's error weighted as GPTQ weighs it")
+    p.add_argument("--mse", nargs="?", const="plain", default=None, metavar="weighted|plain|off",
+                   help="range search: shrink each group's range where that lowers the error. 'weighted' (GPTQ's "
+                        "default) counts each column's error as GPTQ's loss does, 'plain' (or --mse alone) counts "
+                        "every column alike, 'off' keeps the min/max range (RTN's default)")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order: solve columns by decreasing Hessian diagonal (default: on for GPTQ)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before solving")

@@ -178,7 +178,9 @@ class QuantConfig:
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
-    mse: bool | str = False  # range search per group; "weighted": GPTQ's column weights (RTN: plain)
+    # Range search per group: False (min/max), True ("plain") or "weighted" (each column's error weighted as
+    # GPTQ's loss weighs it; RTN: plain). None: "weighted" for GPTQ, off for RTN.
+    mse: bool | str | None = None
     block_size: int = 128
     skip_unpackable: bool = False
     checkpoint_format: str | None = None  # None: default_format(sym)
@@ -209,8 +211,11 @@ class QuantConfig:
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
                 or not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if self.mse is None:
+            self.mse = "weighted" if self.method == "gptq" else False
+        self.mse = {"plain": True, "off": False}.get(self.mse, self.mse) if isinstance(self.mse, str) else self.mse
         if self.mse not in (False, True, "weighted"):
-            raise ValueError(f"mse must be off, on or 'weighted', got {self.mse!r}")
+            raise ValueError(f"mse must be 'weighted', 'plain' or 'off', got {self.mse!r}")
         if self.desc_act is None:
             self.desc_act = self.method == "gptq"
         if self.desc_act and self.method != "gptq":

@@ -27,7 +27,7 @@ def src(tmp_path_factory):
     (["--group-size", "-2"], "group size must be -1 or a positive whole number"),
     (["--group-size", "1.5"], "group size must be -1 or a positive whole number"),
     (["--tune-steps", "5"], "--tune-steps needs --tune"),
-    (["--mse", "hessian"], "mse must be off, on or 'weighted'"),
+    (["--mse", "hessian"], "mse must be 'weighted', 'plain' or 'off'"),
     (["--tune", "--tune-steps", "-1"], "tune steps must be >= 0"),
 ])
 def test_quantize_errors(src, tmp_path, args, message):
@@ -40,14 +40,20 @@ def test_quantize_errors(src, tmp_path, args, message):
 
 
 def test_quantize_defaults_are_the_best_int4_configuration():
-    """`llmq quantize --model M --out O` is GPTQ int4 g128 on an asymmetric grid with act-order."""
+    """`llmq quantize --model M --out O` is GPTQ int4 g128 on an asymmetric grid with act-order and the
+    weighted range search; `--method rtn` keeps RTN's min/max grid."""
     from llmq.cli import build_parser
     from llmq.config import QuantConfig
 
-    args = build_parser().parse_args(["quantize", "--out", "o"])
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
-                         desc_act=args.desc_act)
-    assert config.describe() == "gptq int4 g128 asym act-order"
+    def config(*argv):
+        args = build_parser().parse_args(["quantize", "--out", "o", *argv])
+        return QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method,
+                           desc_act=args.desc_act, mse=args.mse)
+
+    assert config().describe() == "gptq int4 g128 asym act-order weighted mse"
+    assert config("--method", "rtn").describe() == "rtn int4 g128 asym"
+    assert config("--mse").mse is True and config("--mse", "plain").mse is True
+    assert config("--mse", "off").mse is False and config("--method", "rtn", "--mse", "weighted").mse == "weighted"
     assert build_parser().parse_args(["quantize", "--out", "o", "--sym"]).sym
 
 

@@ -313,6 +313,11 @@ def test_mse_setting_round_trips_and_is_checked():
     config = QuantConfig(method="gptq", mse="weighted")
     assert QuantConfig.from_dict(config.to_dict()).mse == "weighted"
     assert QuantConfig.from_dict(QuantConfig(method="gptq", mse=True).to_dict()).mse is True
+    assert QuantConfig.from_dict(QuantConfig(method="gptq", mse="off").to_dict()).mse is False
     assert "weighted mse" in config.describe()
-    with pytest.raises(ValueError, match="mse must be off, on or 'weighted'"):
+    # Unset, GPTQ searches weighted and RTN keeps the min/max grid; a checkpoint that does not say
+    # (another quantizer's) reads as min/max.
+    assert QuantConfig(method="gptq").mse == "weighted" and QuantConfig(method="rtn").mse is False
+    assert QuantConfig.from_dict({"bits": 4, "group_size": 128}).mse is False
+    with pytest.raises(ValueError, match="mse must be 'weighted', 'plain' or 'off'"):
         QuantConfig(mse="hessian")

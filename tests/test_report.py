@@ -61,8 +61,16 @@ def test_labels_come_from_the_quantize_arguments():
         "RTN int8 per-channel sym"
     assert report.label({"args": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse "
                                  "--nsamples 256"}) == \
-        "GPTQ int3 g128 asym, act-order, `--mse`, 256 × 512 calibration tokens"
-    assert report.label({"args": ""}) == "GPTQ int4 g128 asym, act-order"
+        "GPTQ int3 g128 asym, act-order, `--mse plain`, 256 × 512 calibration tokens"
+    assert report.label({"args": ""}) == "GPTQ int4 g128 asym, act-order, `--mse weighted`"
+    assert report.label({"args": "--method rtn --mse off"}) == "RTN int4 g128 asym"
+
+
+def test_labels_name_the_range_search_the_run_used():
+    """A row measured before GPTQ's default became the weighted search says what it ran, not today's default."""
+    row = {"args": "--method gptq --bits 4", "config": {"meta": {"mse": False}}}
+    assert report.label(row) == "GPTQ int4 g128 asym, act-order, `--mse off`"
+    assert report.label({**row, "config": {"meta": {"mse": "weighted"}}}).endswith("`--mse weighted`")
 
 
 def test_a_difference_holds_elsewhere_only_with_its_sign_and_half_its_size(monkeypatch):
