@@ -307,6 +307,21 @@ def test_weighted_mse_is_plain_mse_when_gptq_weighs_columns_alike():
     assert not torch.equal(c.scales, d.scales)
 
 
+def test_weighted_range_search_covers_groups_wider_than_a_lazy_block():
+    """Per-channel grids (one group over every column) are searched weighted too, and a group the
+    lazy batch splits gets the grid it gets when one batch holds it."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 256, generator=g)
+    x = torch.randn(2048, 256, generator=g) * torch.linspace(0.1, 4, 256)
+    H = x.t() @ x / 2048
+    plain, _ = gptq_quantize(w, H, 3, -1, sym=False, desc_act=True, mse=True)
+    weighted, _ = gptq_quantize(w, H, 3, -1, sym=False, desc_act=True, mse="weighted")
+    assert not torch.equal(plain.scales, weighted.scales)
+    one, _ = gptq_quantize(w, H, 3, 128, sym=False, desc_act=True, mse="weighted", block_size=128)
+    split, _ = gptq_quantize(w, H, 3, 128, sym=False, desc_act=True, mse="weighted", block_size=32)
+    torch.testing.assert_close(split.scales, one.scales)
+
+
 def test_mse_setting_round_trips_and_is_checked():
     from llmq import QuantConfig
 

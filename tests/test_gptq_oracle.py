@@ -130,15 +130,17 @@ def test_plain_solver_matches_the_oracle(bits, group_size, order):
     _assert_same_solution(W, H, qw, codes, deq, g_idx, tie)
 
 
+@pytest.mark.parametrize("mse", [False, "weighted"])
 @pytest.mark.parametrize("chunks", [1, 3], ids=["factor-in-memory", "factor-from-file"])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize(("bits", "group_size"), [(3, 128), (4, 32), (8, -1)])
-def test_out_of_core_solver_matches_the_plain_one(monkeypatch, bits, group_size, order, chunks):
+def test_out_of_core_solver_matches_the_plain_one(monkeypatch, bits, group_size, order, chunks, mse):
     """Block rows of 48 (the solver's batches of 128 columns span several), the weight in one
-    chunk of rows or in three (the factor then read back from its file), given as row slices."""
+    chunk of rows or in three (the factor then read back from its file), given as row slices; with
+    the min/max grid and with the weighted range search."""
     act_order, static_groups = ORDERS[order]
     W, H = _problem(seed=bits * 1000 + group_size)
-    opts = dict(desc_act=act_order, static_groups=static_groups)
+    opts = dict(desc_act=act_order, static_groups=static_groups, mse=mse)
     plain, plain_info = gptq_quantize(W, H, bits, group_size, False, **opts)
     monkeypatch.setattr(gptq_out_of_core, "FACTOR_BLOCK", 48)
     monkeypatch.setattr(gptq_out_of_core, "SOLVE_ELEMENTS", -(-OUT // chunks) * IN)

@@ -248,7 +248,7 @@ def inverse_cholesky(H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | N
 
 def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor, group_of: list[int], grid: Grid, step: int, static_groups: bool,
-                  block_size: int) -> None:
+                  block_size: int, diagonal: torch.Tensor | None = None) -> None:
     """GPTQ's column loop with lazy batch updates, over rows ``W`` ``[rows, cols]`` (float32,
     columns in solve order, updated in place): fills their codes ``Q`` ``[rows, cols]`` (uint8) and
     per-row ``losses``. ``group_of[k]`` is the group of column ``k``; the grids ``scales`` /
@@ -256,10 +256,16 @@ def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, 
     column (every ``step``-th).
 
     ``Hinv`` is the upper factor of ``H⁻¹`` in the same order, or anything whose ``[i1:i2, i1:]``
-    gives those rows of it from the diagonal on (:mod:`llmq.quantizers.gptq_out_of_core`).
+    gives those rows of it from the diagonal on (:mod:`llmq.quantizers.gptq_out_of_core`), which
+    then passes the factor's ``diagonal`` too.
     """
     maxq = 2**grid.bits - 1
     cols = W.shape[1]
+    # Weighted range search: rounding column k costs GPTQ err² / d_k² (d_k = U_kk) once later columns
+    # have absorbed what they can, so its error counts 1 / d_k² in the search of its group's range.
+    col_weights = None
+    if grid.mse == "weighted" and not static_groups:
+        col_weights = (torch.diagonal(Hinv) if diagonal is None else diagonal).square().reciprocal()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         rows = Hinv[i1:i2, i1:]  # [i2 - i1, cols - i1]
@@ -272,13 +278,7 @@ def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, 
             if not static_groups and k % step == 0:
                 # As in the original, W has earlier blocks' updates but not this block's: grids from the
                 # fully updated columns widen to cover propagated error and measured worse at 2 bits.
-                # Weighted MSE search: rounding column k costs GPTQ err² / d_k² (d_k = U_kk) once later
-                # columns have absorbed what they can, so its error counts 1 / d_k² in the search. A
-                # group that runs past this lazy block (group size not dividing block_size) is searched
-                # unweighted.
-                weights = None
-                if grid.mse == "weighted" and i + step <= i2 - i1:
-                    weights = torch.diagonal(Hinv1)[i:i + step].square().reciprocal()
+                weights = None if col_weights is None else col_weights[k:k + step]
                 scales[g], zeros[g] = grid.find(W[:, k:k + step], weights)
             scale, zero = scales[g], zeros[g]
             w, d = W1[:, i], Hinv1[i, i]

@@ -107,6 +107,7 @@ class OutOfCoreGPTQ(GPTQ):
         with RowSpill(H, self.spill_dir) as spill:
             del H
             factor, damp = _inverse_factor(spill, diag, perm, damp_percent)
+        factor_diagonal = factor.diagonal()  # the weighted range search's column weights, before the spill
         if len(chunks) > 1:  # read once per chunk: from a file, so that one block of its rows is in memory
             factor = PanelFile(factor, self.spill_dir)
         group_of = (g_idx if perm is None else g_idx[perm]).tolist()
@@ -118,7 +119,7 @@ class OutOfCoreGPTQ(GPTQ):
                 if perm is not None:
                     W = W[:, perm]
                 solve_columns(W, factor, Q[r0:r1], losses[r0:r1], scales[:, r0:r1], zeros[:, r0:r1], group_of,
-                              grid, step, static_groups, block_size)
+                              grid, step, static_groups, block_size, factor_diagonal)
                 del W
         finally:
             if isinstance(factor, PanelFile):
