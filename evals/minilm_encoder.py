@@ -46,6 +46,8 @@ CONFIGS = {
     "rtn-int4-g128-tune": "--method rtn --bits 4 --group-size 128 --asym --tune",
     "rtn-int4-g128-awq-tune": "--method rtn --bits 4 --group-size 128 --asym --awq --tune",
     "gptq-int4-g128-wmse": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted",
+    "gptq-int8-pc-wmse": "--method gptq --bits 8 --group-size -1 --sym --mse weighted",
+    "gptq-int3-g128-wmse": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted",
     "gptq-int4-g128-mse-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse --tune",
     "rtn-int4-g128-tune400": "--method rtn --bits 4 --group-size 128 --asym --tune --tune-steps 400",
     "gptq-budget-4.21": "--method gptq --asym --desc-act --bits-budget 4.21 --mse off",
