@@ -213,7 +213,8 @@ class QuantConfig:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
         if self.mse is None:
             self.mse = "weighted" if self.method == "gptq" else False
-        self.mse = {"plain": True, "off": False}.get(self.mse, self.mse) if isinstance(self.mse, str) else self.mse
+        elif self.mse in ("plain", "off"):
+            self.mse = self.mse == "plain"
         if self.mse not in (False, True, "weighted"):
             raise ValueError(f"mse must be 'weighted', 'plain' or 'off', got {self.mse!r}")
         if self.desc_act is None:
