@@ -430,12 +430,15 @@ def check_weights(keys: KeyMap, model: nn.Module, quantized: Iterable[str], bits
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
     for name in dict.fromkeys(names):
         key = keys.source(name)
+        owner, _, leaf = name.rpartition(".")
+        if key is None and owner in quantized and leaf == "weight":
+            raise ValueError(f"checkpoint {keys.reader.folder} has no tensor for {name}: its weights do not "
+                             "match the architecture its config.json names")
         if key is None or not DTYPES[keys.reader.info(key)[0]].is_floating_point:
             continue
         nan, inf, peak = _value_stats(keys.reader, key)
         bad = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
         bad = f"has {bad} value{'s' * (nan + inf > 1)}" if bad else ""
-        owner, _, leaf = name.rpartition(".")
         if owner in quantized and owner not in kept and leaf == "weight":
             if not bad and peak > grid_limit:
                 bad = f"has values up to {peak:.3g}, more than fp16 scales of int{bits} grids hold ({grid_limit:.3g})"

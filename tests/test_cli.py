@@ -108,3 +108,19 @@ def test_quantize_command_keeps_triton_out(src, tmp_path, interpret):
     assert (tmp_path / "q" / "config.json").exists()
     loaded = interpret == "1" or torch.cuda.is_available()
     assert r.stdout.splitlines()[-1] == f"triton {loaded} dynamo True", r.stdout
+
+
+def test_weights_of_another_architecture_are_a_one_line_error(src, tmp_path):
+    """A config.json naming an architecture whose linears the weights do not hold (Llama weights
+    under a Mamba config): one line naming the missing tensor, before any work, nothing written."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
+                                                 "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128}))
+    r = llmq("quantize", "--model", bad, "--out", tmp_path / "out", "--method", "rtn", "--skip-unpackable")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has no tensor for" in lines[0] and "mixer" in lines[0]
+    assert not (tmp_path / "out").exists()
