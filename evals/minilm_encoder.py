@@ -51,6 +51,9 @@ CONFIGS = {
     "gptq-int4-g128-mse-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse --tune",
     "rtn-int4-g128-tune400": "--method rtn --bits 4 --group-size 128 --asym --tune --tune-steps 400",
     "gptq-budget-4.21": "--method gptq --asym --desc-act --bits-budget 4.21 --mse off",
+    # end-to-end tuning of the scales and norms (last hidden states) after GPTQ's default
+    "gptq-int4-g128-wmse-e2e": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted --e2e",
+    "gptq-int3-g128-wmse-e2e": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted --e2e",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -95,7 +95,9 @@ def label(row: dict[str, Any]) -> str:
         parts.append("`--awq`")
     if a.tune:
         parts.append(f"`--tune` ({a.tune_steps} steps)" if a.tune_steps else "`--tune`")
-    calibrated = a.method == "gptq" or a.awq or a.tune or a.bits_budget is not None
+    if a.e2e:
+        parts.append(f"`--e2e` ({a.e2e_epochs:g} epochs)" if a.e2e_epochs else "`--e2e`")
+    calibrated = a.method == "gptq" or a.awq or a.tune or a.e2e or a.bits_budget is not None
     if calibrated and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
         parts.append(f"{a.nsamples} × {a.calib_seqlen} calibration tokens")
     if a.first_token_weight is not None:

@@ -77,6 +77,12 @@ CONFIGS = {
     "gptq-budget3.5-asym-actorder-wmse": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted",
     "gptq-int4-g128-asym-actorder-wmse-tune": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                               "--mse weighted --tune",
+    # End-to-end tuning of the scales and norms after GPTQ's default, at int4, int3 and a 3.5-bit budget.
+    "gptq-int4-g128-asym-actorder-wmse-e2e": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                             "--mse weighted --e2e",
+    "gptq-int3-g128-asym-actorder-wmse-e2e": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                             "--mse weighted --e2e",
+    "gptq-budget3.5-asym-actorder-wmse-e2e": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted --e2e",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
     "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act --mse off",
@@ -94,6 +100,9 @@ REFERENCE = {
     "gptq-budget3.5-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget3.5-asym-actorder-wmse": "gptq-int3-g128-asym-actorder-wmse",
     "gptq-int4-g128-asym-actorder-wmse-tune": "gptq-int4-g128-asym-actorder-wmse",
+    "gptq-int4-g128-asym-actorder-wmse-e2e": "gptq-int4-g128-asym-actorder-wmse",
+    "gptq-int3-g128-asym-actorder-wmse-e2e": "gptq-int3-g128-asym-actorder-wmse",
+    "gptq-budget3.5-asym-actorder-wmse-e2e": "gptq-budget3.5-asym-actorder-wmse",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }

@@ -133,6 +133,25 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                 f.write(_bytes_of(t.detach().to("cpu").contiguous()))  # one tensor at a time off the device
 
 
+def replace_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the stored tensors ``tensors`` (by checkpoint key) of the safetensors checkpoint in
+    ``folder`` new values of the same dtype and shape: each shard holding one is written again,
+    to a file beside it that then replaces it."""
+    reader = streaming.ShardReader(folder)
+    shards: dict[str, list[str]] = {}
+    for key, value in tensors.items():
+        dtype, shape = reader.info(key)
+        if streaming.DTYPES[dtype] != value.dtype or list(value.shape) != shape:
+            raise ValueError(f"{key} is stored as {dtype} {shape}, not {value.dtype} {list(value.shape)}")
+        shards.setdefault(reader.shard_of(key), []).append(key)
+    for shard, keys in shards.items():
+        stored = {key: reader.get(key) for key in reader.keys() if reader.shard_of(key) == shard}
+        stored.update((key, tensors[key]) for key in keys)
+        part = folder / f"{shard}.part"
+        save_tensors(part, stored)
+        os.replace(part, folder / shard)
+
+
 def copy_side_files(src: Path, dst: Path) -> None:
     """Copy tokenizer, generation and other non-weight files (and small subfolders such as a
     sentence-transformers ``1_Pooling``) from the source checkpoint."""

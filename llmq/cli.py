@@ -16,6 +16,7 @@ import torch
 
 from llmq.chat import DTYPES, add_chat_parser, cmd_chat
 from llmq.outdir import StaleOutputError
+from llmq.quantizers.e2e import E2E_EPOCHS, E2EConfig
 from llmq.quantizers.tune import TUNE_STEPS, TuneConfig
 from llmq.resume import Stopped
 
@@ -72,6 +73,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help=f"with --tune: sign-gradient steps per block (default {TUNE_STEPS}), one calibration "
                         "batch each")
+    p.add_argument("--e2e", action="store_true",
+                   help="after the last block: tune every quantized linear's group scales and the norms against the "
+                        "unquantized model's outputs on the calibration set (codes and zero points fixed; loads "
+                        "both models whole)")
+    p.add_argument("--e2e-epochs", type=float, default=None, metavar="E",
+                   help=f"with --e2e: passes over the calibration samples (default {E2E_EPOCHS:g})")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--calib", default="bundled",
@@ -178,6 +185,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.tune_steps is not None and not args.tune:
         raise ValueError("--tune-steps needs --tune")
     tune = TuneConfig(steps=TUNE_STEPS if args.tune_steps is None else args.tune_steps) if args.tune else None
+    if args.e2e_epochs is not None and not args.e2e:
+        raise ValueError("--e2e-epochs needs --e2e")
+    e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:
@@ -187,7 +197,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
                       first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True,
-                      tune=tune, awq=args.awq, bits_budget=args.bits_budget)
+                      tune=tune, awq=args.awq, bits_budget=args.bits_budget, e2e=e2e)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)
@@ -217,6 +227,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         before, after = (sum(x) for x in zip(*report.tune_losses, strict=True))
         print(f"learned rounding: block output error {before:.4g} -> {after:.4g} (summed over the tuned blocks)")
         result["tune_losses"] = report.tune_losses
+    if report.e2e is not None:
+        e = report.e2e
+        print(f"end-to-end scales: held-out loss {e.init_loss:.4g} -> {e.loss:.4g} on {e.held_out} calibration samples"
+              f" ({e.steps} steps, {e.seconds:.0f} s" + ("" if e.kept else "; not lower, so the start was kept") + ")")
+        result["e2e"] = {"init_loss": e.init_loss, "loss": e.loss, "kept": e.kept, "held_out": e.held_out,
+                         "steps": e.steps, "seconds": e.seconds}
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)

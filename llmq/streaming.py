@@ -190,6 +190,10 @@ class ShardReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def shard_of(self, key: str) -> str:
+        """The name of the file holding ``key``."""
+        return self._where[key]
+
     def __contains__(self, key: str) -> bool:
         return key in self._where
 

@@ -29,6 +29,8 @@ def src(tmp_path_factory):
     (["--tune-steps", "5"], "--tune-steps needs --tune"),
     (["--mse", "hessian"], "mse must be 'weighted', 'plain' or 'off'"),
     (["--tune", "--tune-steps", "-1"], "tune steps must be >= 0"),
+    (["--e2e-epochs", "2"], "--e2e-epochs needs --e2e"),
+    (["--e2e", "--e2e-epochs", "0"], "end-to-end tuning epochs must be positive"),
 ])
 def test_quantize_errors(src, tmp_path, args, message):
     cmd = ["quantize", "--model", src, "--out", tmp_path / "out", *args]

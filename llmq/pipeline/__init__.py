@@ -12,11 +12,13 @@ The data flow, one module each:
   rounding against the unquantized block's outputs, returning their packed tensors and the
   block's outputs;
 - :mod:`.write`: the output checkpoint, written block by block (each finished block first to a
-  file of its own that :mod:`llmq.resume` keeps, so that a stopped run can continue).
+  file of its own that :mod:`llmq.resume` keeps, so that a stopped run can continue);
+- optionally, once every block is written, the scales tuned end to end against the unquantized
+  model (:mod:`llmq.quantizers.e2e`, which loads both whole) and written again.
 
 Peak memory is one block's work (a pass over it, or one linear's solve next to none of the
 block's weights), the calibration activations and the tensor being copied; the whole model is
-never materialized.
+never materialized (except by the end-to-end tuning, which is for models that fit).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from llmq.pipeline.solve import (
     tune_block_step,
 )
 from llmq.pipeline.write import Writer
+from llmq.qlinear import QuantLinear
 from llmq.quantizers.allocate import Allocation, allocate
+from llmq.quantizers.e2e import E2EConfig, E2EInfo, norm_modules, tune_scales
 from llmq.quantizers.gptq_out_of_core import OUT_OF_CORE_FROM, out_of_core
 from llmq.quantizers.tune import TuneConfig
 
@@ -80,6 +84,7 @@ class QuantizeReport:
     awq_gains: dict[str, float] = field(default_factory=dict)  # per fold's producer: estimated error ratio
     allocation: Allocation | None = None  # with a bits budget: the width and group size of each block linear
     tune_losses: list[tuple[float, float]] = field(default_factory=list)  # per tuned block: loss before, after
+    e2e: E2EInfo | None = None  # the end-to-end scale tuning's held-out loss before and after
 
 
 def peak_rss_mb() -> float:
@@ -116,6 +121,7 @@ def quantize(
     tune: TuneConfig | None = None,
     awq: bool = False,
     bits_budget: float | None = None,
+    e2e: E2EConfig | None = None,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -147,7 +153,9 @@ def quantize(
     which leaves the unquantized model's function unchanged; it calibrates RTN runs too.
     ``bits_budget``: each block linear's width and group size chosen (:mod:`llmq.pipeline.budget`)
     so that their stored tensors take at most this many bits per weight, written as ``dynamic``
-    rules; it calibrates RTN runs too.
+    rules; it calibrates RTN runs too. ``e2e``: once every block is written, the scales and norms
+    tuned against the unquantized model's outputs on the calibration samples
+    (:mod:`llmq.quantizers.e2e`; both models whole in memory on ``device``).
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -156,7 +164,8 @@ def quantize(
     src = assets.resolve_model(model)
     sources = {src: "input model"}
     calibrated = config.method == "gptq" or tune is not None or awq or bits_budget is not None
-    if calibrated and calibration is None:
+    sampled = calibrated or e2e is not None  # the calibration samples are needed
+    if sampled and calibration is None:
         sources.update(dict.fromkeys(calibration_files(calib_source), "calibration file"))
     outdir.check_output(out, overwrite, sources, resume)  # fail now rather than after loading the model
     hf_config = assets.load_config(src)
@@ -195,7 +204,7 @@ def quantize(
         raise ValueError(f"learned rounding from GPTQ needs in-core solves: layers of {widest} inputs are solved "
                          f"out of core on {device.type} (tune from --method rtn, or solve on CUDA)")
 
-    if calibrated:
+    if sampled:
         if calibration is None:
             tokenizer = assets.load_tokenizer(src)
             max_pos = getattr(hf_config, "max_position_embeddings", None) or calib_seqlen
@@ -210,6 +219,8 @@ def quantize(
     if tune is not None:
         config = config.replace(meta={**config.meta, "tune": {"steps": tune.steps, "lr": tune.learning_rate,
                                                               "seed": tune.seed}})
+    if e2e is not None:
+        config = config.replace(meta={**config.meta, "e2e": e2e.describe()})
     captured, allocation = None, None
     if bits_budget is not None:  # the allocation decides the config, so it comes before the run's manifest
         captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
@@ -221,7 +232,7 @@ def quantize(
 
     report = QuantizeReport(Path(out).expanduser().resolve(), config, 0.0, 0.0, skipped=skipped, notes=notes,
                             allocation=allocation)
-    expected = resumable.manifest(src, config, calibration if calibrated else None,
+    expected = resumable.manifest(src, config, calibration if sampled else None,
                                   out_dtype=str(out_dtype).removeprefix("torch."), device=device.type,
                                   batch_size=batch_size, max_shard_bytes=max_shard_bytes)
     keep = (resumable.Stopped, resumable.ResumeError)  # what a resume needs stays in place
@@ -289,10 +300,33 @@ def quantize(
             report.quantized.append(head)
             report.block_errors.append(result.errors[head])
         writer.finish(skeleton, hf_config, config, src)
+        if e2e is not None:  # before the state goes: a run stopped here resumes with every block done
+            report.e2e = _tune_end_to_end(tmp, src, hf_config, calibration, e2e, device, out_dtype, progress)
         state.remove()
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _tune_end_to_end(folder: Path, src: Path, hf_config, calibration: Calibration, e2e: E2EConfig,
+                     device: torch.device, stored: torch.dtype, progress: bool) -> E2EInfo:
+    """Tune the scales and norms of the checkpoint written in ``folder`` against the unquantized
+    ``src`` and write those that changed back into its shards."""
+    model = checkpoint.load_quantized(folder, device=device, dtype=torch.float32, half_tables=False)
+    teacher = checkpoint.load_model(src, device=device, dtype=torch.float32)
+    causal = hf_config.model_type not in models.ENCODER_TYPES
+    info = tune_scales(model, teacher, calibration.input_ids, causal, e2e, stored, progress)
+    del teacher
+    if info.kept:
+        keys = streaming.KeyMap(model, streaming.ShardReader(folder))
+        tuned = {f"{n}.scales": m.scales for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        if e2e.norms:
+            tuned.update((f"{n}.{p}", t) for n, m in norm_modules(model).items()
+                         for p, t in m.named_parameters(recurse=False))
+        found = {keys.source(name): t for name, t in tuned.items()}
+        found.pop(None, None)  # a tensor the checkpoint does not store (tied to another)
+        checkpoint.replace_tensors(folder, {key: t.detach().cpu().to(stored) for key, t in found.items()})
+    return info
 
 
 def _plan(layout: models.Layout, keys: streaming.KeyMap,

@@ -1,0 +1,242 @@
+"""End-to-end scale tuning (the E2E-QP stage of EfficientQAT, Chen et al. 2024): with every
+quantized linear's codes and zero points fixed, learn its group scales, and the weights of the
+model's norms, so that the whole quantized model's outputs match the unquantized model's on the
+calibration samples.
+
+Block-wise methods (GPTQ, learned rounding) each match one block's outputs; the errors they leave
+still add up through the blocks after it. Here every scale sees the loss at the model's output:
+the KL divergence of the quantized model's next-token distribution from the unquantized one's
+(decoders), or the relative squared error of the last hidden states (encoders). The checkpoint
+stays a plain GPTQ one: only tensors it already stores in floating point change (``scales``, the
+norms' weights and biases).
+
+Each scale is trained as ``s₀ · exp(m)`` from ``m = 0`` (scales keep their sign and cannot reach
+0) with Adam and a cosine-decayed learning rate, one calibration sample per forward, gradients
+accumulated over ``batch`` samples. The last ``1/16`` of the samples are held out: the loss on them
+is measured before and after, with the values as the checkpoint stores them, and the starting
+point is kept when tuning did not lower it.
+
+Memory: the whole model twice (the unquantized one as the teacher and the one being tuned, each
+quantized weight dequantized in float32 for the forward), plus one sample's activations with
+their gradients. Unlike the rest of the pipeline this does not stream: it is for models that fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmq import packing
+from llmq.qlinear import QuantLinear
+
+# Chosen on WikiText-2 windows 41-50 (outside those the README reports), SmolLM2 int4 after GPTQ's
+# default, one epoch: perplexity 30.731 untuned, 29.905 with lr 1e-3 on the scales alone, 29.719 with
+# lr 3e-3 and the norms too (see docs/performance.md).
+E2E_LR = 3e-3
+E2E_EPOCHS = 1.0
+E2E_BATCH = 4
+
+
+@dataclass
+class E2EConfig:
+    """``epochs`` passes over the training samples in ``batch``-sample steps, Adam with learning
+    rate ``lr`` (on the log of each scale; norms get a tenth of it), cosine-decayed to 0;
+    ``norms``: tune the norms' weights too; ``seed``: the sample order."""
+
+    epochs: float = E2E_EPOCHS
+    lr: float = E2E_LR
+    batch: int = E2E_BATCH
+    norms: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ValueError(f"end-to-end tuning epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"end-to-end tuning learning rate must be positive, got {self.lr}")
+        if self.batch < 1:
+            raise ValueError(f"end-to-end tuning batch must be >= 1, got {self.batch}")
+
+    def describe(self) -> dict[str, float | int | bool]:
+        return {"epochs": self.epochs, "lr": self.lr, "batch": self.batch, "norms": self.norms, "seed": self.seed}
+
+
+@dataclass
+class E2EInfo:
+    """``init_loss`` and ``loss``: the held-out loss of the starting point and of what was kept
+    (never larger); ``kept``: whether the tuned values were kept; ``held_out``: how many samples
+    that loss is over; ``steps``, ``seconds``."""
+
+    init_loss: float
+    loss: float
+    kept: bool
+    held_out: int
+    steps: int
+    seconds: float
+
+
+class _ScaledCodes(nn.Module):
+    """A ``QuantLinear``'s function with trainable scales: ``W = (q - z) · s₀ · exp(m)``, where
+    ``(q - z)`` is kept as a float32 ``[out, in]`` matrix."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        q = packing.unpack_qweight(layer.qweight, layer.bits).t()
+        g = layer.g_idx.long()
+        self.register_buffer("codes", (q - layer.zeros[g].t().to(torch.int32)).float())
+        self.register_buffer("g_idx", g)
+        self.register_buffer("s0", layer.scales.detach().float().t().contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.log_factor = nn.Parameter(torch.zeros_like(self.s0))
+
+    def scales(self) -> torch.Tensor:
+        """``[groups, out]``, as ``QuantLinear.scales``."""
+        return (self.s0 * self.log_factor.exp()).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.codes * (self.s0 * self.log_factor.exp())[:, self.g_idx]
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's normalization layers (``LayerNorm`` and the architectures' ``*RMSNorm``)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("Norm")}
+
+
+@contextmanager
+def _trainable(model: nn.Module, norms: bool) -> Iterator[dict[str, _ScaledCodes]]:
+    """Within: each ``QuantLinear`` of ``model`` replaced by a :class:`_ScaledCodes` (returned by
+    name) and only those and (with ``norms``) the norms' parameters requiring gradients; after:
+    the ``QuantLinear`` modules back and every parameter's ``requires_grad`` as it was."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    swapped: list[tuple[nn.Module, str, QuantLinear]] = []
+    wrappers: dict[str, _ScaledCodes] = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if norms:
+            for m in norm_modules(model).values():
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(p.is_floating_point())
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrappers[name] = _ScaledCodes(layer).to(layer.qweight.device)
+            setattr(parent, child, wrappers[name])
+            swapped.append((parent, child, layer))
+        yield wrappers
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def output_loss(model: nn.Module, causal: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(model, ids, target)`` and what ``target`` is: for a decoder (``causal``) the
+    unquantized model's log-probabilities ``[1, seq, vocab]`` and the loss the KL divergence from
+    them, in nats per token; for an encoder its last hidden states and the loss their squared error
+    relative to the target's mean square."""
+    if causal:
+        def kl(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            logp = F.log_softmax(m(ids).logits.float(), dim=-1)
+            return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
+        return kl
+
+    def relative_mse(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        hidden = getattr(m, "base_model", m)(ids).last_hidden_state.float()
+        return (hidden - target).pow(2).mean() / target.pow(2).mean()
+    return relative_mse
+
+
+@torch.no_grad()
+def targets(teacher: nn.Module, samples: torch.Tensor, causal: bool) -> Callable[[int], torch.Tensor]:
+    """Sample ``i``'s target (see :func:`output_loss`), computed when asked: a decoder's would take
+    ``nsamples × seq × vocab`` floats if kept."""
+    device = next(teacher.parameters()).device
+
+    def target(i: int) -> torch.Tensor:
+        ids = samples[i:i + 1].to(device)
+        if causal:
+            return F.log_softmax(teacher(ids).logits.float(), dim=-1)
+        return getattr(teacher, "base_model", teacher)(ids).last_hidden_state.float()
+    return target
+
+
+def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, causal: bool,
+                config: E2EConfig | None = None, stored: torch.dtype = torch.float16,
+                progress: bool = True) -> E2EInfo:
+    """Tune ``model``'s ``QuantLinear`` scales (and norms) in place against ``teacher`` on the
+    calibration ``samples`` ``[n, seq]`` (see the module docstring); both models on one device.
+    The tuned values are rounded to ``stored``, the dtype the checkpoint keeps them in, before the
+    held-out loss is measured."""
+    config = config or E2EConfig()
+    started = time.perf_counter()
+    device = next(model.buffers()).device
+    n = samples.shape[0]
+    held_out = max(1, n // 16) if n > 1 else 1
+    train = list(range(n - held_out)) or [0]
+    valid = list(range(n - held_out, n))
+    target = targets(teacher, samples, causal)
+    loss_fn = output_loss(model, causal)
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        return sum(loss_fn(model, samples[i:i + 1].to(device), target(i)).item() for i in valid) / len(valid)
+
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    norm_params = {f"{mn}.{pn}": p for mn, m in norm_modules(model).items()
+                   for pn, p in m.named_parameters(recurse=False) if p.is_floating_point()} if config.norms else {}
+    start_scales = {name: m.scales.detach().clone() for name, m in quantized.items()}
+    start_norms = {name: p.detach().clone() for name, p in norm_params.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the function being matched is the inference one
+    init_loss = held_out_loss()
+
+    steps = max(1, math.ceil(config.epochs * len(train) / config.batch))
+    gen = torch.Generator().manual_seed(config.seed)
+    order = torch.cat([torch.tensor(train)[torch.randperm(len(train), generator=gen)]
+                       for _ in range(math.ceil(steps * config.batch / len(train)))])
+    with _trainable(model, config.norms) as wrappers:
+        groups = [{"params": [w.log_factor for w in wrappers.values()], "lr": config.lr}]
+        if norm_params:
+            groups.append({"params": list(norm_params.values()), "lr": config.lr / 10})
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        bar = tqdm(range(steps), desc="end-to-end scales", unit="step", disable=not progress)
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            batch = order[step * config.batch:(step + 1) * config.batch].tolist()
+            total = 0.0
+            for i in batch:
+                loss = loss_fn(model, samples[i:i + 1].to(device), target(i)) / len(batch)
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{total:.4g}")
+        with torch.no_grad():  # the values as the checkpoint stores them
+            for name, w in wrappers.items():
+                quantized[name].scales.copy_(w.scales().to(stored))
+            for p in norm_params.values():
+                p.copy_(p.to(stored))
+    loss = held_out_loss()
+    kept = loss <= init_loss
+    if not kept:
+        with torch.no_grad():
+            for name, layer in quantized.items():
+                layer.scales.copy_(start_scales[name])
+            for name, p in norm_params.items():
+                p.copy_(start_norms[name])
+        loss = init_loss
+    model.train(was_training)
+    return E2EInfo(init_loss, loss, kept, len(valid), steps, time.perf_counter() - started)

@@ -1,0 +1,119 @@
+"""End-to-end scale tuning: the start is the checkpoint's function exactly, the held-out loss never
+ends above the start's and is the loss of what is written, and only floating-point tensors the
+checkpoint already stores change (codes, zero points and g_idx stay)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_ids, save_tiny
+from safetensors.torch import load_file
+
+from llmq import QuantConfig, QuantLinear
+from llmq.checkpoint import load_model, load_quantized, replace_tensors
+from llmq.pipeline import quantize
+from llmq.quantizers.e2e import E2EConfig, _ScaledCodes, output_loss, targets
+
+
+def test_start_is_the_quantized_linear(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    quantize(src, QuantConfig(method="rtn", bits=3, group_size=32, sym=False, desc_act=False), tmp_path / "q",
+             progress=False)
+    layer = next(m for m in load_quantized(tmp_path / "q").modules() if isinstance(m, QuantLinear))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_ScaledCodes(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(_ScaledCodes(layer).scales(), layer.scales.float())
+
+
+def _held_out_loss(folder, src, calibration, causal):
+    """The loss the tuning measures on its held-out samples (the last 1/16, at least one)."""
+    model, teacher = load_model(folder), load_model(src)
+    ids = calibration.input_ids
+    held = max(1, ids.shape[0] // 16)
+    target, loss = targets(teacher, ids, causal), output_loss(model, causal)
+    with torch.no_grad():
+        return sum(loss(model, ids[i:i + 1], target(i)).item() for i in range(len(ids) - held, len(ids))) / held
+
+
+@pytest.mark.parametrize("kind,method", [("llama", "gptq"), ("gpt2", "rtn"), ("opt", "gptq"), ("bert", "gptq"),
+                                         ("qwen3", "rtn")])
+def test_pipeline_tunes_scales_and_writes_what_it_measured(tmp_path, kind, method):
+    src = save_tiny(kind, tmp_path / "src")
+    calibration = calibration_ids(n=32)
+    config = QuantConfig(method=method, bits=2, group_size=32, sym=False)
+    e2e = E2EConfig(epochs=3, lr=1e-2)
+    report = quantize(src, config, tmp_path / "tuned", calibration=calibration, progress=False, e2e=e2e)
+    info = report.e2e
+    assert info.kept and info.loss < info.init_loss, info
+    assert info.held_out == 2 and info.steps == 23  # 30 training samples, 3 epochs, batches of 4
+    causal = kind != "bert"
+    assert _held_out_loss(tmp_path / "tuned", src, calibration, causal) == pytest.approx(info.loss, rel=1e-4)
+    model = load_quantized(tmp_path / "tuned")
+    assert model.config.quantization_config["meta"]["e2e"] == e2e.describe()
+
+    quantize(src, config, tmp_path / "plain", calibration=calibration, progress=False)
+    assert _held_out_loss(tmp_path / "plain", src, calibration, causal) == pytest.approx(info.init_loss, rel=1e-4)
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert tuned.keys() == plain.keys()
+    changed = {k for k in tuned if not torch.equal(tuned[k], plain[k])}
+    assert any(k.endswith(".scales") for k in changed)
+    assert any("norm" in k.lower() or ".ln_" in k for k in changed), sorted(changed)
+    assert not any(k.endswith((".qweight", ".qzeros", ".g_idx")) for k in changed)
+    assert all(tuned[k].dtype == plain[k].dtype for k in tuned)
+
+
+def test_keeps_the_start_when_tuning_does_not_lower_the_held_out_loss(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    config = QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
+    report = quantize(src, config, tmp_path / "tuned", calibration=calibration_ids(n=16), progress=False,
+                      e2e=E2EConfig(epochs=1, lr=50.0))  # steps far too long: the loss goes up
+    assert not report.e2e.kept and report.e2e.loss == report.e2e.init_loss
+    quantize(src, config, tmp_path / "plain", calibration=calibration_ids(n=16), progress=False)
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert all(torch.equal(tuned[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("bad,match", [({"epochs": 0}, "epochs"), ({"lr": -1}, "learning rate"),
+                                       ({"batch": 0}, "batch")])
+def test_bad_settings_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        E2EConfig(**bad)
+
+
+def test_replace_tensors_keeps_dtype_and_shape(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    quantize(src, QuantConfig(method="rtn", bits=4, group_size=32), tmp_path / "q", progress=False)
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    key = next(k for k in stored if k.endswith(".scales"))
+    replace_tensors(tmp_path / "q", {key: stored[key] * 2})
+    again = load_file(tmp_path / "q" / "model.safetensors")
+    assert torch.equal(again[key], stored[key] * 2)
+    assert all(torch.equal(again[k], stored[k]) for k in stored if k != key)
+    with pytest.raises(ValueError, match="stored as F16"):
+        replace_tensors(tmp_path / "q", {key: stored[key].float()})
+
+
+def test_cli_reports_the_held_out_loss(tmp_path):
+    """`llmq quantize --e2e` on an encoder with a tokenizer and a calibration text file."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import BertTokenizerFast
+
+    src = save_tiny("bert", tmp_path / "src")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(251)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(src)
+    text = "\n\n".join(" ".join(f"w{(i * 13 + j * 7) % 251}" for j in range(40)) for i in range(60))
+    (tmp_path / "calib.txt").write_text(text)
+    r = subprocess.run([sys.executable, "-m", "llmq.cli", "quantize", "--model", str(src), "--out", str(tmp_path / "q"),
+                        "--method", "rtn", "--bits", "3", "--group-size", "32", "--calib", str(tmp_path / "calib.txt"),
+                        "--nsamples", "16", "--calib-seqlen", "32", "--e2e", "--e2e-epochs", "2",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "r.json").read_text())["e2e"]
+    assert result["held_out"] == 1 and result["steps"] == 8 and result["loss"] <= result["init_loss"]
+    assert f"end-to-end scales: held-out loss {result['init_loss']:.4g} -> {result['loss']:.4g}" in r.stdout
