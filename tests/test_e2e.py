@@ -30,7 +30,7 @@ def _held_out_loss(folder, src, calibration, causal):
     model, teacher = load_model(folder), load_model(src)
     ids = calibration.input_ids
     held = max(1, ids.shape[0] // 16)
-    target, loss = targets(teacher, ids, causal), output_loss(model, causal)
+    target, loss = targets(teacher, ids, causal), output_loss(causal)
     with torch.no_grad():
         return sum(loss(model, ids[i:i + 1], target(i)).item() for i in range(len(ids) - held, len(ids))) / held
 

@@ -85,14 +85,16 @@ class E2EInfo:
 
 class _ScaledCodes(nn.Module):
     """A ``QuantLinear``'s function with trainable scales: ``W = (q - z) · s₀ · exp(m)``, where
-    ``(q - z)`` is kept as a float32 ``[out, in]`` matrix."""
+    ``(q - z)`` is kept as a float32 ``[out, in]`` matrix. Each column's scale is picked out of its
+    group's by a product with the one-hot ``[groups, in]`` membership matrix, whose backward is a
+    matrix product too (indexing's backward would scatter-add ``out × in`` values)."""
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
         q = packing.unpack_qweight(layer.qweight, layer.bits).t()
         g = layer.g_idx.long()
         self.register_buffer("codes", (q - layer.zeros[g].t().to(torch.int32)).float())
-        self.register_buffer("g_idx", g)
+        self.register_buffer("members", F.one_hot(g, layer.scales.shape[0]).t().float())
         self.register_buffer("s0", layer.scales.detach().float().t().contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.log_factor = nn.Parameter(torch.zeros_like(self.s0))
@@ -102,7 +104,7 @@ class _ScaledCodes(nn.Module):
         return (self.s0 * self.log_factor.exp()).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.codes * (self.s0 * self.log_factor.exp())[:, self.g_idx]
+        w = self.codes * ((self.s0 * self.log_factor.exp()) @ self.members)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -141,7 +143,7 @@ def _trainable(model: nn.Module, norms: bool) -> Iterator[dict[str, _ScaledCodes
             p.requires_grad_(flag)
 
 
-def output_loss(model: nn.Module, causal: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def output_loss(causal: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(model, ids, target)`` and what ``target`` is: for a decoder (``causal``) the
     unquantized model's log-probabilities ``[1, seq, vocab]`` and the loss the KL divergence from
     them, in nats per token; for an encoder its last hidden states and the loss their squared error
@@ -183,11 +185,11 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
     started = time.perf_counter()
     device = next(model.buffers()).device
     n = samples.shape[0]
-    held_out = max(1, n // 16) if n > 1 else 1
-    train = list(range(n - held_out)) or [0]
+    held_out = max(1, n // 16)
     valid = list(range(n - held_out, n))
+    train = list(range(n - held_out)) or valid  # one sample: trained on and measured on
     target = targets(teacher, samples, causal)
-    loss_fn = output_loss(model, causal)
+    loss_fn = output_loss(causal)
 
     @torch.no_grad()
     def held_out_loss() -> float:
