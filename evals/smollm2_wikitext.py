@@ -83,6 +83,11 @@ CONFIGS = {
     "gptq-int3-g128-asym-actorder-wmse-e2e": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
                                              "--mse weighted --e2e",
     "gptq-budget3.5-asym-actorder-wmse-e2e": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted --e2e",
+    # --e2e after learned rounding, and for two epochs, both from GPTQ's int4 default.
+    "gptq-int4-g128-asym-actorder-wmse-tune-e2e": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                                  "--mse weighted --tune --e2e",
+    "gptq-int4-g128-asym-actorder-wmse-e2e2": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                              "--mse weighted --e2e --e2e-epochs 2",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
     "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act --mse off",
@@ -103,6 +108,8 @@ REFERENCE = {
     "gptq-int4-g128-asym-actorder-wmse-e2e": "gptq-int4-g128-asym-actorder-wmse",
     "gptq-int3-g128-asym-actorder-wmse-e2e": "gptq-int3-g128-asym-actorder-wmse",
     "gptq-budget3.5-asym-actorder-wmse-e2e": "gptq-budget3.5-asym-actorder-wmse",
+    "gptq-int4-g128-asym-actorder-wmse-tune-e2e": "gptq-int4-g128-asym-actorder-wmse-e2e",
+    "gptq-int4-g128-asym-actorder-wmse-e2e2": "gptq-int4-g128-asym-actorder-wmse-e2e",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }
