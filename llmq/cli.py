@@ -79,6 +79,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "both models whole)")
     p.add_argument("--e2e-epochs", type=float, default=None, metavar="E",
                    help=f"with --e2e: passes over the calibration samples (default {E2E_EPOCHS:g})")
+    p.add_argument("--e2e-rounding", action="store_true",
+                   help="with --e2e: learn the codes' rounding too (each code moves by at most one step); "
+                        "it needs several epochs to gain")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--calib", default="bundled",
@@ -187,7 +190,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tune = TuneConfig(steps=TUNE_STEPS if args.tune_steps is None else args.tune_steps) if args.tune else None
     if args.e2e_epochs is not None and not args.e2e:
         raise ValueError("--e2e-epochs needs --e2e")
-    e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs) if args.e2e else None
+    if args.e2e_rounding and not args.e2e:
+        raise ValueError("--e2e-rounding needs --e2e")
+    e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs,
+                    rounding=args.e2e_rounding) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:
@@ -230,9 +236,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if report.e2e is not None:
         e = report.e2e
         print(f"end-to-end scales: held-out loss {e.init_loss:.4g} -> {e.loss:.4g} on {e.held_out} calibration samples"
-              f" ({e.steps} steps, {e.seconds:.0f} s" + ("" if e.kept else "; not lower, so the start was kept") + ")")
+              f" ({e.steps} steps, {e.seconds:.0f} s" + ("" if e.kept else "; not lower, so the start was kept")
+              + (f"; {e.moved:.2%} of the codes moved" if e.moved else "") + ")")
         result["e2e"] = {"init_loss": e.init_loss, "loss": e.loss, "kept": e.kept, "held_out": e.held_out,
-                         "steps": e.steps, "seconds": e.seconds}
+                         "steps": e.steps, "seconds": e.seconds, "moved": e.moved}
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)

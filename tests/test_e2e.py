@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from llmq import QuantConfig, QuantLinear
 from llmq.checkpoint import load_model, load_quantized, replace_tensors
+from llmq.packing import unpack_qweight
 from llmq.pipeline import quantize
 from llmq.quantizers.e2e import E2EConfig, _ScaledCodes, output_loss, targets
 
@@ -23,6 +24,26 @@ def test_start_is_the_quantized_linear(tmp_path):
     x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_ScaledCodes(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(_ScaledCodes(layer).scales(), layer.scales.float())
+
+
+def test_rounding_starts_at_the_codes_and_stays_in_range(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    quantize(src, QuantConfig(method="rtn", bits=3, group_size=32, sym=False, desc_act=False), tmp_path / "q",
+             progress=False)
+    layer = next(m for m in load_quantized(tmp_path / "q").modules() if isinstance(m, QuantLinear))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    wrapped = _ScaledCodes(layer, rounding=True)
+    torch.testing.assert_close(wrapped(x), layer(x), rtol=1e-5, atol=1e-6)
+    q = unpack_qweight(layer.qweight, layer.bits)
+    assert torch.equal(wrapped.qweight_codes(), q)
+    with torch.no_grad():
+        wrapped.offset.fill_(1.0)
+    assert torch.equal(wrapped.qweight_codes(), (q + 1).clamp(max=7))  # one step up, never past 2^bits - 1
+    with torch.no_grad():
+        wrapped.offset.fill_(-0.6)
+    assert torch.equal(wrapped.qweight_codes(), (q - 1).clamp(min=0))
+    (wrapped(x) ** 2).sum().backward()  # straight through the rounding: every offset gets a gradient
+    assert wrapped.offset.grad is not None and wrapped.offset.grad.abs().sum() > 0
 
 
 def _held_out_loss(folder, src, calibration, causal):
@@ -63,6 +84,31 @@ def test_pipeline_tunes_scales_and_writes_what_it_measured(tmp_path, kind, metho
     assert all(tuned[k].dtype == plain[k].dtype for k in tuned)
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_learned_rounding_moves_codes_by_one_step_and_writes_them(tmp_path, kind):
+    src = save_tiny(kind, tmp_path / "src")
+    calibration = calibration_ids(n=32)
+    config = QuantConfig(method="gptq", bits=3, group_size=32, sym=False)
+    e2e = E2EConfig(epochs=6, lr=1e-2, rounding=True, round_lr=0.05)
+    info = quantize(src, config, tmp_path / "tuned", calibration=calibration, progress=False, e2e=e2e).e2e
+    assert info.kept and info.loss < info.init_loss and 0 < info.moved < 0.5, info
+    assert _held_out_loss(tmp_path / "tuned", src, calibration, kind != "bert") == pytest.approx(info.loss, rel=1e-3)
+    assert load_quantized(tmp_path / "tuned").config.quantization_config["meta"]["e2e"]["rounding"] is True
+
+    quantize(src, config, tmp_path / "plain", calibration=calibration, progress=False)
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    changed = {k for k in tuned if not torch.equal(tuned[k], plain[k])}
+    assert any(k.endswith(".qweight") for k in changed)
+    assert not any(k.endswith((".qzeros", ".g_idx")) for k in changed)
+    moved = total = 0
+    for k in (k for k in tuned if k.endswith(".qweight")):
+        diff = unpack_qweight(tuned[k], 3) - unpack_qweight(plain[k], 3)
+        assert diff.abs().max() <= 1 and unpack_qweight(tuned[k], 3).max() <= 7
+        moved, total = moved + diff.ne(0).sum().item(), total + diff.numel()
+    assert moved / total == pytest.approx(info.moved)
+
+
 def test_keeps_the_start_when_tuning_does_not_lower_the_held_out_loss(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
     config = QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
@@ -76,7 +122,7 @@ def test_keeps_the_start_when_tuning_does_not_lower_the_held_out_loss(tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [({"epochs": 0}, "epochs"), ({"lr": -1}, "learning rate"),
-                                       ({"batch": 0}, "batch")])
+                                       ({"batch": 0}, "batch"), ({"rounding": True, "round_lr": 0}, "rounding")])
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         E2EConfig(**bad)

@@ -310,8 +310,8 @@ def quantize(
 
 def _tune_end_to_end(folder: Path, src: Path, hf_config, calibration: Calibration, e2e: E2EConfig,
                      device: torch.device, stored: torch.dtype, progress: bool) -> E2EInfo:
-    """Tune the scales and norms of the checkpoint written in ``folder`` against the unquantized
-    ``src`` and write those that changed back into its shards."""
+    """Tune the scales and norms (and with ``e2e.rounding`` the codes) of the checkpoint written in
+    ``folder`` against the unquantized ``src`` and write those that changed back into its shards."""
     model = checkpoint.load_quantized(folder, device=device, dtype=torch.float32, half_tables=False)
     teacher = checkpoint.load_model(src, device=device, dtype=torch.float32)
     causal = hf_config.model_type not in models.ENCODER_TYPES
@@ -319,13 +319,16 @@ def _tune_end_to_end(folder: Path, src: Path, hf_config, calibration: Calibratio
     del teacher
     if info.kept:
         keys = streaming.KeyMap(model, streaming.ShardReader(folder))
-        tuned = {f"{n}.scales": m.scales for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        changed = ("scales", "qweight") if e2e.rounding else ("scales",)
+        tuned = {f"{n}.{t}": getattr(m, t) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                 for t in changed}
         if e2e.norms:
             tuned.update((f"{n}.{p}", t) for n, m in norm_modules(model).items()
                          for p, t in m.named_parameters(recurse=False))
         found = {keys.source(name): t for name, t in tuned.items()}
         found.pop(None, None)  # a tensor the checkpoint does not store (tied to another)
-        checkpoint.replace_tensors(folder, {key: t.detach().cpu().to(stored) for key, t in found.items()})
+        checkpoint.replace_tensors(folder, {key: t.detach().cpu().to(stored if t.is_floating_point() else t.dtype)
+                                            for key, t in found.items()})
     return info
 
 
