@@ -57,6 +57,13 @@ CONFIGS = {
     # 8 epochs: the lowest held-out calibration loss of 1, 2, 4 and 8 epochs at int4 (docs/performance.md)
     "gptq-int4-g128-wmse-e2e8": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted --e2e "
                                 "--e2e-epochs 8",
+    # 8 epochs with learned rounding (codes move by at most one step); int3 with and without it
+    "gptq-int4-g128-wmse-e2e8-round": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
+                                      "--e2e --e2e-epochs 8 --e2e-rounding",
+    "gptq-int3-g128-wmse-e2e8": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted --e2e "
+                                "--e2e-epochs 8",
+    "gptq-int3-g128-wmse-e2e8-round": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted "
+                                      "--e2e --e2e-epochs 8 --e2e-rounding",
 }
 RESULTS = Path(__file__).parent / "results"
 

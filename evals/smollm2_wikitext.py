@@ -88,8 +88,10 @@ CONFIGS = {
                                                   "--mse weighted --tune --e2e",
     "gptq-int4-g128-asym-actorder-wmse-e2e2": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                               "--mse weighted --e2e --e2e-epochs 2",
-    # --e2e with learned rounding (codes move by at most one step), two epochs, at int3.
+    # --e2e with learned rounding (codes move by at most one step), two epochs, at int3 and int4.
     "gptq-int3-g128-asym-actorder-wmse-e2e2-round": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                                    "--mse weighted --e2e --e2e-epochs 2 --e2e-rounding",
+    "gptq-int4-g128-asym-actorder-wmse-e2e2-round": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                                     "--mse weighted --e2e --e2e-epochs 2 --e2e-rounding",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
@@ -114,6 +116,7 @@ REFERENCE = {
     "gptq-int4-g128-asym-actorder-wmse-tune-e2e": "gptq-int4-g128-asym-actorder-wmse-e2e",
     "gptq-int4-g128-asym-actorder-wmse-e2e2": "gptq-int4-g128-asym-actorder-wmse-e2e",
     "gptq-int3-g128-asym-actorder-wmse-e2e2-round": "gptq-int3-g128-asym-actorder-wmse-e2e",
+    "gptq-int4-g128-asym-actorder-wmse-e2e2-round": "gptq-int4-g128-asym-actorder-wmse-e2e2",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }

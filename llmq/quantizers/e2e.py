@@ -8,7 +8,8 @@ still add up through the blocks after it. Here every scale sees the loss at the 
 the KL divergence of the quantized model's next-token distribution from the unquantized one's
 (decoders), or the relative squared error of the last hidden states (encoders). The checkpoint
 stays a plain GPTQ one: only tensors it already stores in floating point change (``scales``, the
-norms' weights and biases).
+norms' weights and biases), and with ``rounding`` the codes in ``qweight``, each by at most one
+step (learned rounding end to end: a straight-through offset per weight).
 
 Each scale is trained as ``s₀ · exp(m)`` from ``m = 0`` (scales keep their sign and cannot reach
 0) with Adam and a cosine-decayed learning rate, one calibration sample per forward, gradients
@@ -18,7 +19,9 @@ point is kept when tuning did not lower it.
 
 Memory: the whole model twice (the unquantized one as the teacher and the one being tuned, each
 quantized weight dequantized in float32 for the forward), plus one sample's activations with
-their gradients. Unlike the rest of the pipeline this does not stream: it is for models that fit.
+their gradients; ``rounding`` adds four float32 copies of the quantized weights (the offsets,
+their gradients and Adam's two moments). Unlike the rest of the pipeline this does not stream:
+it is for models that fit.
 """
 
 from __future__ import annotations
