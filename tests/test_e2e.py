@@ -16,22 +16,23 @@ from llmq.pipeline import quantize
 from llmq.quantizers.e2e import E2EConfig, _ScaledCodes, output_loss, targets
 
 
-def test_start_is_the_quantized_linear(tmp_path):
-    src = save_tiny("llama", tmp_path / "src")
-    quantize(src, QuantConfig(method="rtn", bits=3, group_size=32, sym=False, desc_act=False), tmp_path / "q",
+def _int3_layer_and_input(folder):
+    """The first ``QuantLinear`` of a tiny Llama quantized to int3 g32 with RTN, and an input for it."""
+    src = save_tiny("llama", folder / "src")
+    quantize(src, QuantConfig(method="rtn", bits=3, group_size=32, sym=False, desc_act=False), folder / "q",
              progress=False)
-    layer = next(m for m in load_quantized(tmp_path / "q").modules() if isinstance(m, QuantLinear))
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    layer = next(m for m in load_quantized(folder / "q").modules() if isinstance(m, QuantLinear))
+    return layer, torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+
+def test_start_is_the_quantized_linear(tmp_path):
+    layer, x = _int3_layer_and_input(tmp_path)
     torch.testing.assert_close(_ScaledCodes(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(_ScaledCodes(layer).scales(), layer.scales.float())
 
 
 def test_rounding_starts_at_the_codes_and_stays_in_range(tmp_path):
-    src = save_tiny("llama", tmp_path / "src")
-    quantize(src, QuantConfig(method="rtn", bits=3, group_size=32, sym=False, desc_act=False), tmp_path / "q",
-             progress=False)
-    layer = next(m for m in load_quantized(tmp_path / "q").modules() if isinstance(m, QuantLinear))
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    layer, x = _int3_layer_and_input(tmp_path)
     wrapped = _ScaledCodes(layer, rounding=True)
     torch.testing.assert_close(wrapped(x), layer(x), rtol=1e-5, atol=1e-6)
     q = unpack_qweight(layer.qweight, layer.bits)
