@@ -93,6 +93,12 @@ CONFIGS = {
                                                     "--mse weighted --e2e --e2e-epochs 2 --e2e-rounding",
     "gptq-int4-g128-asym-actorder-wmse-e2e2-round": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                                     "--mse weighted --e2e --e2e-epochs 2 --e2e-rounding",
+    # Two epochs without rounding at int3 (separates the epoch's gain from rounding's), and the
+    # 3.5-bit budget with two epochs and rounding.
+    "gptq-int3-g128-asym-actorder-wmse-e2e2": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                              "--mse weighted --e2e --e2e-epochs 2",
+    "gptq-budget3.5-asym-actorder-wmse-e2e2-round": "--method gptq --bits-budget 3.5 --asym --desc-act "
+                                                    "--mse weighted --e2e --e2e-epochs 2 --e2e-rounding",
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
     "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act --mse off",
@@ -117,6 +123,8 @@ REFERENCE = {
     "gptq-int4-g128-asym-actorder-wmse-e2e2": "gptq-int4-g128-asym-actorder-wmse-e2e",
     "gptq-int3-g128-asym-actorder-wmse-e2e2-round": "gptq-int3-g128-asym-actorder-wmse-e2e",
     "gptq-int4-g128-asym-actorder-wmse-e2e2-round": "gptq-int4-g128-asym-actorder-wmse-e2e2",
+    "gptq-int3-g128-asym-actorder-wmse-e2e2": "gptq-int3-g128-asym-actorder-wmse-e2e",
+    "gptq-budget3.5-asym-actorder-wmse-e2e2-round": "gptq-budget3.5-asym-actorder-wmse-e2e",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
 }
