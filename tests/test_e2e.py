@@ -47,6 +47,35 @@ def test_rounding_starts_at_the_codes_and_stays_in_range(tmp_path):
     assert wrapped.offset.grad is not None and wrapped.offset.grad.abs().sum() > 0
 
 
+def _by_autograd(wrapped, x):
+    """What ``wrapped`` computes, as a plain autograd expression (straight-through rounding)."""
+    c = wrapped.codes + wrapped.offset
+    c = c + (c.round() - c).detach()
+    low = -(wrapped.z0 @ wrapped.members)
+    w = torch.clamp(c, low, low + wrapped.maxq) * ((wrapped.s0 * wrapped.log_factor.exp()) @ wrapped.members)
+    return torch.nn.functional.linear(x, w, wrapped.bias)
+
+
+def test_rebuilt_weights_give_autograds_gradients(tmp_path):
+    layer, x = _int3_layer_and_input(tmp_path)
+    wrapped = _ScaledCodes(layer, rounding=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # offsets that move codes both ways and hit the clamp, scales off their start
+        wrapped.offset.copy_(torch.rand(wrapped.offset.shape, generator=gen) * 2 - 1)
+        wrapped.log_factor.copy_(torch.randn(wrapped.log_factor.shape, generator=gen) * 0.1)
+    x = x.unsqueeze(0).requires_grad_(True)  # [1, tokens, in], as a model's hidden states
+    weights = torch.randn(1, x.shape[1], layer.out_features, generator=gen)
+    grads = []
+    for f in (wrapped, lambda t: _by_autograd(wrapped, t)):
+        x.grad = wrapped.log_factor.grad = wrapped.offset.grad = None
+        y = f(x)
+        (y * weights).sum().backward()
+        grads.append((y.detach(), x.grad, wrapped.log_factor.grad, wrapped.offset.grad))
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert (grads[0][3] == 0).any() and (grads[0][3] != 0).any()  # the clamp bound some, not all
+
+
 def _held_out_loss(folder, src, calibration, causal):
     """The loss the tuning measures on its held-out samples (the last 1/16, at least one)."""
     model, teacher = load_model(folder), load_model(src)

@@ -109,7 +109,10 @@ class _ScaledCodes(nn.Module):
 
     With ``rounding``, the codes are trainable too: ``q + round(v)`` with an offset ``v`` in
     ``[-1, 1]`` per weight (so a code moves by at most one step, and stays in ``[0, 2^bits - 1]``),
-    rounded in the forward and passed straight through in the backward."""
+    rounded in the forward and passed straight through in the backward.
+
+    ``W`` is built in the forward and built again in the backward (:class:`_Rebuilt`), so autograd
+    keeps no weight-sized tensor per linear between the two."""
 
     def __init__(self, layer: QuantLinear, rounding: bool = False) -> None:
         super().__init__()
@@ -128,23 +131,54 @@ class _ScaledCodes(nn.Module):
         """``[groups, out]``, as ``QuantLinear.scales``."""
         return (self.s0 * self.log_factor.exp()).t()
 
-    def shifted_codes(self) -> torch.Tensor:
-        """``q - z`` with the learned offsets rounded in (straight-through), clamped to the range."""
+    @torch.no_grad()
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``W``'s factors, ``[out, in]`` each: the codes less the zero points (the learned offsets
+        rounded in and clamped to the code range) and each weight's scale; with ``rounding`` also
+        where the offset's gradient passes (the clamp did not bind)."""
+        scale = (self.s0 * self.log_factor.exp()) @ self.members
         if self.offset is None:
-            return self.codes
-        c = self.codes + self.offset
-        c = c + (c.round() - c).detach()
+            return self.codes, scale, None
         low = -(self.z0 @ self.members)
-        return torch.clamp(c, low, low + self.maxq)
+        c = (self.codes + self.offset).round()
+        inside = (c >= low) & (c <= low + self.maxq)
+        return torch.clamp(c, low, low + self.maxq), scale, inside
 
     def qweight_codes(self) -> torch.Tensor:
         """The codes ``q`` int32 ``[in, out]``, as ``unpack_qweight`` gives them."""
         with torch.no_grad():
-            return (self.shifted_codes() + self.z0 @ self.members).round().to(torch.int32).t()
+            return (self.parts()[0] + self.z0 @ self.members).round().to(torch.int32).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.shifted_codes() * ((self.s0 * self.log_factor.exp()) @ self.members)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = _Rebuilt.apply(x, self.log_factor, self.offset, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class _Rebuilt(torch.autograd.Function):
+    """``x Wᵀ`` for a :class:`_ScaledCodes`, with gradients for ``x``, the log scale factors and the
+    offsets (straight through the rounding, zero where the clamp binds). Only ``x`` is saved; ``W``
+    is rebuilt in the backward. Autograd through the expression would keep five float32 copies of
+    the weights per linear with ``rounding`` (codes, their clamp bounds, scales, ``W``), two without."""
+
+    @staticmethod
+    def forward(ctx, x, log_factor, offset, module):  # noqa: ANN001, ANN205 (autograd's signature)
+        codes, scale, _ = module.parts()
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.linear(x, (codes * scale).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        module = ctx.module
+        codes, scale, inside = module.parts()
+        gx = gy @ (codes * scale).to(gy.dtype) if ctx.needs_input_grad[0] else None
+        gw = gy.reshape(-1, gy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        g_factor = ((gw * codes) @ module.members.t()) * (module.s0 * module.log_factor.exp())
+        g_offset = None
+        if inside is not None and ctx.needs_input_grad[2]:
+            g_offset = (gw * scale).masked_fill_(~inside, 0.0)
+        return gx, g_factor, g_offset, None
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
