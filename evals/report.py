@@ -274,8 +274,8 @@ def cpu_decode_table() -> str:
     return f"{intro}\n\n{_table(header, rows, 'lllrrrrrrl')}\n\n{notes(data['results'])}\n"
 
 
-def minilm_table() -> str:
-    data = load("minilm_encoder")
+def minilm_table(name: str = "minilm_encoder") -> str:
+    data = load(name)
     runs = list(data["runs"].values())
     rows = []
     for r in runs:
@@ -285,7 +285,9 @@ def minilm_table() -> str:
                      f"{r['bits_per_weight']:.3f}", f"{r['quantize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", code(r)])
     header = ["configuration", "cosine mean", "cosine min", "top-1 agree", "top-10 overlap", "size (MB)",
               "bits/weight", "quantize (s)", "peak RSS (MiB)", "code"]
-    intro = (f"{data['sentences']:,} held-out sentences of the bundled corpus, mean-pooled sentence embeddings "
+    first = data.get("first_sentence", 0)
+    which = f"the {first + 1:,}th to {first + data['sentences']:,}th" if first else f"{data['sentences']:,}"
+    intro = (f"{which} held-out sentences of the bundled corpus, mean-pooled sentence embeddings "
              "against the unquantized encoder.")
     return f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes(runs)}\n"
 
@@ -399,6 +401,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "gptq-reference": gptq_reference_table,
     "cpu-decode": cpu_decode_table,
     "minilm": minilm_table,
+    "minilm-validation": lambda: minilm_table("minilm_encoder_validation"),
     "streaming": streaming_table,
     "vocab-memory": vocab_memory_table,
     "resume": resume_table,

@@ -26,11 +26,23 @@ class Calibration:
     source: str
     seed: int
     chat_template: bool
+    special_tokens: list[int] | None = None  # the framing each sample got, e.g. BERT's [CLS] and [SEP]
 
     def describe(self) -> dict[str, Any]:
         n, seqlen = self.input_ids.shape
         return {"calibration": {"source": self.source, "nsamples": n, "seqlen": seqlen, "seed": self.seed,
-                                "chat_template": self.chat_template}}
+                                "chat_template": self.chat_template, "special_tokens": self.special_tokens or []}}
+
+
+def special_framing(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer puts before and after a text by default (BERT: ``[CLS]`` and
+    ``[SEP]``; Llama: the BOS token; many decoders: none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(framed) - len(plain) + 1):
+        if framed[i:i + len(plain)] == plain:
+            return framed[:i], framed[i + len(plain):]
+    return [], []
 
 
 def calibration_files(source: str) -> list[Path]:
@@ -104,7 +116,10 @@ def get_calibration(
     """``nsamples`` random slices of ``seqlen`` tokens (seeded) from the documents of ``source``.
 
     Documents are joined with blank lines and tokenized without special tokens; when
-    ``chat_template`` is set each document is first wrapped as an assistant reply.
+    ``chat_template`` is set each document is first wrapped as an assistant reply. Each slice is
+    framed the way the tokenizer frames any text (:func:`special_framing`, counted in ``seqlen``),
+    so that the model sees the tokens it always sees in use: an encoder's ``[CLS]`` and ``[SEP]``
+    carry some of its largest activations.
     """
     if nsamples <= 0 or seqlen <= 1:
         raise ValueError(f"calibration needs nsamples > 0 and seqlen > 1, got {nsamples} and {seqlen}")
@@ -122,8 +137,15 @@ def get_calibration(
         ids.extend(tokenizer(texts[i] + "\n\n", add_special_tokens=False)["input_ids"])
         if len(ids) >= needed:
             break
-    if len(ids) <= seqlen:
+    prefix, suffix = special_framing(tokenizer)
+    body = seqlen - len(prefix) - len(suffix)
+    if body < 1:
+        raise ValueError(f"calibration seqlen {seqlen} leaves no room for text between the tokenizer's "
+                         f"{len(prefix) + len(suffix)} special tokens")
+    if len(ids) <= body:
         raise ValueError(f"calibration source {source!r} has only {len(ids)} tokens, fewer than seqlen {seqlen}")
     tokens = torch.tensor(ids, dtype=torch.long)
-    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=gen)
-    return Calibration(torch.stack([tokens[s:s + seqlen] for s in starts.tolist()]), source, seed, chat_template)
+    starts = torch.randint(0, len(ids) - body, (nsamples,), generator=gen)
+    head, tail = torch.tensor(prefix, dtype=torch.long), torch.tensor(suffix, dtype=torch.long)
+    samples = torch.stack([torch.cat([head, tokens[s:s + body], tail]) for s in starts.tolist()])
+    return Calibration(samples, source, seed, chat_template, prefix + suffix)

@@ -314,8 +314,9 @@ def evaluate_lm_sliding(
                        stride=stride)["model"]
 
 
-def heldout_sentences(n: int = 2000, min_chars: int = 30) -> list[str]:
-    """``n`` sentences from the bundled corpus's held-out documents (never used for calibration)."""
+def heldout_sentences(n: int = 2000, min_chars: int = 30, skip: int = 0) -> list[str]:
+    """``n`` sentences from the bundled corpus's held-out documents (never used for calibration),
+    after the first ``skip`` of them."""
     from llmq.assets import bundled_corpus
 
     out: list[str] = []
@@ -323,9 +324,9 @@ def heldout_sentences(n: int = 2000, min_chars: int = 30) -> list[str]:
         for s in re.split(r"(?<=[.!?])\s+", doc):
             if len(s) >= min_chars:
                 out.append(s)
-                if len(out) == n:
-                    return out
-    return out
+                if len(out) == skip + n:
+                    return out[skip:]
+    return out[skip:]
 
 
 @torch.no_grad()
@@ -346,10 +347,11 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], batch
 
 @torch.no_grad()
 def evaluate_encoder(model: nn.Module, baseline: nn.Module, tokenizer, nsentences: int = 2000,
-                     mlm_sentences: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Embedding cosine (mean over sentences) and retrieval agreement against ``baseline``; with
-    ``mlm_sentences`` and a masked-LM head, pseudo-perplexity of both models."""
-    sentences = heldout_sentences(nsentences)
+                     mlm_sentences: int = 0, progress: bool = True, skip: int = 0) -> dict[str, Any]:
+    """Embedding cosine (mean over sentences) and retrieval agreement against ``baseline`` on
+    ``nsentences`` held-out sentences after the first ``skip``; with ``mlm_sentences`` and a
+    masked-LM head, pseudo-perplexity of both models."""
+    sentences = heldout_sentences(nsentences, skip=skip)
     base = F.normalize(sentence_embeddings(baseline, tokenizer, sentences), dim=-1)
     quant = F.normalize(sentence_embeddings(model, tokenizer, sentences), dim=-1)
     k = min(10, len(sentences) - 1)
