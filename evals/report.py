@@ -286,7 +286,7 @@ def minilm_table(name: str = "minilm_encoder") -> str:
     header = ["configuration", "cosine mean", "cosine min", "top-1 agree", "top-10 overlap", "size (MB)",
               "bits/weight", "quantize (s)", "peak RSS (MiB)", "code"]
     first = data.get("first_sentence", 0)
-    which = f"the {first + 1:,}th to {first + data['sentences']:,}th" if first else f"{data['sentences']:,}"
+    which = f"Sentences {first + 1:,} to {first + data['sentences']:,} of the" if first else f"{data['sentences']:,}"
     intro = (f"{which} held-out sentences of the bundled corpus, mean-pooled sentence embeddings "
              "against the unquantized encoder.")
     return f"{intro}\n\n{_table(header, rows, 'lrrrrrrrrl')}\n\n{notes(runs)}\n"
