@@ -222,15 +222,40 @@ def output_loss(causal: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor
     them, in nats per token; for an encoder its last hidden states and the loss their squared error
     relative to the target's mean square."""
     if causal:
-        def kl(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            logp = F.log_softmax(m(ids).logits.float(), dim=-1)
-            return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
-        return kl
+        return lambda m, ids, target: _TokenKL.apply(m(ids).logits, target)
 
     def relative_mse(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         hidden = getattr(m, "base_model", m)(ids).last_hidden_state.float()
         return (hidden - target).pow(2).mean() / target.pow(2).mean()
     return relative_mse
+
+
+class _TokenKL(torch.autograd.Function):
+    """``KL(target ‖ softmax(logits))`` per token, averaged over tokens, from ``logits`` and the
+    target's log-probabilities ``[..., vocab]``. Its gradient, ``(softmax(logits) − exp(target)) /
+    tokens``, is computed in the forward, a slice of tokens at a time, and is all it keeps: autograd's
+    own version keeps the log-softmax and makes several more vocabulary-sized temporaries."""
+
+    @staticmethod
+    def forward(ctx, logits, target):  # noqa: ANN001, ANN205 (autograd's signature)
+        flat, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1, target.shape[-1])
+        tokens = flat.shape[0]
+        grad = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+        for i in range(0, tokens, 256):
+            logp = F.log_softmax(flat[i:i + 256].float(), dim=-1)
+            t = flat_target[i:i + 256].float()
+            p = t.exp()
+            total += (p * (t - logp)).sum(dtype=torch.float64)
+            torch.sub(logp.exp_(), p, out=grad[i:i + 256])
+        ctx.save_for_backward(grad.div_(tokens))
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return (total / tokens).float()
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (grad,) = ctx.saved_tensors
+        return (grad * g).reshape(ctx.shape).to(ctx.dtype), None
 
 
 @torch.no_grad()
