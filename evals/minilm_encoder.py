@@ -80,6 +80,11 @@ CONFIGS = {
                                    "--e2e --nsamples 1024 --calib-seqlen 32",
     "gptq-int4-g128-wmse-e2e4-s32": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
                                     "--e2e --e2e-epochs 4 --nsamples 1024 --calib-seqlen 32",
+    # Screened on the --validation sentences for the top-10 overlap: more samples, more epochs.
+    "gptq-int4-g128-wmse-e2e4-s32-n2048": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
+                                          "--e2e --e2e-epochs 4 --nsamples 2048 --calib-seqlen 32",
+    "gptq-int4-g128-wmse-e2e8-s32": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
+                                    "--e2e --e2e-epochs 8 --nsamples 1024 --calib-seqlen 32",
     "gptq-int3-g128-wmse-s32": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted "
                                "--nsamples 1024 --calib-seqlen 32",
     "gptq-int3-g128-wmse-e2e4-s32": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted "
