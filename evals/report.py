@@ -291,7 +291,7 @@ def minilm_table(name: str = "minilm_encoder") -> str:
     which = f"Sentences {first + 1:,} to {first + data['sentences']:,} of the" if first else f"{data['sentences']:,}"
     intro = (f"{which} held-out sentences of the bundled corpus, mean-pooled sentence embeddings "
              "against the unquantized encoder.")
-    return f"{intro}\n\n{_table(header, rows, 'lrrrrrr' + 'rr' * (len(header) == 10) + 'l')}\n\n{notes(runs)}\n"
+    return f"{intro}\n\n{_table(header, rows, 'l' + 'r' * (len(header) - 2) + 'l')}\n\n{notes(runs)}\n"
 
 
 def streaming_table() -> str:

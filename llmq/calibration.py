@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ class Calibration:
     source: str
     seed: int
     chat_template: bool
-    special_tokens: list[int] | None = None  # the framing each sample got, e.g. BERT's [CLS] and [SEP]
+    special_tokens: list[int] = field(default_factory=list)  # the framing each sample got, e.g. BERT's [CLS] and [SEP]
 
     def describe(self) -> dict[str, Any]:
         n, seqlen = self.input_ids.shape
         return {"calibration": {"source": self.source, "nsamples": n, "seqlen": seqlen, "seed": self.seed,
-                                "chat_template": self.chat_template, "special_tokens": self.special_tokens or []}}
+                                "chat_template": self.chat_template, "special_tokens": self.special_tokens}}
 
 
 def special_framing(tokenizer) -> tuple[list[int], list[int]]:

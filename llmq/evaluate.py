@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.calibration import CALIBRATION_DOCS, hub_rows, read_text
+from llmq.calibration import CALIBRATION_DOCS, hub_rows, read_text, special_framing
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -71,10 +71,7 @@ def _normalize(text: str) -> str:
 def uses_bos(tokenizer) -> bool:
     """Whether the tokenizer adds a BOS token by default (the model was trained with it)."""
     bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    return bos is not None and special_framing(tokenizer)[0][:1] == [bos]
 
 
 def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
