@@ -89,6 +89,13 @@ CONFIGS = {
                                "--nsamples 1024 --calib-seqlen 32",
     "gptq-int3-g128-wmse-e2e4-s32": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted "
                                     "--e2e --e2e-epochs 4 --nsamples 1024 --calib-seqlen 32",
+    # Quantization error propagation (--qep, its default strength), alone and before 4 epochs of --e2e.
+    "gptq-int4-g128-wmse-s32-qep": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
+                                   "--qep --nsamples 1024 --calib-seqlen 32",
+    "gptq-int4-g128-wmse-e2e4-s32-qep": "--method gptq --bits 4 --group-size 128 --asym --desc-act --mse weighted "
+                                        "--qep --e2e --e2e-epochs 4 --nsamples 1024 --calib-seqlen 32",
+    "gptq-int3-g128-wmse-s32-qep": "--method gptq --bits 3 --group-size 128 --asym --desc-act --mse weighted "
+                                   "--qep --nsamples 1024 --calib-seqlen 32",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -102,6 +102,12 @@ CONFIGS = {
     # The budgets of uniform int3 and int4 g128 on SmolLM2 (bits/weight counted as the checkpoint stores them).
     "gptq-budget3.21-asym-actorder": "--method gptq --bits-budget 3.21 --asym --desc-act --mse off",
     "gptq-budget4.21-asym-actorder": "--method gptq --bits-budget 4.21 --asym --desc-act --mse off",
+    # Quantization error propagation (--qep, its default strength): each linear solved against the
+    # unquantized model's outputs.
+    "gptq-int3-g128-asym-actorder-wmse-qep": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                             "--mse weighted --qep",
+    "gptq-int4-g128-asym-actorder-wmse-qep": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                             "--mse weighted --qep",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -127,6 +133,8 @@ REFERENCE = {
     "gptq-budget3.5-asym-actorder-wmse-e2e2-round": "gptq-budget3.5-asym-actorder-wmse-e2e",
     "gptq-budget3.21-asym-actorder": "gptq-int3-g128-asym-actorder-mse",
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
+    "gptq-int3-g128-asym-actorder-wmse-qep": "gptq-int3-g128-asym-actorder-wmse",
+    "gptq-int4-g128-asym-actorder-wmse-qep": "gptq-int4-g128-asym-actorder-wmse",
 }
 RESULTS = Path(__file__).parent / "results"
 

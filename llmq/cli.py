@@ -17,6 +17,7 @@ import torch
 from llmq.chat import DTYPES, add_chat_parser, cmd_chat
 from llmq.outdir import StaleOutputError
 from llmq.quantizers.e2e import E2E_EPOCHS, E2EConfig
+from llmq.quantizers.gptq import QEP_STRENGTH
 from llmq.quantizers.tune import TUNE_STEPS, TuneConfig
 from llmq.resume import Stopped
 
@@ -73,6 +74,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help=f"with --tune: sign-gradient steps per block (default {TUNE_STEPS}), one calibration "
                         "batch each")
+    p.add_argument("--qep", type=float, nargs="?", const=QEP_STRENGTH, default=0.0, metavar="A",
+                   help="GPTQ: solve each linear towards the unquantized model's outputs, not its own on inputs "
+                        "that earlier layers' errors have moved (quantization error propagation; A scales the "
+                        f"correction, 1 the full least-squares one; default {QEP_STRENGTH:g})")
     p.add_argument("--e2e", action="store_true",
                    help="after the last block: tune every quantized linear's group scales and the norms against the "
                         "unquantized model's outputs on the calibration set (codes and zero points fixed; loads "
@@ -203,7 +208,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       device=args.device, out_dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), calib_dtype=args.calib_dtype,
                       first_token_weight=args.first_token_weight, resume=args.resume, stop_on_signals=True,
-                      tune=tune, awq=args.awq, bits_budget=args.bits_budget, e2e=e2e)
+                      tune=tune, awq=args.awq, bits_budget=args.bits_budget, e2e=e2e, qep=args.qep)
     from llmq.inspect_ckpt import inspect_checkpoint
 
     info = inspect_checkpoint(report.out)

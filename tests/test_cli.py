@@ -32,6 +32,9 @@ def src(tmp_path_factory):
     (["--e2e-epochs", "2"], "--e2e-epochs needs --e2e"),
     (["--e2e-rounding"], "--e2e-rounding needs --e2e"),
     (["--e2e", "--e2e-epochs", "0"], "end-to-end tuning epochs must be positive"),
+    (["--qep", "--method", "rtn"], "--qep needs --method gptq, without --tune or --awq"),
+    (["--qep", "--tune"], "--qep needs --method gptq, without --tune or --awq"),
+    (["--qep", "-1"], "--qep strength must be positive"),
 ])
 def test_quantize_errors(src, tmp_path, args, message):
     cmd = ["quantize", "--model", src, "--out", tmp_path / "out", *args]
@@ -58,6 +61,9 @@ def test_quantize_defaults_are_the_best_int4_configuration():
     assert config("--mse").mse is True and config("--mse", "plain").mse is True
     assert config("--mse", "off").mse is False and config("--method", "rtn", "--mse", "weighted").mse == "weighted"
     assert build_parser().parse_args(["quantize", "--out", "o", "--sym"]).sym
+    assert build_parser().parse_args(["quantize", "--out", "o"]).qep == 0  # off
+    assert build_parser().parse_args(["quantize", "--out", "o", "--qep"]).qep == 0.5
+    assert build_parser().parse_args(["quantize", "--out", "o", "--qep", "1"]).qep == 1
 
 
 def test_quantize_inspect_eval(src, tmp_path):

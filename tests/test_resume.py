@@ -32,7 +32,9 @@ METHOD_ARGS = {"rtn": ["--method", "rtn", "--group-size", "32"],
                "gptq": ["--method", "gptq", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32"],
                # learned rounding (RTN start): its targets and tuned codes come out the same after a resume
                "tune": ["--method", "rtn", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32", "--tune",
-                        "--tune-steps", "4"]}
+                        "--tune-steps", "4"],
+               # error propagation: the unquantized blocks' outputs are computed again for the blocks done
+               "qep": ["--method", "gptq", "--group-size", "32", "--nsamples", "8", "--calib-seqlen", "32", "--qep"]}
 
 # A quantize command in a child process that signals itself on the N-th call of one of llmq's
 # functions, before the call or after it returns: argv[1] is JSON {"hook", "at": [N...], "signal", "after"}.
@@ -121,6 +123,7 @@ def resume_counting(args: list[str], monkeypatch) -> tuple[int, int]:
     ("rtn", "commit", 3, True, 3),
     ("rtn", "add", 2 * ADDS_PER_BLOCK + 14, False, 2),
     ("tune", "commit", 2, True, 2),
+    ("qep", "commit", 2, True, 2),
 ])
 def test_sigkill_then_resume_gives_the_uninterrupted_bytes(model, reference, tmp_path, monkeypatch, method, hook, at,
                                                           after, finished):

@@ -48,6 +48,7 @@ from llmq.pipeline.solve import (
     rtn_block,
     rtn_head,
     tune_block_step,
+    unquantized_outputs,
 )
 from llmq.pipeline.write import Writer
 from llmq.qlinear import QuantLinear
@@ -122,6 +123,7 @@ def quantize(
     awq: bool = False,
     bits_budget: float | None = None,
     e2e: E2EConfig | None = None,
+    qep: float = 0.0,
 ) -> QuantizeReport:
     """Quantize checkpoint ``model`` (folder, bundled name or hub id) into ``out``.
 
@@ -155,7 +157,10 @@ def quantize(
     so that their stored tensors take at most this many bits per weight, written as ``dynamic``
     rules; it calibrates RTN runs too. ``e2e``: once every block is written, the scales and norms
     tuned against the unquantized model's outputs on the calibration samples
-    (:mod:`llmq.quantizers.e2e`; both models whole in memory on ``device``).
+    (:mod:`llmq.quantizers.e2e`; both models whole in memory on ``device``). ``qep`` (GPTQ, 0: off):
+    each linear is solved against the unquantized model's outputs rather than its own on the
+    quantized model's inputs, the correction scaled by ``qep`` (see :meth:`GPTQ.solve`); the
+    calibration samples also run through the unquantized blocks, one block at a time.
     """
     started = time.perf_counter()
     if config.checkpoint_format != default_format(config.sym):
@@ -200,6 +205,17 @@ def quantize(
     wide = widest >= OUT_OF_CORE_FROM
     if batch_size is None:
         batch_size = 2 if out_of_core(widest, device) else 8
+    if qep:
+        if config.method != "gptq" or tune is not None or awq:
+            raise ValueError("--qep needs --method gptq, without --tune or --awq")
+        if not qep > 0:
+            raise ValueError(f"--qep strength must be positive, got {qep}")
+        if out_of_core(widest, device):
+            raise ValueError(f"--qep needs in-core solves: layers of {widest} inputs are solved out of core on "
+                             f"{device.type} (solve on CUDA)")
+        if any(models.expert_linears(block) for block in layout.blocks):
+            raise ValueError("--qep does not support mixture-of-experts blocks (each expert sees other tokens "
+                             "in the quantized model than in the unquantized one)")
     if tune is not None and config.method == "gptq" and out_of_core(widest, device):
         raise ValueError(f"learned rounding from GPTQ needs in-core solves: layers of {widest} inputs are solved "
                          f"out of core on {device.type} (tune from --method rtn, or solve on CUDA)")
@@ -221,6 +237,8 @@ def quantize(
                                                               "seed": tune.seed}})
     if e2e is not None:
         config = config.replace(meta={**config.meta, "e2e": e2e.describe()})
+    if qep:
+        config = config.replace(meta={**config.meta, "qep": qep})
     captured, allocation = None, None
     if bits_budget is not None:  # the allocation decides the config, so it comes before the run's manifest
         captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
@@ -248,10 +266,16 @@ def quantize(
             if captured is None:
                 captured = capture_block_inputs(skeleton, layout, keys, calibration, device, batch_size, fwd_dtype)
             inputs = captured.inputs
+            # qep: the unquantized model's inputs of each block, from block 0's (loading replaces those in place)
+            fp_inputs = [batch._replace(hidden=batch.hidden.clone()) for batch in inputs] if qep and start else \
+                inputs if qep else None
             if start:
                 state.load_inputs(inputs)
             run = GPTQRun(config, fwd_dtype, device, first_token_weight, spill_dir=tmp,
-                          tail_input_budget=0 if wide else 4)
+                          tail_input_budget=0 if wide else 4, qep=qep)
+            for j in range(start if qep else 0):  # a resumed run: the unquantized blocks' outputs again
+                fp_inputs = unquantized_outputs(layout.blocks[j], captured.for_block(j, fp_inputs),
+                                                BlockWeights(layout.blocks[j], layout.block_prefix(j), keys), run)
         stop.check(start, total)
         bar = tqdm(range(start, total), desc=f"quantize {config.describe()}", unit="block",
                    initial=start, total=total, disable=not progress)
@@ -267,7 +291,9 @@ def quantize(
                 targets = fp_outputs(block, block_inputs, weights, run) if tune is not None else None
             bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
-                result = gptq_block(block, plan[i], block_inputs, weights, run, bases)
+                result = gptq_block(block, plan[i], block_inputs, weights, run, bases,
+                                    captured.for_block(i, fp_inputs) if qep else None)
+                fp_inputs = result.fp_outputs
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)
                 if bases is not None:

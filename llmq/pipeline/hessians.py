@@ -93,15 +93,19 @@ def input_groups(block: nn.Module, names: list[str], samples: list[Batch]) -> tu
 
 
 def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, GPTQ], stop_at: str | None,
-                     first_token_weight: float, memo: ForwardMemo) -> None:
+                     first_token_weight: float, memo: ForwardMemo,
+                     targets: Callable[[int], dict[str, torch.Tensor]] | None = None) -> None:
     """One pass of every batch through ``block``: the input of each linear named in ``hessians``
     is added to its Hessian (and offered to ``memo``), and the forward ends at linear ``stop_at``
-    (None: runs whole), before any other hook of that linear runs (so its weight is never loaded)."""
+    (None: runs whole), before any other hook of that linear runs (so its weight is never loaded).
+    ``targets(b)``, when given, returns those linears' inputs in the unquantized model on batch
+    ``b`` (see :meth:`GPTQ.add_batch`)."""
+    target: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def pre_hook(_m: nn.Module, args: tuple) -> None:
             if name in hessians:
-                hessians[name].add_batch(args[0].detach(), first_token_weight)
+                hessians[name].add_batch(args[0].detach(), first_token_weight, target.get(name))
             memo.linear_input(name, args[0])
             if name == stop_at:
                 raise StopForward
@@ -113,6 +117,7 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
         with torch.no_grad():
             for b, batch in enumerate(inputs):
                 memo.start(b, batch)
+                target = targets(b) if targets is not None else {}
                 try:
                     batch.run(block)
                 except StopForward:
@@ -120,6 +125,29 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
     finally:
         for h in hooks:
             h.remove()
+
+
+def linear_inputs(block: nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+    """The inputs of ``block``'s linears ``names`` on ``batch``: the forward ends once all are seen."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def pre_hook(_m: nn.Module, args: tuple) -> None:
+            seen[name] = args[0].detach()
+            if len(seen) == len(names):
+                raise StopForward
+        return pre_hook
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            batch.run(block)
+    except StopForward:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 class ForwardMemo:

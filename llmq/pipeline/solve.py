@@ -6,9 +6,11 @@ anything.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,7 +20,7 @@ from torch import nn
 from llmq import models, streaming
 from llmq.config import ModuleSpec, QuantConfig
 from llmq.pipeline.capture import Batch, run_block
-from llmq.pipeline.hessians import ForwardMemo, collect_hessians, input_groups
+from llmq.pipeline.hessians import ForwardMemo, collect_hessians, input_groups, linear_inputs
 from llmq.quantizers.gptq import GPTQ, CalibrationError
 from llmq.quantizers.gptq_out_of_core import OutOfCoreGPTQ, out_of_core
 from llmq.quantizers.grid import QuantizedWeight
@@ -33,6 +35,7 @@ class BlockResult(NamedTuple):
     errors: dict[str, float]  # relative error of each
     outputs: list[Batch]  # the next block's inputs (GPTQ; RTN runs no forward)
     notes: tuple[str, ...] = ()  # what was done otherwise than asked, and why (experts short of tokens)
+    fp_outputs: list[Batch] | None = None  # the unquantized block's outputs on the unquantized inputs (qep)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class GPTQRun:
     first_token_weight: float
     spill_dir: str | os.PathLike | None = None
     tail_input_budget: int = 4
+    qep: float = 0.0  # quantization error propagation's strength (0: off; see GPTQ.solve)
 
 
 def new_gptq(in_features: int, device: torch.device, spill_dir: str | os.PathLike | None = None) -> GPTQ:
@@ -85,7 +89,8 @@ def new_gptq(in_features: int, device: torch.device, spill_dir: str | os.PathLik
 
 
 def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights: BlockWeights,
-               run: GPTQRun, bases: dict[str, torch.Tensor] | None = None) -> BlockResult:
+               run: GPTQRun, bases: dict[str, torch.Tensor] | None = None,
+               fp_inputs: list[Batch] | None = None) -> BlockResult:
     """GPTQ for the linears ``names`` of ``block``, given the block's calibration ``inputs``.
 
     The block's other tensors are loaded for the forwards (in ``run.dtype`` on ``run.device``) and
@@ -103,10 +108,19 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
     them, so each expert's Hessian comes from those alone; the same projection of every expert is
     one stage. An expert's linears whose Hessian holds fewer tokens than they have inputs are
     quantized with RTN instead, and said so in the result's notes.
+
+    ``fp_inputs`` (with ``run.qep``): the block's inputs in the unquantized model. An unquantized
+    copy of the block runs on them next to each pass, so that each linear's solve sees its inputs
+    there too (see :meth:`GPTQ.solve`), and once more for its outputs, the next block's
+    ``fp_inputs`` (``BlockResult.fp_outputs``).
     """
     config, device = run.config, run.device
     specs = {name: weights.spec(config, name) for name in names}
     linears = list(models.block_linears(block))
+    unquantized = None
+    if fp_inputs is not None:
+        unquantized = copy.deepcopy(block)  # before anything is loaded into the block or hooked on it
+        streaming.materialize(unquantized, weights.prefix, weights.keys, device, run.dtype)
     streaming.materialize(block, weights.prefix, weights.keys, device, run.dtype, skip={f"{n}.weight" for n in linears})
     packed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
@@ -133,7 +147,10 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
         on_call.release()
         stages = _stages(groups, experts) if config.true_sequential else [[n for g in groups for n in g]]
         keep_bytes = run.tail_input_budget * sum(batch.hidden.nbytes for batch in inputs)
-        with ForwardMemo(block, names, tails, keep_bytes) as memo:
+        with ForwardMemo(block, names, tails, keep_bytes) as memo, \
+                (nullcontext() if unquantized is None else ForwardMemo(unquantized, linears)) as fp_memo:
+            for name in linears if fp_memo is not None else ():  # the copy never changes: every child is replayed
+                fp_memo.solved(name)
             for stage in stages:
                 stage_groups = [g for g in groups if g[0] in stage]
                 hessians = {g[0]: new_gptq(models.linear_shape(block.get_submodule(g[0]))[0], device, run.spill_dir)
@@ -141,8 +158,10 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                 # The group's linears share one input: the pass can stop where the last group's first is
                 # called; with experts it runs whole, since which expert runs last differs between batches.
                 stop_at = None if experts.intersection(stage) else stage_groups[-1][0]
+                targets = None if fp_memo is None else \
+                    _linear_inputs_of(unquantized, fp_inputs, fp_memo, list(hessians))
                 try:
-                    collect_hessians(block, inputs, hessians, stop_at, run.first_token_weight, memo)
+                    collect_hessians(block, inputs, hessians, stop_at, run.first_token_weight, memo, targets)
                 except CalibrationError as e:
                     raise CalibrationError(f"{weights.prefix[:-1]}: {e}") from None
                 on_call.release()
@@ -164,7 +183,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                         extra = {} if bases is None else {"updated": torch.empty(weight.shape, device=device)}
                         qw = gptq.solve(weight, specs[name].bits, specs[name].group_size, config.sym,
                                         config.desc_act, config.static_groups, config.damp_percent,
-                                        config.block_size, config.mse, free_hessian=name == group[-1], **extra)
+                                        config.block_size, config.mse, free_hessian=name == group[-1],
+                                        propagate=run.qep, **extra)
                         if bases is not None:
                             bases[name] = extra["updated"]
                         packed[name] = qw.pack(config.checkpoint_format)
@@ -178,13 +198,28 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
             memo.storing = False  # nothing runs after the output pass
             # With bases, learned rounding follows and computes the outputs of its own solution.
             outputs = run_block(block, inputs, memo.start) if bases is None else []
+            fp_outputs = None
+            if fp_memo is not None:
+                fp_memo.storing = False
+                fp_outputs = run_block(unquantized, fp_inputs, fp_memo.start)
+                streaming.to_meta(unquantized)
     streaming.to_meta(block)
     notes = ()
     if short:
         listed = ", ".join(f"{name} ({short[name]})" for name in linears if name in short)
         notes = (f"{weights.prefix[:-1]}: {len(short)} expert linears got fewer calibration tokens than they have "
                  f"inputs and were quantized with RTN (tokens routed to each): {listed}",)
-    return BlockResult(packed, errors, outputs, notes)
+    return BlockResult(packed, errors, outputs, notes, fp_outputs)
+
+
+def _linear_inputs_of(block: nn.Module, inputs: list[Batch], memo: ForwardMemo,
+                      names: list[str]) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``target(b)``: the inputs of ``block``'s linears ``names`` on batch ``b`` of ``inputs``, what
+    ``memo`` holds of earlier passes replayed."""
+    def target(b: int) -> dict[str, torch.Tensor]:
+        memo.start(b, inputs[b])
+        return linear_inputs(block, inputs[b], names)
+    return target
 
 
 def _stages(groups: list[list[str]], experts: set[str]) -> list[list[str]]:
@@ -207,13 +242,19 @@ def rtn_block(names: list[str], weights: BlockWeights, config: QuantConfig, devi
     return BlockResult(packed, errors, [])
 
 
-def fp_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[torch.Tensor]:
-    """The unquantized block's hidden outputs ``[batch, seq, hidden]`` on ``inputs`` (in ``run.dtype``):
-    the targets of learned rounding. The block is loaded for the pass and released after."""
+def unquantized_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[Batch]:
+    """The unquantized block's outputs on ``inputs`` (in ``run.dtype``); the block is loaded for the
+    pass and released after."""
     streaming.materialize(block, weights.prefix, weights.keys, run.device, run.dtype)
-    outputs = [batch.hidden for batch in run_block(block, inputs)]
+    outputs = run_block(block, inputs)
     streaming.to_meta(block)
     return outputs
+
+
+def fp_outputs(block: nn.Module, inputs: list[Batch], weights: BlockWeights, run: GPTQRun) -> list[torch.Tensor]:
+    """The unquantized block's hidden outputs ``[batch, seq, hidden]`` on ``inputs``: the targets of
+    learned rounding."""
+    return [batch.hidden for batch in unquantized_outputs(block, inputs, weights, run)]
 
 
 def tune_block_step(block: nn.Module, inputs: list[Batch], targets: list[torch.Tensor], start: BlockResult,

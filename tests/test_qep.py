@@ -1,0 +1,79 @@
+"""Quantization error propagation (``--qep``): the weight GPTQ solves is the least-squares map from
+the quantized model's inputs to the unquantized layer's outputs; with equal inputs nothing changes;
+on the tiny models every architecture's quantized outputs come closer to the unquantized ones."""
+
+import pytest
+import torch
+from conftest import calibration_ids, save_tiny
+
+from llmq.checkpoint import load_model
+from llmq.config import QuantConfig
+from llmq.pipeline import quantize
+from llmq.quantizers.gptq import GPTQ, propagated
+
+
+def _inputs(seed: int = 0, tokens: int = 400, cols: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    x_fp = torch.randn(2, tokens // 2, cols, generator=g)
+    x = x_fp + 0.1 * torch.randn(2, tokens // 2, cols, generator=g)  # moved by earlier layers' errors
+    return x_fp, x, torch.randn(16, cols, generator=g)
+
+
+def test_propagated_weight_is_the_least_squares_map():
+    x_fp, x, W = _inputs()
+    gptq = GPTQ(24)
+    for b in range(2):  # two batches: the running means must combine as one
+        gptq.add_batch(x[b:b + 1], 3.0, target=x_fp[b:b + 1])  # first tokens weighted 3x in both H and D
+    w = torch.ones(2, 200, 1)
+    w[:, 0] = 3.0
+    X, Xt = (x * w.sqrt()).reshape(-1, 24), (x_fp * w.sqrt()).reshape(-1, 24)
+    best = torch.linalg.lstsq(X.double(), (Xt @ W.t()).double()).solution.t().float()  # min Σ‖W x̃ - W' x‖²
+    got = propagated(W, gptq.H, gptq.D, damp_percent=1e-7)
+    assert torch.allclose(got, best, atol=1e-3), (got - best).abs().max()
+    assert not torch.allclose(got, W, atol=1e-2)  # the inputs moved: so does the weight
+    half = propagated(W, gptq.H, gptq.D, damp_percent=1e-7, a=0.5)
+    assert torch.allclose(half, (W + best) / 2, atol=1e-3)
+
+
+def test_equal_inputs_change_nothing():
+    _, x, W = _inputs(1)
+    plain, same = GPTQ(24), GPTQ(24)
+    plain.add_batch(x)
+    same.add_batch(x, target=x.clone())
+    assert same.D.abs().max() == 0
+    a = plain.solve(W, 4, 8, sym=False, desc_act=True)
+    b = same.solve(W, 4, 8, sym=False, desc_act=True)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
+
+
+def test_targets_for_every_batch_or_none():
+    x_fp, x, _ = _inputs(2)
+    gptq = GPTQ(24)
+    gptq.add_batch(x[:1], target=x_fp[:1])
+    with pytest.raises(ValueError, match="every batch or for none"):
+        gptq.add_batch(x[1:])
+    with pytest.raises(ValueError, match="target inputs of shape"):
+        gptq.add_batch(x[1:], target=x_fp[1:, :10])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "bert"])
+def test_qep_brings_outputs_closer_to_the_unquantized_model(kind, tmp_path):
+    src = save_tiny(kind, tmp_path / "src")
+    calibration = calibration_ids(16, 32)
+    ids = calibration.input_ids
+    fp = load_model(src)
+
+    def outputs(model):
+        with torch.no_grad():
+            if kind == "bert":
+                return model.base_model(ids).last_hidden_state
+            return model(ids).logits
+
+    ref, errors = outputs(fp), {}
+    for qep in (0.0, 1.0):
+        config = QuantConfig(bits=3, group_size=32, sym=False, method="gptq", desc_act=True)
+        out = tmp_path / f"q{qep}"
+        report = quantize(str(src), config, out, calibration=calibration, qep=qep, progress=False)
+        assert report.config.meta.get("qep") == (qep or None)
+        errors[qep] = ((outputs(load_model(out)) - ref).pow(2).mean() / ref.pow(2).mean()).item()
+    assert errors[1.0] < errors[0.0], errors
