@@ -108,6 +108,8 @@ CONFIGS = {
                                              "--mse weighted --qep",
     "gptq-int4-g128-asym-actorder-wmse-qep": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                              "--mse weighted --qep",
+    "gptq-int3-g128-asym-actorder-wmse-qep-e2e": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                                 "--mse weighted --qep --e2e",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -135,6 +137,7 @@ REFERENCE = {
     "gptq-budget4.21-asym-actorder": "gptq-int4-g128-asym-actorder",
     "gptq-int3-g128-asym-actorder-wmse-qep": "gptq-int3-g128-asym-actorder-wmse",
     "gptq-int4-g128-asym-actorder-wmse-qep": "gptq-int4-g128-asym-actorder-wmse",
+    "gptq-int3-g128-asym-actorder-wmse-qep-e2e": "gptq-int3-g128-asym-actorder-wmse-e2e",
 }
 RESULTS = Path(__file__).parent / "results"
 
