@@ -91,6 +91,10 @@ def label(row: dict[str, Any]) -> str:
         mse = QuantConfig(method=a.method, mse=a.mse).mse
     if mse or a.method == "gptq":
         parts.append(f"`--mse {MSE_NAMES[mse]}`")
+    if a.qep:
+        from llmq.quantizers.gptq import QEP_STRENGTH
+
+        parts.append("`--qep`" if a.qep == QEP_STRENGTH else f"`--qep {a.qep:g}`")
     if a.awq:
         parts.append("`--awq`")
     if a.tune:
