@@ -343,9 +343,9 @@ def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tai
     real_groups, real_block = solve_step.input_groups, pipeline.gptq_block
     monkeypatch.setattr(solve_step, "input_groups", lambda *a: found.append(real_groups(*a)[1]) or real_groups(*a))
 
-    def gptq_block(block, names, inputs, weights, run, bases=None):
+    def gptq_block(block, names, inputs, weights, run, bases=None, fp_inputs=None):
         run.tail_input_budget = 4 if keep[-1] else 0
-        return real_block(block, names, inputs, weights, run, bases)
+        return real_block(block, names, inputs, weights, run, bases, fp_inputs=fp_inputs)
 
     monkeypatch.setattr(pipeline, "gptq_block", gptq_block)
     config = QuantConfig(method="gptq", bits=4, group_size=32, desc_act=True)

@@ -292,7 +292,7 @@ def quantize(
             bases = {} if tune is not None else None  # the continuous weights each solution rounded
             if config.method == "gptq":
                 result = gptq_block(block, plan[i], block_inputs, weights, run, bases,
-                                    captured.for_block(i, fp_inputs) if qep else None)
+                                    fp_inputs=captured.for_block(i, fp_inputs) if qep else None)
                 fp_inputs = result.fp_outputs
             else:  # RTN needs no forward: each weight is read from the shards, solved and packed
                 result = rtn_block(plan[i], weights, config, device)

@@ -181,10 +181,11 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                             weights.original(name).to(device)
                         # Only the in-core solver hands back its updated weights (quantize() checks).
                         extra = {} if bases is None else {"updated": torch.empty(weight.shape, device=device)}
+                        if run.qep:  # in-core solves only (quantize() checks)
+                            extra["propagate"] = run.qep
                         qw = gptq.solve(weight, specs[name].bits, specs[name].group_size, config.sym,
                                         config.desc_act, config.static_groups, config.damp_percent,
-                                        config.block_size, config.mse, free_hessian=name == group[-1],
-                                        propagate=run.qep, **extra)
+                                        config.block_size, config.mse, free_hessian=name == group[-1], **extra)
                         if bases is not None:
                             bases[name] = extra["updated"]
                         packed[name] = qw.pack(config.checkpoint_format)

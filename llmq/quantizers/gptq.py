@@ -141,8 +141,9 @@ class GPTQ:
             if extra:
                 t = t.clone()
                 t[:, 0] *= math.sqrt(first_token_weight)
+            xf = x.float()
             self.D *= self.nsamples / (self.nsamples + m)
-            self.D.addmm_((t.reshape(-1, self.in_features) - x.float()).t(), x.float(), alpha=2 / (self.nsamples + m))
+            self.D.addmm_((t.reshape(-1, self.in_features) - xf).t(), xf, alpha=2 / (self.nsamples + m))
         self.nsamples += m
         self._add_gram(x * math.sqrt(2 / self.nsamples))
 
