@@ -110,6 +110,10 @@ CONFIGS = {
                                              "--mse weighted --qep",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
                                                  "--mse weighted --qep --e2e",
+    # --qep under the 3.5-bit budget, and before two epochs of --e2e with learned rounding at int3.
+    "gptq-budget3.5-asym-actorder-wmse-qep": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted --qep",
+    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                                        "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -138,6 +142,8 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep": "gptq-int3-g128-asym-actorder-wmse",
     "gptq-int4-g128-asym-actorder-wmse-qep": "gptq-int4-g128-asym-actorder-wmse",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e": "gptq-int3-g128-asym-actorder-wmse-e2e",
+    "gptq-budget3.5-asym-actorder-wmse-qep": "gptq-budget3.5-asym-actorder-wmse",
+    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int3-g128-asym-actorder-wmse-e2e2-round",
 }
 RESULTS = Path(__file__).parent / "results"
 
