@@ -11,7 +11,8 @@ block's inputs into its outputs; :meth:`Captured.for_block` gives them block ``i
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -31,6 +32,14 @@ class Batch(NamedTuple):
     def run(self, block: nn.Module) -> Any:
         return block(self.hidden, *self.args, **self.kwargs)
 
+    def run_until_stopped(self, block: nn.Module) -> None:
+        """Run ``block`` without gradients, for its hooks alone: a :class:`StopForward` ends it early."""
+        with torch.no_grad():
+            try:
+                self.run(block)
+            except StopForward:
+                pass
+
     def output(self, block: nn.Module) -> torch.Tensor:
         """``block``'s hidden states on this batch (its forward returns them alone or first in a tuple)."""
         out = self.run(block)
@@ -39,6 +48,17 @@ class Batch(NamedTuple):
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted activations are seen."""
+
+
+@contextmanager
+def pre_hooks(block: nn.Module, names: Iterable[str], hook: Callable[[str], Callable],
+              prepend: bool = False) -> Iterator[None]:
+    """Forward pre-hooks ``hook(name)`` on ``block``'s submodules ``names`` while the context is
+    open, removed on the way out whatever happens."""
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(block.get_submodule(name).register_forward_pre_hook(hook(name), prepend=prepend))
+        yield
 
 
 def resolve_calib_dtype(calib_dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from llmq.pipeline.capture import Batch, StopForward
+from llmq.pipeline.capture import Batch, StopForward, pre_hooks
 from llmq.quantizers.gptq import GPTQ
 
 
@@ -111,20 +111,11 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
                 raise StopForward
         return pre_hook
 
-    hooks = [block.get_submodule(n).register_forward_pre_hook(hook(n), prepend=True)
-             for n in dict.fromkeys([*hessians, stop_at]) if n is not None]
-    try:
-        with torch.no_grad():
-            for b, batch in enumerate(inputs):
-                memo.start(b, batch)
-                target = targets(b) if targets is not None else {}
-                try:
-                    batch.run(block)
-                except StopForward:
-                    pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with pre_hooks(block, [n for n in dict.fromkeys([*hessians, stop_at]) if n is not None], hook, prepend=True):
+        for b, batch in enumerate(inputs):
+            memo.start(b, batch)
+            target = targets(b) if targets is not None else {}
+            batch.run_until_stopped(block)
 
 
 def linear_inputs(block: nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
@@ -138,15 +129,8 @@ def linear_inputs(block: nn.Module, batch: Batch, names: list[str]) -> dict[str,
                 raise StopForward
         return pre_hook
 
-    hooks = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            batch.run(block)
-    except StopForward:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with pre_hooks(block, names, hook):
+        batch.run_until_stopped(block)
     return seen
 
 

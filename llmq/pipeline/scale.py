@@ -19,7 +19,7 @@ from torch import nn
 
 from llmq import models, streaming
 from llmq.config import ModuleSpec
-from llmq.pipeline.capture import Batch
+from llmq.pipeline.capture import Batch, pre_hooks
 from llmq.pipeline.solve import BlockWeights, GPTQRun
 from llmq.quantizers import awq
 from llmq.quantizers.gptq import GPTQ
@@ -87,14 +87,9 @@ def input_statistics(block: nn.Module, names: list[str], inputs: list[Batch],
             counts[name] += flat.shape[0]
         return pre_hook
 
-    hooks = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in inputs:
-                batch.run(block)
-    finally:
-        for h in hooks:
-            h.remove()
+    with pre_hooks(block, names, hook), torch.no_grad():
+        for batch in inputs:
+            batch.run(block)
     return {n: (hessians[n].H, sums[n] / counts[n]) for n in names}
 
 

@@ -182,18 +182,8 @@ def propagated(weight: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_perc
     """``W + a · W D (H + λI)⁻¹`` in float32 (see :meth:`GPTQ.solve`), with ``λ`` GPTQ's damping,
     raised as GPTQ raises it when ``H + λI`` cannot be factorized."""
     W = weight.detach().to(D.device, torch.float32)
-    diag = H.diagonal()
-    tried = []
-    for attempt in range(DAMP_RETRIES + 1):
-        percent = damp_percent * 10**attempt
-        tried.append(percent)
-        damped = H.clone()
-        damped.diagonal().add_(percent * diag.mean())
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if info.item() == 0:
-            return W + a * torch.cholesky_solve((W @ D).t(), L).t()
-    raise not_positive_definite(tried)
+    L, _, _ = damped_cholesky(H, H.diagonal(), None, damp_percent)
+    return W + a * torch.cholesky_solve((W @ D).t(), L).t()
 
 
 def gptq_quantize(
@@ -277,25 +267,39 @@ def inverse_cholesky(H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | N
     ``λ = damp_percent · mean(diag H')``, multiplied by 10 per failed factorization. Besides ``H``,
     at most two ``[in, in]`` matrices are alive at a time.
     """
-    diag = diag if perm is None else diag[perm]
-    mean_diag = diag.mean()
-    tried = []
-    for attempt in range(DAMP_RETRIES + 1):
-        percent = damp_percent * 10**attempt
-        tried.append(percent)
-        damped = H.clone() if perm is None else H.index_select(0, perm).index_select(1, perm)
-        torch.add(diag, percent * mean_diag, out=damped.diagonal())
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if info.item() != 0:
-            continue
+    attempt = 0
+    while True:
+        L, percent, attempt = damped_cholesky(H, diag, perm, damp_percent, attempt)
         Hinv = torch.cholesky_inverse(L)
         del L
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         # Rarely (H this ill-conditioned) the computed inverse is not positive definite: damp more.
         if info.item() == 0 and torch.isfinite(U.sum()):
             return U, percent
-    raise not_positive_definite(tried)
+        del Hinv, U
+        attempt += 1
+
+
+def damped_cholesky(H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | None, damp_percent: float,
+                    attempt: int = 0) -> tuple[torch.Tensor, float, int]:
+    """The lower Cholesky factor of ``H' + λI`` (``H' = H[perm][:, perm]`` with the diagonal
+    ``diag[perm]``; ``H`` itself without ``perm``), the damping fraction used and its attempt.
+
+    ``λ = damp_percent · 10^k · mean(diag H')`` for the first ``k`` from ``attempt`` to
+    :data:`DAMP_RETRIES` whose factorization succeeds; :class:`HessianError` if none does. One
+    ``[in, in]`` matrix is alive at a time besides ``H``.
+    """
+    diag = diag if perm is None else diag[perm]
+    mean_diag = diag.mean()
+    for k in range(attempt, DAMP_RETRIES + 1):
+        percent = damp_percent * 10**k
+        damped = H.clone() if perm is None else H.index_select(0, perm).index_select(1, perm)
+        torch.add(diag, percent * mean_diag, out=damped.diagonal())
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if info.item() == 0:
+            return L, percent, k
+    raise not_positive_definite([damp_percent * 10**k for k in range(DAMP_RETRIES + 1)])
 
 
 def solve_columns(W: torch.Tensor, Hinv, Q: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor,
