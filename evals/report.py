@@ -101,6 +101,8 @@ def label(row: dict[str, Any]) -> str:
         parts.append(f"`--tune` ({a.tune_steps} steps)" if a.tune_steps else "`--tune`")
     if a.e2e:
         parts.append(f"`--e2e` ({a.e2e_epochs:g} epochs)" if a.e2e_epochs else "`--e2e`")
+    if a.e2e_lr is not None:
+        parts.append(f"`--e2e-lr {a.e2e_lr:g}`")
     if a.e2e_rounding:
         parts.append("`--e2e-rounding`")
     calibrated = a.method == "gptq" or a.awq or a.tune or a.e2e or a.bits_budget is not None

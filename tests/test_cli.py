@@ -30,6 +30,8 @@ def src(tmp_path_factory):
     (["--mse", "hessian"], "mse must be 'weighted', 'plain' or 'off'"),
     (["--tune", "--tune-steps", "-1"], "tune steps must be >= 0"),
     (["--e2e-epochs", "2"], "--e2e-epochs needs --e2e"),
+    (["--e2e-lr", "1e-3"], "--e2e-lr needs --e2e"),
+    (["--e2e", "--e2e-lr", "0"], "end-to-end tuning learning rate must be positive"),
     (["--e2e-rounding"], "--e2e-rounding needs --e2e"),
     (["--e2e", "--e2e-epochs", "0"], "end-to-end tuning epochs must be positive"),
     (["--qep", "--method", "rtn"], "--qep needs --method gptq, without --tune or --awq"),

@@ -9,7 +9,7 @@ from conftest import calibration_ids, save_tiny
 from llmq.checkpoint import load_model
 from llmq.config import QuantConfig
 from llmq.pipeline import quantize
-from llmq.quantizers.gptq import GPTQ, propagated
+from llmq.quantizers.gptq import GPTQ, HessianError, propagated
 
 
 def _inputs(seed: int = 0, tokens: int = 400, cols: int = 24):
@@ -77,3 +77,19 @@ def test_qep_brings_outputs_closer_to_the_unquantized_model(kind, tmp_path):
         assert report.config.meta.get("qep") == (qep or None)
         errors[qep] = ((outputs(load_model(out)) - ref).pow(2).mean() / ref.pow(2).mean()).item()
     assert errors[1.0] < errors[0.0], errors
+
+
+def test_propagation_damps_more_as_gptq_does():
+    # H with an eigenvalue of -5% of its mean diagonal: 1% damping fails to factorize, the 10%
+    # retry succeeds and gives the solve at that damping; a negative definite H is refused.
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(24, 24, generator=g))
+    eig = torch.ones(24)
+    eig[0] = -0.05 * 23 / 24.05  # solves eig[0] = -0.05 * mean(eig)
+    H = Q @ torch.diag(eig) @ Q.t()
+    D, W = torch.randn(24, 24, generator=g), torch.randn(8, 24, generator=g)
+    got = propagated(W, H, D, damp_percent=0.01)
+    damped = H + 0.1 * H.diagonal().mean() * torch.eye(24)
+    assert torch.allclose(got, W + W @ D @ torch.linalg.inv(damped), atol=1e-4)
+    with pytest.raises(HessianError, match="not positive definite"):
+        propagated(W, -1e6 * torch.eye(24), D, damp_percent=0.01)
