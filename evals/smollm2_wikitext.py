@@ -114,6 +114,11 @@ CONFIGS = {
     "gptq-budget3.5-asym-actorder-wmse-qep": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted --qep",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
                                                         "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
+    # --qep before two epochs of --e2e with learned rounding, under the 3.5-bit budget and at int4.
+    "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round": "--method gptq --bits-budget 3.5 --asym --desc-act "
+                                                        "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
+    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                                        "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
 }
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
@@ -144,6 +149,8 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e": "gptq-int3-g128-asym-actorder-wmse-e2e",
     "gptq-budget3.5-asym-actorder-wmse-qep": "gptq-budget3.5-asym-actorder-wmse",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int3-g128-asym-actorder-wmse-e2e2-round",
+    "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round": "gptq-budget3.5-asym-actorder-wmse-e2e2-round",
+    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int4-g128-asym-actorder-wmse-e2e2-round",
 }
 RESULTS = Path(__file__).parent / "results"
 
