@@ -35,6 +35,20 @@ def test_propagated_weight_is_the_least_squares_map():
     assert torch.allclose(half, (W + best) / 2, atol=1e-3)
 
 
+def test_bf16_inputs_give_the_float32_products():
+    """bf16 forwards (CPUs with AVX512-BF16, CUDA) accumulate H and D from bf16 products in float32:
+    both match the float32 ones on the same (bf16) values to bf16's precision."""
+    x_fp, x, _ = _inputs(3)
+    x_fp, x = x_fp.bfloat16(), x.bfloat16()
+    wide, half = GPTQ(24), GPTQ(24)
+    for b in range(2):
+        wide.add_batch(x[b:b + 1].float(), target=x_fp[b:b + 1].float())
+        half.add_batch(x[b:b + 1], target=x_fp[b:b + 1])
+    for got, want in ((half.H, wide.H), (half.D, wide.D)):
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
 def test_equal_inputs_change_nothing():
     _, x, W = _inputs(1)
     plain, same = GPTQ(24), GPTQ(24)

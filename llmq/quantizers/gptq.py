@@ -88,12 +88,17 @@ class GPTQ:
         """An all-zero ``H``."""
         return torch.zeros(self.in_features, self.in_features, device=self.device)
 
+    @staticmethod
+    def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+        """``acc += alpha · aᵀb`` for ``a``, ``b`` ``[m, in_features]`` of one dtype, ``acc`` float32."""
+        if a.dtype == torch.float32:
+            acc.addmm_(a.t(), b, alpha=alpha)
+        else:  # bf16 forwards: the product runs at bf16 speed, accumulated in fp32 inside the matmul
+            acc.add_((a.t() @ b).float(), alpha=alpha)
+
     def _add_gram(self, x: torch.Tensor) -> None:
         """``H += xᵀx`` for ``x`` ``[m, in_features]``."""
-        if x.dtype == torch.float32:
-            self.H.addmm_(x.t(), x)
-        else:  # bf16 forwards: the product runs at bf16 speed, accumulated in fp32 inside the matmul
-            self.H += (x.t() @ x).float()
+        self._add_product(self.H, x, x)
 
     def add_batch(self, x: torch.Tensor, first_token_weight: float = 1.0, target: torch.Tensor | None = None) -> None:
         """Fold inputs ``x`` ``[..., in_features]`` (valid tokens only) into the running ``H``.
@@ -136,14 +141,13 @@ class GPTQ:
             return
         m = x.shape[0] + extra
         self.H *= self.nsamples / (self.nsamples + m)  # a running mean: H stays O(1) however many tokens
-        if self.D is not None:
-            t = target.detach().to(self.device, torch.float32)
+        if self.D is not None:  # in x's dtype, as H is: x̃ - x rounded to bf16 loses 2⁻⁹ of itself at most
+            t = target.detach().to(self.device, x.dtype)
             if extra:
                 t = t.clone()
                 t[:, 0] *= math.sqrt(first_token_weight)
-            xf = x.float()
             self.D *= self.nsamples / (self.nsamples + m)
-            self.D.addmm_((t.reshape(-1, self.in_features) - xf).t(), xf, alpha=2 / (self.nsamples + m))
+            self._add_product(self.D, t.reshape(-1, self.in_features) - x, x, alpha=2 / (self.nsamples + m))
         self.nsamples += m
         self._add_gram(x * math.sqrt(2 / self.nsamples))
 
