@@ -141,7 +141,7 @@ class GPTQ:
             return
         m = x.shape[0] + extra
         self.H *= self.nsamples / (self.nsamples + m)  # a running mean: H stays O(1) however many tokens
-        if self.D is not None:  # in x's dtype, as H is: x̃ - x rounded to bf16 loses 2⁻⁹ of itself at most
+        if self.D is not None:  # in x's dtype, as H is: x̃ - x rounded to bf16 is off by 2⁻⁸ of itself at most
             t = target.detach().to(self.device, x.dtype)
             if extra:
                 t = t.clone()
