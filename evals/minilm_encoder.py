@@ -14,6 +14,10 @@ README's table and plot.
 
 `--validation` measures on the next 2,000 held-out sentences instead (never reported in the README
 table) and writes `evals/results/minilm_encoder_validation.json`: settings are chosen there.
+
+`--seeds 1 2` quantizes each configuration again on other calibration samples (`llmq quantize
+--seed`; seed 0 is the default run above) and writes those rows to `..._seeds.json` beside it: the
+README's seed table shows how far a figure moves with the calibration draw alone.
 Runs of configurations not re-run are kept from an existing JSON with the same sentence count.
 Without --requantize, a checkpoint quantized by an earlier run is evaluated again as it is.
 """
@@ -127,43 +131,56 @@ def main() -> None:
     ap.add_argument("--requantize", action="store_true", help="quantize again even if a checkpoint exists")
     ap.add_argument("--validation", action="store_true",
                     help="measure on the held-out sentences after the reported ones (to choose settings on)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="calibration seeds (default 0); rows of other seeds go to ..._seeds.json")
     ap.add_argument("--json", default=None, help="default: evals/results/minilm_encoder[_validation].json")
     args = ap.parse_args()
-    args.json = args.json or str(RESULTS / f"minilm_encoder{'_validation' if args.validation else ''}.json")
+    args.json = Path(args.json or RESULTS / f"minilm_encoder{'_validation' if args.validation else ''}.json")
 
     base_path = resolve_model("bert-minilm")
     names = args.only or list(CONFIGS)
     work = Path(args.workdir)
-    runs = {}
+    runs = {}  # key: the configuration's name, with "@seedS" for a seed other than 0
     for name in names:
-        out, report = work / name, work / f"{name}.json"
-        options = f"--nsamples {args.nsamples} --calib-seqlen {args.calib_seqlen} {CONFIGS[name]}"
-        if args.requantize or not report.exists():
-            cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "bert-minilm", "--out", str(out),
-                   "--overwrite", "--json", str(report), *options.split()]
-            print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
-        quantized = json.loads(report.read_text())
-        runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
+        for seed in args.seeds:
+            key = name if seed == 0 else f"{name}@seed{seed}"
+            out, report = work / key, work / f"{key}.json"
+            options = f"--nsamples {args.nsamples} --calib-seqlen {args.calib_seqlen} {CONFIGS[name]}"
+            options += f" --seed {seed}" if seed else ""
+            if args.requantize or not report.exists():
+                cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "bert-minilm", "--out", str(out),
+                       "--overwrite", "--json", str(report), *options.split()]
+                print("$", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+            quantized = json.loads(report.read_text())
+            runs[key] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
     baseline = load_model(base_path)
-    results = {}
-    for name in names:
-        print(f"evaluating {name}", flush=True)
-        results[name] = evaluate_encoder(load_model(work / name), baseline, tokenizer, args.sentences,
-                                         skip=args.sentences if args.validation else 0)
-
     prov = provenance()
-    merged = {name: {**runs[name], "eval": results[name], "provenance": prov} for name in names}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and previous.get("sentences") == args.sentences:  # keep the configurations not re-run
-        merged = {**previous["runs"], **merged}
-    table = {"model": "all-MiniLM-L6-v2 (bundled)", "sentences": args.sentences,
-             "first_sentence": args.sentences if args.validation else 0,
-             "runs": {k: merged[k] for k in CONFIGS if k in merged}}
-    write_json(Path(args.json), table)
-    print(f"wrote {args.json}; python evals/report.py puts it into the README")
+    for key in runs:
+        print(f"evaluating {key}", flush=True)
+        runs[key]["eval"] = evaluate_encoder(load_model(work / key), baseline, tokenizer, args.sentences,
+                                             skip=args.sentences if args.validation else 0)
+        runs[key]["provenance"] = prov
+
+    def order(key: str) -> tuple[int, int]:  # the configurations' order, then the seed's
+        name, _, seed = key.partition("@seed")
+        return list(CONFIGS).index(name), int(seed or 0)
+
+    seeds_json = args.json.with_name(f"{args.json.stem}_seeds.json")
+    for path, rows in ((args.json, {k: v for k, v in runs.items() if "@" not in k}),
+                       (seeds_json, {k: v for k, v in runs.items() if "@" in k})):
+        if not rows:
+            continue
+        previous = json.loads(path.read_text()) if path.exists() else None
+        if previous and previous.get("sentences") == args.sentences:  # keep the configurations not re-run
+            rows = {**previous["runs"], **rows}
+        known = sorted((k for k in rows if k.partition("@")[0] in CONFIGS), key=order)
+        table = {"model": "all-MiniLM-L6-v2 (bundled)", "sentences": args.sentences,
+                 "first_sentence": args.sentences if args.validation else 0, "runs": {k: rows[k] for k in known}}
+        write_json(path, table)
+        print(f"wrote {path}; python evals/report.py puts it into the README")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default="bundled",
                    help="bundled | text file(s), comma-separated | hf:NAME[:CONFIG]:SPLIT:FIELD")
     p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the calibration samples, and the order --tune and --e2e visit them in (default 0)")
     p.add_argument("--device", default=None, help="where blocks are solved (default: cuda if present, else cpu)")
     p.add_argument("--first-token-weight", type=float, default=None,
                    help="GPTQ: how many tokens each calibration sample's first position counts for "
@@ -195,7 +196,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                          skip_nonfinite=args.skip_nonfinite)
     if args.tune_steps is not None and not args.tune:
         raise ValueError("--tune-steps needs --tune")
-    tune = TuneConfig(steps=TUNE_STEPS if args.tune_steps is None else args.tune_steps) if args.tune else None
+    tune = TuneConfig(steps=TUNE_STEPS if args.tune_steps is None else args.tune_steps,
+                      seed=args.seed) if args.tune else None
     if args.e2e_epochs is not None and not args.e2e:
         raise ValueError("--e2e-epochs needs --e2e")
     if args.e2e_rounding and not args.e2e:
@@ -203,7 +205,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.e2e_lr is not None and not args.e2e:
         raise ValueError("--e2e-lr needs --e2e")
     e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs,
-                    lr=E2E_LR if args.e2e_lr is None else args.e2e_lr, rounding=args.e2e_rounding) if args.e2e else None
+                    lr=E2E_LR if args.e2e_lr is None else args.e2e_lr, rounding=args.e2e_rounding,
+                    seed=args.seed) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:

@@ -68,6 +68,25 @@ def test_quantize_defaults_are_the_best_int4_configuration():
     assert build_parser().parse_args(["quantize", "--out", "o", "--qep", "1"]).qep == 1
 
 
+def test_seed_draws_the_calibration_and_the_tuning_order(src, tmp_path, monkeypatch):
+    """`--seed` reaches the calibration draw and the sample order of --tune and --e2e alike."""
+    from llmq import cli, pipeline
+
+    class Called(Exception):
+        pass
+
+    seen = {}
+
+    def quantize(model, config, out, **kwargs):
+        seen.update(kwargs)
+        raise Called
+
+    monkeypatch.setattr(pipeline, "quantize", quantize)
+    with pytest.raises(Called):
+        cli.main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--tune", "--e2e", "--seed", "3"])
+    assert (seen["seed"], seen["tune"].seed, seen["e2e"].seed) == (3, 3, 3)
+
+
 def test_quantize_inspect_eval(src, tmp_path):
     out = tmp_path / "q"
     r = llmq("quantize", "--model", src, "--out", out, "--method", "rtn", "--bits", "4", "--group-size", "32")

@@ -118,13 +118,17 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
             batch.run_until_stopped(block)
 
 
-def linear_inputs(block: nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
-    """The inputs of ``block``'s linears ``names`` on ``batch``: the forward ends once all are seen."""
+def linear_inputs(block: nn.Module, batch: Batch, names: list[str],
+                  memo: ForwardMemo | None = None) -> dict[str, torch.Tensor]:
+    """The inputs of ``block``'s linears ``names`` on ``batch`` (each offered to ``memo``): the
+    forward ends once all are seen."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def pre_hook(_m: nn.Module, args: tuple) -> None:
             seen[name] = args[0].detach()
+            if memo is not None:
+                memo.linear_input(name, seen[name])
             if len(seen) == len(names):
                 raise StopForward
         return pre_hook

@@ -147,8 +147,11 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
         on_call.release()
         stages = _stages(groups, experts) if config.true_sequential else [[n for g in groups for n in g]]
         keep_bytes = run.tail_input_budget * sum(batch.hidden.nbytes for batch in inputs)
-        with ForwardMemo(block, names, tails, keep_bytes) as memo, \
-                (nullcontext() if unquantized is None else ForwardMemo(unquantized, linears)) as fp_memo:
+        # The unquantized copy keeps its tail linears' inputs too, up to the inputs' own size: enough for the
+        # attention's output projection, so the pass after its solve does not run attention again.
+        fp_keep = min(keep_bytes, sum(batch.hidden.nbytes for batch in inputs))
+        fp_memo = None if unquantized is None else ForwardMemo(unquantized, linears, tails, fp_keep)
+        with ForwardMemo(block, names, tails, keep_bytes) as memo, nullcontext() if fp_memo is None else fp_memo:
             for name in linears if fp_memo is not None else ():  # the copy never changes: every child is replayed
                 fp_memo.solved(name)
             for stage in stages:
@@ -219,7 +222,7 @@ def _linear_inputs_of(block: nn.Module, inputs: list[Batch], memo: ForwardMemo,
     ``memo`` holds of earlier passes replayed."""
     def target(b: int) -> dict[str, torch.Tensor]:
         memo.start(b, inputs[b])
-        return linear_inputs(block, inputs[b], names)
+        return linear_inputs(block, inputs[b], names, memo)
     return target
 
 
