@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provenance import provenance, write_json
+from provenance import by_seed, provenance, seed_key, seeds_path, write_json
 from transformers import AutoTokenizer
 
 from llmq.assets import cache_dir, resolve_model
@@ -143,7 +143,7 @@ def main() -> None:
     runs = {}  # key: the configuration's name, with "@seedS" for a seed other than 0
     for name in names:
         for seed in args.seeds:
-            key = name if seed == 0 else f"{name}@seed{seed}"
+            key = seed_key(name, seed)
             out, report = work / key, work / f"{key}.json"
             options = f"--nsamples {args.nsamples} --calib-seqlen {args.calib_seqlen} {CONFIGS[name]}"
             options += f" --seed {seed}" if seed else ""
@@ -164,21 +164,16 @@ def main() -> None:
                                              skip=args.sentences if args.validation else 0)
         runs[key]["provenance"] = prov
 
-    def order(key: str) -> tuple[int, int]:  # the configurations' order, then the seed's
-        name, _, seed = key.partition("@seed")
-        return list(CONFIGS).index(name), int(seed or 0)
-
-    seeds_json = args.json.with_name(f"{args.json.stem}_seeds.json")
-    for path, rows in ((args.json, {k: v for k, v in runs.items() if "@" not in k}),
-                       (seeds_json, {k: v for k, v in runs.items() if "@" in k})):
+    paths = (args.json, seeds_path(args.json))  # seed 0's rows, the other seeds' rows
+    for i, rows in enumerate(by_seed(runs, list(CONFIGS))):
         if not rows:
             continue
+        path = paths[i]
         previous = json.loads(path.read_text()) if path.exists() else None
         if previous and previous.get("sentences") == args.sentences:  # keep the configurations not re-run
-            rows = {**previous["runs"], **rows}
-        known = sorted((k for k in rows if k.partition("@")[0] in CONFIGS), key=order)
+            rows = by_seed({**previous["runs"], **rows}, list(CONFIGS))[i]
         table = {"model": "all-MiniLM-L6-v2 (bundled)", "sentences": args.sentences,
-                 "first_sentence": args.sentences if args.validation else 0, "runs": {k: rows[k] for k in known}}
+                 "first_sentence": args.sentences if args.validation else 0, "runs": rows}
         write_json(path, table)
         print(f"wrote {path}; python evals/report.py puts it into the README")
 

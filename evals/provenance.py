@@ -96,3 +96,24 @@ def update_runs(path: Path, checkpoint: dict[str, Any], runs: dict[str, Any],
         runs = {k: runs[k] for k in order if k in runs}
     write_json(path, {"checkpoint": checkpoint, "runs": runs})
     return runs
+
+
+def seed_key(name: str, seed: int) -> str:
+    """The results key of configuration ``name`` quantized with ``--seed seed`` (seed 0: ``name``)."""
+    return name if seed == 0 else f"{name}@seed{seed}"
+
+
+def seeds_path(path: Path) -> Path:
+    """Where the rows of seeds other than 0 go, beside the results file ``path``."""
+    return path.with_name(f"{path.stem}_seeds.json")
+
+
+def by_seed(runs: dict[str, Any], configs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``runs`` split into the seed-0 rows and the others, each in the order of ``configs`` (then
+    by seed); rows of configurations no longer in ``configs`` are dropped."""
+    def order(key: str) -> tuple[int, int]:
+        name, _, seed = key.partition("@seed")
+        return configs.index(name), int(seed or 0)
+
+    known = sorted((k for k in runs if k.partition("@")[0] in configs), key=order)
+    return {k: runs[k] for k in known if "@" not in k}, {k: runs[k] for k in known if "@" in k}

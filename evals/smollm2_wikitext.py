@@ -19,6 +19,10 @@ show whether a choice made there holds elsewhere.
 Runs of configurations not re-run are kept from an existing JSON with the same corpus, sequence
 length and windows (the baseline is recomputed and must agree). Without --requantize, a
 checkpoint quantized by an earlier run of this script is evaluated again as it is.
+
+`--seeds 1 2` quantizes each configuration again on other calibration samples (`llmq quantize
+--seed`; seed 0 is the default run) and writes those rows to `..._seeds.json` beside the results
+file: the README's seed table shows how far a figure moves with the calibration draw alone.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provenance import provenance, write_json
+from provenance import by_seed, provenance, seed_key, seeds_path, write_json
 from transformers import AutoTokenizer
 
 from llmq.assets import cache_dir, resolve_model
@@ -182,6 +186,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--workdir", default=str(cache_dir() / "evals" / "smollm2"))
     ap.add_argument("--requantize", action="store_true", help="quantize again even if a checkpoint exists")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="calibration seeds (default 0); rows of other seeds go to ..._seeds.json")
     ap.add_argument("--json", default=None, help="default: evals/results/smollm2_wikitext.json for the first "
                     "windows of WikiText-2, else smollm2_DATASET[_wFIRST-LAST].json")
     args = ap.parse_args()
@@ -191,47 +197,55 @@ def main() -> None:
     base_path = resolve_model("smollm2-135m")  # converts the bundled GGUF once, outside the timed runs
     names = args.only or list(CONFIGS)
     work = Path(args.workdir)
-    runs = {}
+    runs = {}  # key: the configuration's name, with "@seedS" for a seed other than 0
     for name in names:
-        out, report = work / name, work / f"{name}.json"
-        options = f"--nsamples {args.nsamples} {CONFIGS[name]}"
-        if args.requantize or not report.exists():
-            cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "smollm2-135m", "--out", str(out),
-                   "--overwrite", "--json", str(report), *options.split(), *GROUP_FIT]
-            print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
-        quantized = json.loads(report.read_text())
-        runs[name] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
-        if name in REFERENCE:
-            runs[name]["reference"] = REFERENCE[name]
+        for seed in args.seeds:
+            key = seed_key(name, seed)
+            out, report = work / key, work / f"{key}.json"
+            options = f"--nsamples {args.nsamples} {CONFIGS[name]}" + (f" --seed {seed}" if seed else "")
+            if args.requantize or not report.exists():
+                cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "smollm2-135m", "--out", str(out),
+                       "--overwrite", "--json", str(report), *options.split(), *GROUP_FIT]
+                print("$", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+            quantized = json.loads(report.read_text())
+            runs[key] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
+            if name in REFERENCE:
+                runs[key]["reference"] = REFERENCE[name]
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)
-    candidates = {name: load_model(work / name) for name in names}
+    candidates = {key: load_model(work / key) for key in runs}
     results = compare_lms(candidates, tokenizer, args.dataset, args.seqlen, args.windows,
                           baseline=load_model(base_path), first_window=args.first_window)
 
     first = next(iter(results.values()))
     prov = provenance()
-    merged = {name: {**runs[name], "eval": results[name].to_dict(), "provenance": prov} for name in names}
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else None
-    if previous and (previous["corpus"], previous["seqlen"], previous["windows"], previous.get("first_window", 0)) == (
-            first.corpus, first.seqlen, first.windows, first.first_window):
-        before = previous["baseline"]["perplexity"]
-        if abs(before - first.baseline_perplexity) > 1e-6 * first.baseline_perplexity:
-            raise SystemExit(f"baseline perplexity changed ({before} -> {first.baseline_perplexity}): "
-                             "re-run every configuration")
-        merged = {**previous["runs"], **merged}
-    table = {
-        "model": "SmolLM2-135M (dequantized from Q4_1)",
-        "corpus": first.corpus, "seqlen": first.seqlen, "windows": first.windows, "first_window": first.first_window,
-        "tokens": first.tokens,
-        "baseline": {"perplexity": first.baseline_perplexity,
-                     "size_on_disk_bytes": sum(p.stat().st_size for p in base_path.glob("*.safetensors")),
-                     "provenance": prov},
-        "runs": {k: merged[k] for k in CONFIGS if k in merged},
-    }
-    write_json(Path(args.json), table)
-    print(f"wrote {args.json}; python evals/report.py puts it into the README")
+    merged = {key: {**runs[key], "eval": results[key].to_dict(), "provenance": prov} for key in runs}
+    paths = (Path(args.json), seeds_path(Path(args.json)))  # seed 0's rows, the other seeds' rows
+    for i, rows in enumerate(by_seed(merged, list(CONFIGS))):
+        if not rows:
+            continue
+        path = paths[i]
+        previous = json.loads(path.read_text()) if path.exists() else None
+        if previous and (previous["corpus"], previous["seqlen"], previous["windows"],
+                         previous.get("first_window", 0)) == (first.corpus, first.seqlen, first.windows,
+                                                              first.first_window):
+            before = previous["baseline"]["perplexity"]
+            if abs(before - first.baseline_perplexity) > 1e-6 * first.baseline_perplexity:
+                raise SystemExit(f"baseline perplexity changed ({before} -> {first.baseline_perplexity}): "
+                                 "re-run every configuration")
+            rows = by_seed({**previous["runs"], **rows}, list(CONFIGS))[i]
+        table = {
+            "model": "SmolLM2-135M (dequantized from Q4_1)",
+            "corpus": first.corpus, "seqlen": first.seqlen, "windows": first.windows,
+            "first_window": first.first_window, "tokens": first.tokens,
+            "baseline": {"perplexity": first.baseline_perplexity,
+                         "size_on_disk_bytes": sum(p.stat().st_size for p in base_path.glob("*.safetensors")),
+                         "provenance": prov},
+            "runs": rows,
+        }
+        write_json(path, table)
+        print(f"wrote {path}; python evals/report.py puts it into the README")
 
 
 if __name__ == "__main__":

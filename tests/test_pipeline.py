@@ -361,8 +361,9 @@ def test_later_passes_run_only_the_tail_linears(tmp_path, monkeypatch, kind, tai
 
 def test_qep_unquantized_copy_runs_attention_once_per_batch(tmp_path, monkeypatch):
     """With --qep, the unquantized copy of each block keeps its attention's o_proj inputs from the
-    pass that collects them: attention runs once per batch in each copy, as with nothing kept it
-    ran twice in the copy; the checkpoint is the same, bit for bit, as with nothing kept."""
+    pass that collects them (its first tail's; not the MLP's, which are larger): attention runs once
+    per batch in each copy, where with nothing kept it ran twice in the copy; the checkpoint is the
+    same, bit for bit, as with nothing kept."""
     blocks, batches = 2, 2
     src = save_tiny("llama", tmp_path / "src", num_hidden_layers=blocks)
     calls, keep = [0], []
