@@ -47,10 +47,10 @@ class Tail(NamedTuple):
 
 def input_groups(block: nn.Module, names: list[str], samples: list[Batch]) -> tuple[list[list[str]], dict[str, Tail]]:
     """Linears ``names`` grouped by shared input, in call order (q/k/v; o; gate/up; down for
-    Llama); and the block's tails (see :class:`Tail`), such as Llama's and GPT-2's attentions and
-    MLPs, in the order those children return. Both are found by running ``samples`` through
-    ``block``, by object identity, so the check is generic. Linears that none of them calls (experts
-    no token was routed to) are in no group."""
+    Llama); and the block's tails (see :class:`Tail`), such as Llama's and GPT-2's MLPs and
+    attentions. Both are found by running ``samples`` through ``block``, by object identity, so
+    the check is generic. Linears that none of them calls (experts no token was routed to) are in
+    no group."""
     calls: list[tuple[str, torch.Tensor]] = []  # the inputs are kept alive so their memory is not reused
     returned: dict[str, Any] = {}  # each linear's output (kept alive too, so identities are meaningful)
     tails: dict[str, Tail] = {}
@@ -118,17 +118,13 @@ def collect_hessians(block: nn.Module, inputs: list[Batch], hessians: dict[str, 
             batch.run_until_stopped(block)
 
 
-def linear_inputs(block: nn.Module, batch: Batch, names: list[str],
-                  memo: ForwardMemo | None = None) -> dict[str, torch.Tensor]:
-    """The inputs of ``block``'s linears ``names`` on ``batch`` (each offered to ``memo``): the
-    forward ends once all are seen."""
+def linear_inputs(block: nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+    """The inputs of ``block``'s linears ``names`` on ``batch``: the forward ends once all are seen."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def pre_hook(_m: nn.Module, args: tuple) -> None:
             seen[name] = args[0].detach()
-            if memo is not None:
-                memo.linear_input(name, seen[name])
             if len(seen) == len(names):
                 raise StopForward
         return pre_hook

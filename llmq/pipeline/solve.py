@@ -147,13 +147,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
         on_call.release()
         stages = _stages(groups, experts) if config.true_sequential else [[n for g in groups for n in g]]
         keep_bytes = run.tail_input_budget * sum(batch.hidden.nbytes for batch in inputs)
-        # The unquantized copy keeps the inputs of its first tail linear (the attention's output projection),
-        # so that the pass after that linear's solve does not run attention again. Keeping the MLP's too would
-        # add its inputs (2.7 times the block's hidden states in SmolLM2) to the peak memory.
-        first_tail = dict(list(tails.items())[:1])
-        fp_memo = None if unquantized is None else \
-            ForwardMemo(unquantized, linears, first_tail, min(keep_bytes, sum(b.hidden.nbytes for b in inputs)))
-        with ForwardMemo(block, names, tails, keep_bytes) as memo, nullcontext() if fp_memo is None else fp_memo:
+        with ForwardMemo(block, names, tails, keep_bytes) as memo, \
+                (nullcontext() if unquantized is None else ForwardMemo(unquantized, linears)) as fp_memo:
             for name in linears if fp_memo is not None else ():  # the copy never changes: every child is replayed
                 fp_memo.solved(name)
             for stage in stages:
@@ -224,7 +219,7 @@ def _linear_inputs_of(block: nn.Module, inputs: list[Batch], memo: ForwardMemo,
     ``memo`` holds of earlier passes replayed."""
     def target(b: int) -> dict[str, torch.Tensor]:
         memo.start(b, inputs[b])
-        return linear_inputs(block, inputs[b], names, memo)
+        return linear_inputs(block, inputs[b], names)
     return target
 
 
