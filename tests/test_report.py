@@ -92,3 +92,31 @@ def test_a_difference_holds_elsewhere_only_with_its_sign_and_half_its_size(monke
     rows = [line.split(" | ") for line in report.smollm2_elsewhere_table().splitlines()
             if line.startswith("| GPTQ")]
     assert [r[-2] for r in rows] == ["yes", "no", "no"]  # b: 0.9 < 2.0 / 2; c: the sign flips
+
+
+def test_seed_rows_are_kept_apart_and_grouped_under_their_seed_0_row(monkeypatch):
+    """evals/provenance.py puts the rows of seeds other than 0 in their own file, in the configurations'
+    order; the seed tables group them under their configuration's seed-0 row."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "evals"))
+    try:
+        from provenance import by_seed, seed_key
+    finally:
+        sys.path.remove(str(ROOT / "evals"))
+    configs = ["a", "b"]
+    runs = {seed_key(n, s): {"n": n, "s": s} for n in ("b", "a", "gone") for s in (2, 0, 1)}
+    first, others = by_seed(runs, configs)
+    assert list(first) == ["a", "b"] and list(others) == ["a@seed1", "a@seed2", "b@seed1", "b@seed2"]
+
+    def row(ppl):
+        return {"args": "--method gptq --bits 4", "quantize_seconds": 1.0,
+                "eval": {"perplexity": ppl, "kl_divergence": 0.1, "top1_agreement": 80.0}}
+
+    sets = {"smollm2_wikitext": {"runs": {"a": row(20.0), "b": row(30.0)}},
+            "smollm2_wikitext_seeds": {"runs": {"a@seed1": row(21.0), "a@seed2": row(22.0)}}}
+    monkeypatch.setattr(report, "load", lambda name: sets[name])
+    groups = report.seed_groups("smollm2_wikitext")
+    assert [[r["eval"]["perplexity"] for r in g] for g in groups] == [[20.0, 21.0, 22.0]]
+    cells = [line.split(" | ") for line in report.smollm2_seeds_table().splitlines() if line.startswith("| GPTQ")]
+    assert [c[1:4] for c in cells] == [["20.000 / 21.000 / 22.000", "21.000", "2.000"]]
