@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,6 +414,62 @@ def interop_table() -> str:
     table = _table(header, rows, "lllr" + "l" * len(loaders))
     return f"{intro}\n\n{table}\n\nWhy a loader refused a checkpoint:\n{refused}\n\n{notes(data['results'])}\n"
 
+def seed_groups(name: str) -> list[list[dict[str, Any]]]:
+    """The rows of ``NAME_seeds.json`` (``--seeds``) grouped by configuration, each group led by the
+    configuration's seed-0 row from ``NAME.json``."""
+    first, groups = load(name)["runs"], {}
+    for key, row in load(f"{name}_seeds")["runs"].items():
+        config = key.partition("@")[0]
+        groups.setdefault(config, [first[config]]).append(row)
+    return list(groups.values())
+
+
+def _by_seed(values: list[float], fmt: str) -> list[str]:
+    """The cells "v0 / v1 / ...", their mean, and their spread (largest minus smallest)."""
+    return [" / ".join(format(v, fmt) for v in values), format(fmean(values), fmt),
+            format(max(values) - min(values), fmt)]
+
+
+def _codes(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(dict.fromkeys(code(r) for r in rows))
+
+
+SEEDS_INTRO = ("Each configuration quantized again with `--seed 1`, `--seed 2`, ... (other calibration samples of the "
+               "same corpus; seed 0 is the row of the tables above). The spread is the largest minus the smallest "
+               "value; other columns are means over the seeds.")
+
+
+def smollm2_seeds_table() -> str:
+    rows, runs = [], []
+    for group in seed_groups("smollm2_wikitext"):
+        runs += group
+        evals = [r["eval"] for r in group]
+        rows.append([label(group[0]), *_by_seed([e["perplexity"] for e in evals], ".3f"),
+                     f"{fmean(e['kl_divergence'] for e in evals):.4f}",
+                     f"{fmean(e['top1_agreement'] for e in evals):.2f}%",
+                     f"{fmean(r['quantize_seconds'] for r in group):.0f}", _codes(group)])
+    header = ["configuration", "perplexity by seed (0 / 1 / ...)", "mean", "spread", "KL", "top-1 agree",
+              "quantize (s)", "code"]
+    return (f"WikiText-2 windows 1-40, as in the table above. {SEEDS_INTRO}\n\n"
+            f"{_table(header, rows, 'lrrrrrrl')}\n\n{notes(runs)}\n")
+
+
+def minilm_seeds_table() -> str:
+    rows, runs = [], []
+    for name in ("minilm_encoder", "minilm_encoder_validation"):
+        data = load(f"{name}_seeds")
+        which = f"{data['first_sentence'] + 1:,} to {data['first_sentence'] + data['sentences']:,}"
+        for group in seed_groups(name):
+            runs += group
+            evals = [r["eval"] for r in group]
+            rows.append([label(group[0]), which, *_by_seed([100 * e["top10_overlap"] for e in evals], ".2f"),
+                         f"{fmean(e['cosine_mean'] for e in evals):.4f}",
+                         f"{fmean(100 * e['top1_agreement'] for e in evals):.1f}%", _codes(group)])
+    header = ["configuration", "sentences", "top-10 overlap (%) by seed (0 / 1 / ...)", "mean", "spread",
+              "cosine mean", "top-1 agree", "code"]
+    return (f"The reported and the validation sentences. {SEEDS_INTRO}\n\n"
+            f"{_table(header, rows, 'llrrrrrl')}\n\n{notes(runs)}\n")
+
 
 TABLES: dict[str, Callable[[], str]] = {
     "smollm2": smollm2_table,
@@ -422,6 +479,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "cpu-decode": cpu_decode_table,
     "minilm": minilm_table,
     "minilm-validation": lambda: minilm_table("minilm_encoder_validation"),
+    "minilm-seeds": minilm_seeds_table,
+    "smollm2-seeds": smollm2_seeds_table,
     "streaming": streaming_table,
     "vocab-memory": vocab_memory_table,
     "e2e-memory": e2e_memory_table,
