@@ -414,6 +414,7 @@ def interop_table() -> str:
     table = _table(header, rows, "lllr" + "l" * len(loaders))
     return f"{intro}\n\n{table}\n\nWhy a loader refused a checkpoint:\n{refused}\n\n{notes(data['results'])}\n"
 
+
 def seed_groups(name: str) -> list[list[dict[str, Any]]]:
     """The rows of ``NAME_seeds.json`` (``--seeds``) grouped by configuration, each group led by the
     configuration's seed-0 row from ``NAME.json``."""
