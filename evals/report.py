@@ -106,6 +106,8 @@ def label(row: dict[str, Any]) -> str:
         parts.append(f"`--e2e-lr {a.e2e_lr:g}`")
     if a.e2e_rounding:
         parts.append("`--e2e-rounding`")
+    if a.e2e_embedding:
+        parts.append("`--e2e-embedding`")
     calibrated = a.method == "gptq" or a.awq or a.tune or a.e2e or a.bits_budget is not None
     if calibrated and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
         parts.append(f"{a.nsamples} × {a.calib_seqlen} calibration tokens")

@@ -90,6 +90,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-rounding", action="store_true",
                    help="with --e2e: learn the codes' rounding too (each code moves by at most one step); "
                         "it needs several epochs to gain")
+    p.add_argument("--e2e-embedding", action="store_true",
+                   help="with --e2e, encoders: match the direction of the mean-pooled sentence embedding (one "
+                        "minus its cosine) instead of the last hidden states")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--calib", default="bundled",
@@ -204,9 +207,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise ValueError("--e2e-rounding needs --e2e")
     if args.e2e_lr is not None and not args.e2e:
         raise ValueError("--e2e-lr needs --e2e")
+    if args.e2e_embedding and not args.e2e:
+        raise ValueError("--e2e-embedding needs --e2e")
     e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs,
                     lr=E2E_LR if args.e2e_lr is None else args.e2e_lr, rounding=args.e2e_rounding,
-                    seed=args.seed) if args.e2e else None
+                    embedding=args.e2e_embedding, seed=args.seed) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:

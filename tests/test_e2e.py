@@ -210,3 +210,42 @@ def test_token_kl_matches_autograds_kl():
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(fused_grad, plain_grad)
     assert fused.item() > 0.5  # far from a trivially equal zero
+
+
+def test_embedding_loss_is_one_minus_the_cosine_of_the_mean_pooled_embeddings(tmp_path):
+    """The encoder's embedding loss pools the last hidden states over the tokens and compares
+    directions only: zero for the unquantized model itself and for a rescaled output."""
+    src = save_tiny("bert", tmp_path / "src")
+    model = load_model(src, dtype=torch.float32)
+    ids = calibration_ids(n=1).input_ids
+    target = targets(model, ids, causal=False)(0)
+    loss = output_loss(causal=False, embedding=True)
+    assert loss(model, ids, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(model, ids, 3 * target).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    expected = 1 - F.cosine_similarity(target.mean(1), other.mean(1), dim=-1).item()
+    assert loss(model, ids, other).item() == pytest.approx(expected, rel=1e-5) and expected > 0.5
+
+
+def test_embedding_loss_tunes_an_encoder_and_is_recorded(tmp_path):
+    src = save_tiny("bert", tmp_path / "src")
+    calibration = calibration_ids(n=32)
+    e2e = E2EConfig(epochs=3, lr=1e-2, embedding=True)
+    info = quantize(src, QuantConfig(method="rtn", bits=2, group_size=32, sym=False), tmp_path / "q",
+                    calibration=calibration, progress=False, e2e=e2e).e2e
+    assert info.kept and info.loss < info.init_loss, info
+    model, teacher = load_quantized(tmp_path / "q"), load_model(src)
+    ids = calibration.input_ids
+    target, loss = targets(teacher, ids, False), output_loss(False, embedding=True)
+    with torch.no_grad():
+        held = sum(loss(model, ids[i:i + 1], target(i)).item() for i in (30, 31)) / 2
+    assert held == pytest.approx(info.loss, rel=1e-3)
+    assert model.config.quantization_config["meta"]["e2e"]["embedding"] is True
+
+
+def test_embedding_loss_is_refused_for_a_decoder(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    with pytest.raises(ValueError, match="is for encoders"):
+        quantize(src, QuantConfig(method="rtn", bits=4, group_size=32), tmp_path / "q", progress=False,
+                 calibration=calibration_ids(n=4), e2e=E2EConfig(embedding=True))
+    assert not (tmp_path / "q").exists()

@@ -181,6 +181,9 @@ def quantize(
     out_dtype = out_dtype or (torch.bfloat16 if reader.dtype() == torch.bfloat16 else torch.float16)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fwd_dtype = resolve_calib_dtype(calib_dtype, device)
+    if e2e is not None and e2e.embedding and hf_config.model_type not in models.ENCODER_TYPES:
+        raise ValueError(f"--e2e-embedding is for encoders (sentence embeddings); {src} is a "
+                         f"{hf_config.model_type} decoder")
     if first_token_weight is None:
         first_token_weight = 1.0 if hf_config.model_type in models.ENCODER_TYPES else FIRST_TOKEN_WEIGHT
     if first_token_weight <= 0:

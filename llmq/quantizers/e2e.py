@@ -6,7 +6,8 @@ calibration samples.
 Block-wise methods (GPTQ, learned rounding) each match one block's outputs; the errors they leave
 still add up through the blocks after it. Here every scale sees the loss at the model's output:
 the KL divergence of the quantized model's next-token distribution from the unquantized one's
-(decoders), or the relative squared error of the last hidden states (encoders). The checkpoint
+(decoders), or the relative squared error of the last hidden states (encoders; with ``embedding``,
+one minus the cosine of the mean-pooled sentence embeddings, what a sentence encoder is used for). The checkpoint
 stays a plain GPTQ one: only tensors it already stores in floating point change (``scales``, the
 norms' weights and biases), and with ``rounding`` the codes in ``qweight``, each by at most one
 step (learned rounding end to end: a straight-through offset per weight).
@@ -57,7 +58,8 @@ class E2EConfig:
     """``epochs`` passes over the training samples in ``batch``-sample steps, Adam with learning
     rate ``lr`` (on the log of each scale; norms get a tenth of it), cosine-decayed to 0;
     ``norms``: tune the norms' weights too; ``rounding``: learn each code's rounding too (a move
-    of at most one step), with Adam at ``round_lr``; ``seed``: the sample order."""
+    of at most one step), with Adam at ``round_lr``; ``embedding`` (encoders): match the mean-pooled
+    sentence embedding's direction instead of the last hidden states; ``seed``: the sample order."""
 
     epochs: float = E2E_EPOCHS
     lr: float = E2E_LR
@@ -65,6 +67,7 @@ class E2EConfig:
     norms: bool = True
     rounding: bool = False
     round_lr: float = E2E_ROUND_LR
+    embedding: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class E2EConfig:
         d = {"epochs": self.epochs, "lr": self.lr, "batch": self.batch, "norms": self.norms, "seed": self.seed}
         if self.rounding:
             d.update(rounding=True, round_lr=self.round_lr)
+        if self.embedding:
+            d.update(embedding=True)
         return d
 
 
@@ -216,13 +221,20 @@ def _trainable(model: nn.Module, norms: bool, rounding: bool = False) -> Iterato
             p.requires_grad_(flag)
 
 
-def output_loss(causal: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def output_loss(causal: bool,
+                embedding: bool = False) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(model, ids, target)`` and what ``target`` is: for a decoder (``causal``) the
     unquantized model's log-probabilities ``[1, seq, vocab]`` and the loss the KL divergence from
     them, in nats per token; for an encoder its last hidden states and the loss their squared error
-    relative to the target's mean square."""
+    relative to the target's mean square, or with ``embedding`` one minus the cosine of the two
+    mean-pooled embeddings (every calibration token is a text token: no padding to mask out)."""
     if causal:
         return lambda m, ids, target: _TokenKL.apply(m(ids).logits, target)
+    if embedding:
+        def pooled_cosine(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            pooled = getattr(m, "base_model", m)(ids).last_hidden_state.float().mean(1)
+            return 1 - F.cosine_similarity(pooled, target.mean(1), dim=-1).mean()
+        return pooled_cosine
 
     def relative_mse(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         hidden = getattr(m, "base_model", m)(ids).last_hidden_state.float()
@@ -286,8 +298,10 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
     held_out = max(1, n // 16)
     valid = list(range(n - held_out, n))
     train = list(range(n - held_out)) or valid  # one sample: trained on and measured on
+    if config.embedding and causal:
+        raise ValueError("the embedding loss of end-to-end tuning is for encoders (sentence embeddings)")
     target = targets(teacher, samples, causal)
-    loss_fn = output_loss(causal)
+    loss_fn = output_loss(causal, config.embedding)
 
     @torch.no_grad()
     def held_out_loss() -> float:
