@@ -7,10 +7,10 @@ Block-wise methods (GPTQ, learned rounding) each match one block's outputs; the 
 still add up through the blocks after it. Here every scale sees the loss at the model's output:
 the KL divergence of the quantized model's next-token distribution from the unquantized one's
 (decoders), or the relative squared error of the last hidden states (encoders; with ``embedding``,
-one minus the cosine of the mean-pooled sentence embeddings, what a sentence encoder is used for). The checkpoint
-stays a plain GPTQ one: only tensors it already stores in floating point change (``scales``, the
-norms' weights and biases), and with ``rounding`` the codes in ``qweight``, each by at most one
-step (learned rounding end to end: a straight-through offset per weight).
+one minus the cosine of the mean-pooled sentence embeddings, what a sentence encoder is used for).
+The checkpoint stays a plain GPTQ one: only tensors it already stores in floating point change
+(``scales``, the norms' weights and biases), and with ``rounding`` the codes in ``qweight``, each
+by at most one step (learned rounding end to end: a straight-through offset per weight).
 
 Each scale is trained as ``s₀ · exp(m)`` from ``m = 0`` (scales keep their sign and cannot reach
 0) with Adam and a cosine-decayed learning rate, one calibration sample per forward, gradients
