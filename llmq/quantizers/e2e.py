@@ -221,6 +221,11 @@ def _trainable(model: nn.Module, norms: bool, rounding: bool = False) -> Iterato
             p.requires_grad_(flag)
 
 
+def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """An encoder's last hidden states in float32 (through its base model when it has a head)."""
+    return getattr(model, "base_model", model)(ids).last_hidden_state.float()
+
+
 def output_loss(causal: bool,
                 embedding: bool = False) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(model, ids, target)`` and what ``target`` is: for a decoder (``causal``) the
@@ -232,12 +237,12 @@ def output_loss(causal: bool,
         return lambda m, ids, target: _TokenKL.apply(m(ids).logits, target)
     if embedding:
         def pooled_cosine(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            pooled = getattr(m, "base_model", m)(ids).last_hidden_state.float().mean(1)
+            pooled = last_hidden(m, ids).mean(1)
             return 1 - F.cosine_similarity(pooled, target.mean(1), dim=-1).mean()
         return pooled_cosine
 
     def relative_mse(m: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        hidden = getattr(m, "base_model", m)(ids).last_hidden_state.float()
+        hidden = last_hidden(m, ids)
         return (hidden - target).pow(2).mean() / target.pow(2).mean()
     return relative_mse
 
@@ -280,7 +285,7 @@ def targets(teacher: nn.Module, samples: torch.Tensor, causal: bool) -> Callable
         ids = samples[i:i + 1].to(device)
         if causal:
             return F.log_softmax(teacher(ids).logits.float(), dim=-1)
-        return getattr(teacher, "base_model", teacher)(ids).last_hidden_state.float()
+        return last_hidden(teacher, ids)
     return target
 
 
