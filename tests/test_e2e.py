@@ -249,3 +249,43 @@ def test_embedding_loss_is_refused_for_a_decoder(tmp_path):
         quantize(src, QuantConfig(method="rtn", bits=4, group_size=32), tmp_path / "q", progress=False,
                  calibration=calibration_ids(n=4), e2e=E2EConfig(embedding=True))
     assert not (tmp_path / "q").exists()
+
+
+def test_e2e_seqlen_tunes_on_its_own_samples_drawn_like_the_calibration(tmp_path, monkeypatch):
+    """``E2EConfig.seqlen`` (``--e2e-seqlen``): the tuning runs on samples of that length (capped at
+    the model's context), drawn from the calibration's source with its seed, as many as keep the
+    calibration's token count, in batches that keep its tokens per step; the held-out loss reported
+    is the written checkpoint's on those samples, and the metadata records what ran."""
+    import llmq.pipeline as pipeline
+
+    src = save_tiny("llama", tmp_path / "src")  # context 128
+    calibration = calibration_ids(n=32, seqlen=16)
+    draws, drawn = [], {}
+
+    def draw(tokenizer, source, nsamples, seqlen, seed, chat_template):
+        draws.append((source, nsamples, seqlen, seed, chat_template))
+        drawn["samples"] = calibration_ids(n=nsamples, seqlen=seqlen, seed=7)
+        return drawn["samples"]
+
+    monkeypatch.setattr(pipeline, "get_calibration", draw)
+    monkeypatch.setattr(pipeline.assets, "load_tokenizer", lambda path: None)
+    config = QuantConfig(method="rtn", bits=2, group_size=32, sym=False)
+    info = quantize(src, config, tmp_path / "q", calibration=calibration, progress=False,
+                    e2e=E2EConfig(epochs=2, lr=1e-2, seqlen=64)).e2e
+    assert draws == [("random tokens", 8, 64, 0, False)]  # 32 × 16 tokens as 8 × 64
+    assert info.held_out == 1 and info.steps == 14  # 7 training samples, 2 epochs, one (4 × 16 tokens) per step
+    assert info.kept and info.loss < info.init_loss, info
+    assert _held_out_loss(tmp_path / "q", src, drawn["samples"], True) == pytest.approx(info.loss, rel=1e-4)
+    meta = load_quantized(tmp_path / "q").config.quantization_config["meta"]
+    assert meta["e2e"]["seqlen"] == 64 and meta["e2e"]["batch"] == 1
+    assert meta["calibration"]["seqlen"] == 16  # the block-wise solves keep the calibration samples
+
+    draws.clear()
+    quantize(src, config, tmp_path / "capped", calibration=calibration, progress=False,
+             e2e=E2EConfig(epochs=1, seqlen=4096))
+    assert draws == [("random tokens", 4, 128, 0, False)]
+
+
+def test_e2e_seqlen_needs_two_tokens():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        E2EConfig(seqlen=1)
