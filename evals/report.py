@@ -108,8 +108,6 @@ def label(row: dict[str, Any]) -> str:
         parts.append("`--e2e-rounding`")
     if a.e2e_embedding:
         parts.append("`--e2e-embedding`")
-    if a.e2e_seqlen:
-        parts.append(f"`--e2e-seqlen {a.e2e_seqlen}`")
     calibrated = a.method == "gptq" or a.awq or a.tune or a.e2e or a.bits_budget is not None
     if calibrated and (a.nsamples, a.calib_seqlen) != (default.nsamples, default.calib_seqlen):
         parts.append(f"{a.nsamples} × {a.calib_seqlen} calibration tokens")

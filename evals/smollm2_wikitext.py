@@ -123,14 +123,6 @@ CONFIGS = {
                                                         "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                                         "--mse weighted --qep --e2e --e2e-epochs 2 --e2e-rounding",
-    # The same at int4 and int3, end-to-end tuning on 32 samples of 2048 tokens (the evaluation's length) instead of the
-    # 128 × 512 calibration samples.
-    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-s2048": "--method gptq --bits 4 --group-size 128 --asym "
-                                                              "--desc-act --mse weighted --qep --e2e --e2e-epochs 2 "
-                                                              "--e2e-rounding --e2e-seqlen 2048",
-    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-s2048": "--method gptq --bits 3 --group-size 128 --asym "
-                                                              "--desc-act --mse weighted --qep --e2e --e2e-epochs 2 "
-                                                              "--e2e-rounding --e2e-seqlen 2048",
     # --qep with the widths allocated at uniform int3 g128's size (3.21 bits/weight).
     "gptq-budget3.21-asym-actorder-wmse-qep": "--method gptq --bits-budget 3.21 --asym --desc-act --mse weighted "
                                               "--qep",
@@ -166,8 +158,6 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int3-g128-asym-actorder-wmse-e2e2-round",
     "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round": "gptq-budget3.5-asym-actorder-wmse-e2e2-round",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int4-g128-asym-actorder-wmse-e2e2-round",
-    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-s2048": "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round",
-    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-s2048": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round",
     "gptq-budget3.21-asym-actorder-wmse-qep": "gptq-int3-g128-asym-actorder-wmse-qep",
 }
 RESULTS = Path(__file__).parent / "results"

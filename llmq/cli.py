@@ -90,10 +90,6 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-rounding", action="store_true",
                    help="with --e2e: learn the codes' rounding too (each code moves by at most one step); "
                         "it needs several epochs to gain")
-    p.add_argument("--e2e-seqlen", type=int, default=None, metavar="L",
-                   help="with --e2e: tune on samples of L tokens drawn like the calibration samples, as many (and "
-                        "batches as large) as keep their token counts, e.g. the length the model is used at "
-                        "(default: the calibration samples)")
     p.add_argument("--e2e-embedding", action="store_true",
                    help="with --e2e, encoders: match the direction of the mean-pooled sentence embedding (one "
                         "minus its cosine) instead of the last hidden states")
@@ -213,11 +209,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise ValueError("--e2e-lr needs --e2e")
     if args.e2e_embedding and not args.e2e:
         raise ValueError("--e2e-embedding needs --e2e")
-    if args.e2e_seqlen is not None and not args.e2e:
-        raise ValueError("--e2e-seqlen needs --e2e")
     e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs,
                     lr=E2E_LR if args.e2e_lr is None else args.e2e_lr, rounding=args.e2e_rounding,
-                    embedding=args.e2e_embedding, seed=args.seed, seqlen=args.e2e_seqlen) if args.e2e else None
+                    embedding=args.e2e_embedding, seed=args.seed) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})
     if args.owns_process:

@@ -34,7 +34,6 @@ def src(tmp_path_factory):
     (["--e2e", "--e2e-lr", "0"], "end-to-end tuning learning rate must be positive"),
     (["--e2e-rounding"], "--e2e-rounding needs --e2e"),
     (["--e2e-embedding"], "--e2e-embedding needs --e2e"),
-    (["--e2e-seqlen", "2048"], "--e2e-seqlen needs --e2e"),
     (["--e2e", "--e2e-embedding"], "--e2e-embedding is for encoders (sentence embeddings)"),
     (["--e2e", "--e2e-epochs", "0"], "end-to-end tuning epochs must be positive"),
     (["--qep", "--method", "rtn"], "--qep needs --method gptq, without --tune or --awq"),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -157,8 +157,7 @@ def quantize(
     so that their stored tensors take at most this many bits per weight, written as ``dynamic``
     rules; it calibrates RTN runs too. ``e2e``: once every block is written, the scales and norms
     tuned against the unquantized model's outputs on the calibration samples
-    (:mod:`llmq.quantizers.e2e`; both models whole in memory on ``device``), or with ``e2e.seqlen``
-    on samples of that length drawn the same way (:func:`_e2e_calibration`). ``qep`` (GPTQ, 0: off):
+    (:mod:`llmq.quantizers.e2e`; both models whole in memory on ``device``). ``qep`` (GPTQ, 0: off):
     each linear is solved against the unquantized model's outputs rather than its own on the
     quantized model's inputs, the correction scaled by ``qep`` (see :meth:`GPTQ.solve`); the
     calibration samples also run through the unquantized blocks, one block at a time.
@@ -234,9 +233,6 @@ def quantize(
         config = config.replace(meta={**config.meta, **calibration.describe(),
                                       "calib_dtype": str(fwd_dtype).removeprefix("torch."),
                                       "first_token_weight": first_token_weight})
-    e2e_samples = calibration
-    if e2e is not None and e2e.seqlen is not None:
-        e2e, e2e_samples = _e2e_calibration(src, hf_config, calibration, e2e)
     if awq:
         config = config.replace(meta={**config.meta, "awq": True})
     if tune is not None:
@@ -334,27 +330,11 @@ def quantize(
             report.block_errors.append(result.errors[head])
         writer.finish(skeleton, hf_config, config, src)
         if e2e is not None:  # before the state goes: a run stopped here resumes with every block done
-            report.e2e = _tune_end_to_end(tmp, src, hf_config, e2e_samples, e2e, device, out_dtype, progress)
+            report.e2e = _tune_end_to_end(tmp, src, hf_config, calibration, e2e, device, out_dtype, progress)
         state.remove()
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     return report
-
-
-def _e2e_calibration(src: Path, hf_config, calibration: Calibration, e2e: E2EConfig) -> tuple[E2EConfig, Calibration]:
-    """End-to-end tuning's own samples, of ``e2e.seqlen`` tokens (at most the model's context), drawn
-    as ``calibration``'s were (source, seed, chat template), as many as keep its token count; and
-    ``e2e`` with batches that keep its tokens per step (``--e2e-seqlen 2048`` after the default
-    128 × 512: 32 samples, one per step)."""
-    n, seqlen = calibration.input_ids.shape
-    max_pos = getattr(hf_config, "max_position_embeddings", None) or e2e.seqlen
-    length = min(e2e.seqlen, max_pos)
-    e2e = replace(e2e, seqlen=length, batch=max(1, round(e2e.batch * seqlen / length)))
-    if length == seqlen:
-        return e2e, calibration
-    tokenizer = assets.load_tokenizer(src)
-    return e2e, get_calibration(tokenizer, calibration.source, max(1, round(n * seqlen / length)), length,
-                                calibration.seed, calibration.chat_template)
 
 
 def _tune_end_to_end(folder: Path, src: Path, hf_config, calibration: Calibration, e2e: E2EConfig,

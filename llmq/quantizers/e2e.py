@@ -59,9 +59,7 @@ class E2EConfig:
     rate ``lr`` (on the log of each scale; norms get a tenth of it), cosine-decayed to 0;
     ``norms``: tune the norms' weights too; ``rounding``: learn each code's rounding too (a move
     of at most one step), with Adam at ``round_lr``; ``embedding`` (encoders): match the mean-pooled
-    sentence embedding's direction instead of the last hidden states; ``seed``: the sample order;
-    ``seqlen``: tune on samples of this many tokens rather than on the calibration samples (the
-    pipeline draws them, see :func:`llmq.pipeline.quantize`)."""
+    sentence embedding's direction instead of the last hidden states; ``seed``: the sample order."""
 
     epochs: float = E2E_EPOCHS
     lr: float = E2E_LR
@@ -71,7 +69,6 @@ class E2EConfig:
     round_lr: float = E2E_ROUND_LR
     embedding: bool = False
     seed: int = 0
-    seqlen: int | None = None
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -82,8 +79,6 @@ class E2EConfig:
             raise ValueError(f"end-to-end tuning batch must be >= 1, got {self.batch}")
         if not self.round_lr > 0:
             raise ValueError(f"end-to-end rounding learning rate must be positive, got {self.round_lr}")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise ValueError(f"end-to-end tuning samples need at least 2 tokens, got {self.seqlen}")
 
     def describe(self) -> dict[str, float | int | bool]:
         d = {"epochs": self.epochs, "lr": self.lr, "batch": self.batch, "norms": self.norms, "seed": self.seed}
@@ -91,8 +86,6 @@ class E2EConfig:
             d.update(rounding=True, round_lr=self.round_lr)
         if self.embedding:
             d.update(embedding=True)
-        if self.seqlen is not None:
-            d.update(seqlen=self.seqlen)
         return d
 
 
