@@ -132,6 +132,10 @@ CONFIGS = {
     "gptq-int4-g128-wmse-s32-n4096-qep0.75-e2e-emb": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
                                                      "--mse weighted --qep 0.75 --nsamples 4096 --calib-seqlen 32 "
                                                      "--e2e --e2e-lr 1e-3 --e2e-embedding",
+    # The same tuning against the last hidden states (--e2e's encoder loss), to tell what the loss is worth.
+    "gptq-int4-g128-wmse-s32-n4096-qep0.75-e2e": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                                 "--mse weighted --qep 0.75 --nsamples 4096 --calib-seqlen 32 "
+                                                 "--e2e --e2e-lr 1e-3",
 }
 RESULTS = Path(__file__).parent / "results"
 
