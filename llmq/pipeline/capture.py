@@ -95,10 +95,9 @@ class Captured(NamedTuple):
     others: list[list[tuple[tuple, dict[str, Any]]]]  # per block, per batch: (args, kwargs) after the hidden states
 
     def for_block(self, i: int, inputs: list[Batch]) -> list[Batch]:
-        """``inputs`` (block ``i``'s hidden states of all batches, or of the first few) with block
-        ``i``'s own other arguments."""
-        return [batch._replace(args=args, kwargs=kwargs)
-                for batch, (args, kwargs) in zip(inputs, self.others[i][:len(inputs)], strict=True)]
+        """``inputs`` (block ``i``'s hidden states) with block ``i``'s own other arguments."""
+        return [batch._replace(args=args, kwargs=kwargs) for batch, (args, kwargs) in zip(inputs, self.others[i],
+                                                                                          strict=True)]
 
 
 def capture_block_inputs(skeleton: nn.Module, layout: models.Layout, keys: streaming.KeyMap,
