@@ -5,11 +5,12 @@ on the tiny models every architecture's quantized outputs come closer to the unq
 import pytest
 import torch
 from conftest import calibration_ids, save_tiny
+from safetensors.torch import load_file
 
 from llmq.checkpoint import load_model
 from llmq.config import QuantConfig
 from llmq.pipeline import quantize
-from llmq.quantizers.gptq import GPTQ, HessianError, propagated
+from llmq.quantizers.gptq import GPTQ, HessianError, gptq_quantize, propagated, propagated_error
 
 
 def _inputs(seed: int = 0, tokens: int = 400, cols: int = 24):
@@ -107,3 +108,53 @@ def test_propagation_damps_more_as_gptq_does():
     assert torch.allclose(got, W + W @ D @ torch.linalg.inv(damped), atol=1e-4)
     with pytest.raises(HessianError, match="not positive definite"):
         propagated(W, -1e6 * torch.eye(24), D, damp_percent=0.01)
+
+
+def _output_error(W, qw, x, x_fp):
+    """Σ‖W x̃ - Q x‖² over the tokens, computed from the inputs themselves."""
+    X, Xt = x.reshape(-1, W.shape[1]).double(), x_fp.reshape(-1, W.shape[1]).double()
+    return (Xt @ W.double().t() - X @ qw.dequantize().double().t()).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("strength, bits, corrected", [(1.0, 8, True), (30.0, 3, False)])
+def test_the_solution_with_the_lower_output_error_is_kept(strength, bits, corrected):
+    """Both solutions, with and without the correction, are scored on Σ‖W x̃ - Q x‖²: at 8 bits the
+    least-squares correction wins; a correction overshot 30 times loses, and plain GPTQ's is kept."""
+    x_fp, x, W = _inputs(5)
+    gptq = GPTQ(24)
+    for b in range(2):
+        gptq.add_batch(x[b:b + 1], target=x_fp[b:b + 1])
+    H, D = gptq.H.clone(), gptq.D.clone()
+    settings = dict(bits=bits, group_size=8, sym=False, desc_act=True)
+    plain, _ = gptq_quantize(W, H, **settings)
+    moved, _ = gptq_quantize(propagated(W, H, D, 0.01, strength), H, **settings)
+    scores = {True: _output_error(W, moved, x, x_fp), False: _output_error(W, plain, x, x_fp)}
+    assert (scores[True] < scores[False]) == corrected, scores
+    # the score the solver uses differs from the output error by a term no Q changes (and a factor 2/n)
+    n = x.shape[0] * x.shape[1]
+    gap = (propagated_error(W, moved, H, D) - propagated_error(W, plain, H, D)) * n / 2
+    assert gap == pytest.approx(scores[True] - scores[False], rel=1e-3)
+    updated = torch.empty(W.shape)
+    kept = gptq.solve(W, free_hessian=True, updated=updated, propagate=strength, **settings)
+    assert gptq.info.propagated == corrected
+    assert torch.equal(kept.q, (moved if corrected else plain).q)
+    # the starting point handed to learned rounding is the kept solution's
+    assert torch.equal(kept.q, torch.clamp(torch.round(updated / kept.scales[kept.g_idx.long()].t())
+                                           + kept.zeros[kept.g_idx.long()].t(), 0, 2 ** bits - 1).to(kept.q.dtype))
+
+
+def test_a_correction_that_never_helps_leaves_the_plain_checkpoint(tmp_path):
+    """Overshot 30 times, the correction loses for every linear whose inputs moved (and ties where they
+    did not): the checkpoint is plain GPTQ's, tensor for tensor, and the report says which were kept."""
+    src = save_tiny("llama", tmp_path / "src")
+    calibration = calibration_ids(16, 32)
+    config = QuantConfig(bits=3, group_size=32, sym=False, method="gptq", desc_act=True)
+    reports = {qep: quantize(str(src), config, tmp_path / f"q{qep}", calibration=calibration, qep=qep,
+                             progress=False) for qep in (0.0, 30.0)}
+    plain, overshot = (load_file(next((tmp_path / f"q{qep}").glob("*.safetensors"))) for qep in (0.0, 30.0))
+    assert plain.keys() == overshot.keys()
+    for key in plain:
+        assert torch.equal(plain[key], overshot[key]), key
+    notes = [n for n in reports[30.0].notes if "--qep's correction did not lower" in n]
+    assert notes and "mlp.down_proj" in " ".join(notes)
+    assert not [n for n in reports[0.0].notes if "--qep" in n]

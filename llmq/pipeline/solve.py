@@ -134,6 +134,7 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
 
     experts = models.expert_linears(block)
     short: dict[str, int] = {}  # expert linears quantized with RTN -> the tokens routed to them
+    uncorrected: list[str] = []  # with --qep: linears whose corrected solution scored worse
 
     def rtn(name: str, tokens: int) -> None:
         packed[name], errors[name] = _rtn(weights.original(name), specs[name], config, device)
@@ -190,6 +191,8 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
                             bases[name] = extra["updated"]
                         packed[name] = qw.pack(config.checkpoint_format)
                         errors[name] = gptq.info.relative_error
+                        if gptq.info.propagated is False:
+                            uncorrected.append(name)
                         del weight, qw
                         memo.solved(name)
                     del gptq
@@ -210,6 +213,9 @@ def gptq_block(block: nn.Module, names: list[str], inputs: list[Batch], weights:
         listed = ", ".join(f"{name} ({short[name]})" for name in linears if name in short)
         notes = (f"{weights.prefix[:-1]}: {len(short)} expert linears got fewer calibration tokens than they have "
                  f"inputs and were quantized with RTN (tokens routed to each): {listed}",)
+    if uncorrected:
+        notes += (f"{weights.prefix[:-1]}: --qep's correction did not lower the output error of "
+                  f"{', '.join(uncorrected)}; solved without it",)
     return BlockResult(packed, errors, outputs, notes, fp_outputs)
 
 

@@ -43,13 +43,16 @@ class GPTQInfo:
     solved with and ``W`` with its dead columns zeroed. ``damp_percent`` is the damping used, as a
     fraction of ``mean(diag H)`` (larger than asked for when the factorization was retried).
     ``dead_columns`` counts zeros on ``diag(H)``. ``relative_error`` is ``tr(E H Eᵀ) / tr(W H Wᵀ)``
-    for the undamped ``H``, derived from the loss (``loss - λ‖E‖²``).
+    for the undamped ``H``, derived from the loss (``loss - λ‖E‖²``); for a kept ``--qep`` solution,
+    ``W`` is the corrected weight.
     """
 
     loss: float
     damp_percent: float
     dead_columns: int
     relative_error: float
+    # with --qep and moved inputs: whether the corrected weight's solution was kept (see GPTQ.solve)
+    propagated: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -170,12 +173,27 @@ class GPTQ:
         as GPTQ damps). Since ``Σ‖W x̃ - Q x‖² = Σ‖W x̃ - W' x‖² + Σ‖(W' - Q) x‖²`` at ``a = 1``,
         GPTQ on ``W'`` minimises the error of the layer's outputs against the unquantized model's,
         rather than against the layer's own on inputs that earlier layers' errors have already moved
-        (quantization error propagation: Arai and Ichikawa, 2025; GPTAQ, Li et al., 2025)."""
+        (quantization error propagation: Arai and Ichikawa, 2025; GPTAQ, Li et al., 2025). ``W`` is
+        also solved as it is, and of the two solutions the one with the lower ``Σ‖W x̃ - Q x‖²``
+        (:func:`propagated_error`) is returned; ``self.info.propagated`` says which."""
         self._check_ready()
-        if self.D is not None and propagate:
-            weight = propagated(weight, self.H, self.D, damp_percent, propagate)
-        result, self.info = gptq_quantize(weight, self.H, bits, group_size, sym, desc_act, static_groups,
-                                          damp_percent, block_size, mse, updated)
+        settings = (bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, mse)
+        result, self.info = gptq_quantize(weight, self.H, *settings, updated)
+        if self.D is not None and propagate and self.D.any():  # D = 0: the inputs did not move
+            # W' is corrected unquantized: its GPTQ solution can still have the larger output error
+            # (seen for a 2-bit down_proj under --bits-budget, the model's output ruined). Both are
+            # scored on the objective the correction aims at, Σ‖W x̃ - Q x‖², and the better kept:
+            # one more solve per linear.
+            moved = None if updated is None else torch.empty_like(updated)
+            corrected, info = gptq_quantize(propagated(weight, self.H, self.D, damp_percent, propagate),
+                                            self.H, *settings, moved)
+            keep = propagated_error(weight, corrected, self.H, self.D) < \
+                propagated_error(weight, result, self.H, self.D)
+            if keep:
+                result, self.info = corrected, info
+                if updated is not None:
+                    updated.copy_(moved)
+            self.info.propagated = keep
         if free_hessian:
             self.H = self.D = None
         return result
@@ -188,6 +206,15 @@ def propagated(weight: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_perc
     W = weight.detach().to(D.device, torch.float32)
     L, _, _ = damped_cholesky(H, H.diagonal(), None, damp_percent)
     return W + a * torch.cholesky_solve((W @ D).t(), L).t()
+
+
+def propagated_error(weight: torch.Tensor, q: QuantizedWeight, H: torch.Tensor, D: torch.Tensor) -> float:
+    """``2/n Σ‖W x̃ - Q x‖²`` less its part that no ``Q`` changes (``2/n Σ‖W (x̃ - x)‖²``):
+    ``tr(E H Eᵀ) + 2 tr(E (W D)ᵀ)`` for ``E = W - Q``, with ``H`` and ``D`` as :class:`GPTQ` holds
+    them. Lower is better; it is negative where ``Q`` undoes more of the inputs' error than it adds."""
+    W = weight.detach().to(H.device, torch.float32)
+    E = W - q.dequantize().to(H.device)
+    return float(((E @ H) * E).sum() + 2 * (E * (W @ D)).sum())
 
 
 def gptq_quantize(
