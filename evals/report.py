@@ -92,6 +92,8 @@ def label(row: dict[str, Any]) -> str:
         mse = QuantConfig(method=a.method, mse=a.mse).mse
     if mse or a.method == "gptq":
         parts.append(f"`--mse {MSE_NAMES[mse]}`")
+    if row.get("rotated"):
+        parts.append("rotated (`llmq rotate`)")
     if a.qep:
         from llmq.quantizers.gptq import QEP_STRENGTH
 

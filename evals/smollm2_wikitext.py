@@ -31,6 +31,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from provenance import by_seed, provenance, seed_key, seeds_path, write_json
@@ -39,6 +40,7 @@ from transformers import AutoTokenizer
 from llmq.assets import cache_dir, resolve_model
 from llmq.checkpoint import load_model
 from llmq.evaluate import compare_lms
+from llmq.rotate import rotate_checkpoint
 
 # SmolLM2's 576-input layers hold 4.5 groups of 128: the tables measure g128 as named, with a shorter
 # last group (llmq's default would shrink to g64 for other loaders' sake, see README Interop).
@@ -126,7 +128,15 @@ CONFIGS = {
     # --qep with the widths allocated at uniform int3 g128's size (3.21 bits/weight).
     "gptq-budget3.21-asym-actorder-wmse-qep": "--method gptq --bits-budget 3.21 --asym --desc-act --mse weighted "
                                               "--qep",
+    # The same on the rotated model (names ending in -rot, see ROTATED).
+    "gptq-int3-g128-asym-actorder-wmse-qep-rot": "--method gptq --bits 3 --group-size 128 --asym --desc-act "
+                                                 "--mse weighted --qep",
+    "gptq-int4-g128-asym-actorder-wmse-qep-rot": "--method gptq --bits 4 --group-size 128 --asym --desc-act "
+                                                 "--mse weighted --qep",
 }
+# Configurations whose name ends in -rot quantize `llmq rotate`'s copy of the model (seed ROTATION_SEED),
+# made once in the work folder: the same function, its rotations folded into the weights.
+ROTATED, ROTATION_SEED = "-rot", 0
 # What each method beyond GPTQ is measured against: the same width without it.
 REFERENCE = {
     "gptq-int4-g128-asym-actorder-awq": "gptq-int4-g128-asym-actorder",
@@ -159,6 +169,8 @@ REFERENCE = {
     "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round": "gptq-budget3.5-asym-actorder-wmse-e2e2-round",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round": "gptq-int4-g128-asym-actorder-wmse-e2e2-round",
     "gptq-budget3.21-asym-actorder-wmse-qep": "gptq-int3-g128-asym-actorder-wmse-qep",
+    "gptq-int3-g128-asym-actorder-wmse-qep-rot": "gptq-int3-g128-asym-actorder-wmse-qep",
+    "gptq-int4-g128-asym-actorder-wmse-qep-rot": "gptq-int4-g128-asym-actorder-wmse-qep",
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -203,13 +215,22 @@ def main() -> None:
             key = seed_key(name, seed)
             out, report = work / key, work / f"{key}.json"
             options = f"--nsamples {args.nsamples} {CONFIGS[name]}" + (f" --seed {seed}" if seed else "")
+            model, rotation = "smollm2-135m", None
+            if name.endswith(ROTATED):
+                model, rotation = str(work / f"smollm2-135m-rotated-seed{ROTATION_SEED}"), {"seed": ROTATION_SEED}
+                if not Path(model, "config.json").exists():
+                    started = time.perf_counter()
+                    rotate_checkpoint(base_path, model, ROTATION_SEED)
+                    print(f"rotated into {model} in {time.perf_counter() - started:.1f} s", flush=True)
             if args.requantize or not report.exists():
-                cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", "smollm2-135m", "--out", str(out),
+                cmd = [sys.executable, "-m", "llmq.cli", "quantize", "--model", model, "--out", str(out),
                        "--overwrite", "--json", str(report), *options.split(), *GROUP_FIT]
                 print("$", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
             quantized = json.loads(report.read_text())
             runs[key] = {"args": options, **{k: v for k, v in quantized.items() if k not in ("model", "out")}}
+            if rotation is not None:
+                runs[key]["rotated"] = rotation
             if name in REFERENCE:
                 runs[key]["reference"] = REFERENCE[name]
 

@@ -148,12 +148,22 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_rotate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rotate", help="fold orthogonal rotations into a Llama-style decoder (same outputs), "
+                                      "then quantize the copy")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--seed", type=int, default=0, help="draws the rotations' signs")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of transformers models")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    _add_rotate(sub)
     add_chat_parser(sub)
     return parser
 
@@ -329,7 +339,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"    {layer}  {spec}")
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat}
+def cmd_rotate(args: argparse.Namespace) -> None:
+    from llmq.rotate import rotate_checkpoint
+
+    out = rotate_checkpoint(args.model, args.out, args.seed, args.overwrite)
+    print(f"wrote {out}: {args.model} rotated (seed {args.seed}); quantize it with llmq quantize --model {out}")
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "chat": cmd_chat,
+            "rotate": cmd_rotate}
 
 
 class Terminated(BaseException):
