@@ -138,6 +138,8 @@ def rotate_checkpoint(model: str | Path, out: str | Path, seed: int = 0, overwri
         return streaming.DTYPES[reader.info(key)[0]]
 
     embedding, norm = "model.embed_tokens.weight", read("model.norm.weight")
+    if embedding not in reader:
+        raise UnsupportedModelError(f"{src}: no tensor {embedding}, which rotation needs (not a Llama-style layout)")
     keys = [k for k in reader.keys() if k not in (embedding, "lm_head.weight")]
     with outdir.atomic_output(out, overwrite, {src: "input model"}) as tmp:
         writer = checkpoint.ShardWriter(tmp, max_shard_bytes)
@@ -150,7 +152,7 @@ def rotate_checkpoint(model: str | Path, out: str | Path, seed: int = 0, overwri
         writer.close()
         checkpoint.copy_side_files(src, tmp)
         config.tie_word_embeddings = False
-        config.llmq_rotation = {"seed": seed, "hidden": "hadamard" if hadamard(hidden) is not None else "random",
-                                "head": "hadamard" if hadamard(head_dim) is not None else "random"}
+        config.llmq_rotation = {"seed": seed, **{part: "random" if hadamard(n) is None else "hadamard"
+                                                 for part, n in (("hidden", hidden), ("head", head_dim))}}
         config.save_pretrained(tmp)
     return Path(out).expanduser().resolve()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from llmq.checkpoint import load_model
 from llmq.config import QuantConfig
 from llmq.pipeline import quantize
-from llmq.quantizers.gptq import GPTQ, HessianError, gptq_quantize, propagated, propagated_error
+from llmq.quantizers.gptq import GPTQ, HessianError, gptq_quantize, propagated, propagated_errors
 
 
 def _inputs(seed: int = 0, tokens: int = 400, cols: int = 24):
@@ -132,7 +132,8 @@ def test_the_solution_with_the_lower_output_error_is_kept(strength, bits, correc
     assert (scores[True] < scores[False]) == corrected, scores
     # the score the solver uses differs from the output error by a term no Q changes (and a factor 2/n)
     n = x.shape[0] * x.shape[1]
-    gap = (propagated_error(W, moved, H, D) - propagated_error(W, plain, H, D)) * n / 2
+    plain_error, moved_error = propagated_errors(W, [plain, moved], H, D)
+    gap = (moved_error - plain_error) * n / 2
     assert gap == pytest.approx(scores[True] - scores[False], rel=1e-3)
     updated = torch.empty(W.shape)
     kept = gptq.solve(W, free_hessian=True, updated=updated, propagate=strength, **settings)

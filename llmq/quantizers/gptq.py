@@ -175,7 +175,7 @@ class GPTQ:
         rather than against the layer's own on inputs that earlier layers' errors have already moved
         (quantization error propagation: Arai and Ichikawa, 2025; GPTAQ, Li et al., 2025). ``W`` is
         also solved as it is, and of the two solutions the one with the lower ``Σ‖W x̃ - Q x‖²``
-        (:func:`propagated_error`) is returned; ``self.info.propagated`` says which."""
+        (:func:`propagated_errors`) is returned; ``self.info.propagated`` says which."""
         self._check_ready()
         settings = (bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, mse)
         result, self.info = gptq_quantize(weight, self.H, *settings, updated)
@@ -187,8 +187,8 @@ class GPTQ:
             moved = None if updated is None else torch.empty_like(updated)
             corrected, info = gptq_quantize(propagated(weight, self.H, self.D, damp_percent, propagate),
                                             self.H, *settings, moved)
-            keep = propagated_error(weight, corrected, self.H, self.D) < \
-                propagated_error(weight, result, self.H, self.D)
+            plain_error, corrected_error = propagated_errors(weight, [result, corrected], self.H, self.D)
+            keep = corrected_error < plain_error
             if keep:
                 result, self.info = corrected, info
                 if updated is not None:
@@ -208,13 +208,19 @@ def propagated(weight: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_perc
     return W + a * torch.cholesky_solve((W @ D).t(), L).t()
 
 
-def propagated_error(weight: torch.Tensor, q: QuantizedWeight, H: torch.Tensor, D: torch.Tensor) -> float:
-    """``2/n Σ‖W x̃ - Q x‖²`` less its part that no ``Q`` changes (``2/n Σ‖W (x̃ - x)‖²``):
-    ``tr(E H Eᵀ) + 2 tr(E (W D)ᵀ)`` for ``E = W - Q``, with ``H`` and ``D`` as :class:`GPTQ` holds
-    them. Lower is better; it is negative where ``Q`` undoes more of the inputs' error than it adds."""
+def propagated_errors(weight: torch.Tensor, solutions: list[QuantizedWeight], H: torch.Tensor,
+                      D: torch.Tensor) -> list[float]:
+    """For each solution ``Q`` of ``weight``: ``2/n Σ‖W x̃ - Q x‖²`` less its part that no ``Q``
+    changes (``2/n Σ‖W (x̃ - x)‖²``), i.e. ``tr(E H Eᵀ) + 2 tr(E (W D)ᵀ)`` for ``E = W - Q``, with
+    ``H`` and ``D`` as :class:`GPTQ` holds them. Lower is better; it is negative where ``Q`` undoes
+    more of the inputs' error than it adds."""
     W = weight.detach().to(H.device, torch.float32)
-    E = W - q.dequantize().to(H.device)
-    return float(((E @ H) * E).sum() + 2 * (E * (W @ D)).sum())
+    WD = W @ D
+    errors = []
+    for q in solutions:
+        E = W - q.dequantize().to(H.device)
+        errors.append(float(((E @ H) * E).sum() + 2 * (E * WD).sum()))
+    return errors
 
 
 def gptq_quantize(
