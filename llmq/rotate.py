@@ -60,20 +60,32 @@ def _is_prime(n: int) -> bool:
     return n > 1 and all(n % p for p in range(2, math.isqrt(n) + 1))
 
 
-def hadamard(n: int) -> torch.Tensor | None:
-    """An ``n × n`` matrix of ±1 with orthogonal rows (float64), or None where none is built here:
-    ``2^k``, Paley orders ``q + 1`` and Kronecker products of those (576 = 12 · 12 · 4)."""
+def _hadamard_plan(n: int) -> tuple[list[int], int] | None:
+    """How :func:`hadamard` builds order ``n``: the primes ``q`` of its Paley factors and the
+    power of two of its Sylvester factor, or None where no construction here fits."""
     if n < 1:
         return None
     k = (n & -n).bit_length() - 1  # the power of two in n
     if n == 1 << k:
-        return _sylvester(k)
+        return [], k
     for m in range(4, n + 1, 4):  # an odd part left: split off a Paley order m (a multiple of 4)
         if n % m == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
-            rest = hadamard(n // m)
+            rest = _hadamard_plan(n // m)
             if rest is not None:
-                return torch.kron(_paley(m - 1), rest)
+                return [m - 1, *rest[0]], rest[1]
     return None
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """An ``n × n`` matrix of ±1 with orthogonal rows (float64), or None where none is built here:
+    ``2^k``, Paley orders ``q + 1`` and Kronecker products of those (576 = 12 · 12 · 4)."""
+    plan = _hadamard_plan(n)
+    if plan is None:
+        return None
+    h = _sylvester(plan[1])
+    for q in reversed(plan[0]):
+        h = torch.kron(_paley(q), h)
+    return h
 
 
 def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -152,7 +164,7 @@ def rotate_checkpoint(model: str | Path, out: str | Path, seed: int = 0, overwri
         writer.close()
         checkpoint.copy_side_files(src, tmp)
         config.tie_word_embeddings = False
-        config.llmq_rotation = {"seed": seed, **{part: "random" if hadamard(n) is None else "hadamard"
+        config.llmq_rotation = {"seed": seed, **{part: "random" if _hadamard_plan(n) is None else "hadamard"
                                                  for part, n in (("hidden", hidden), ("head", head_dim))}}
         config.save_pretrained(tmp)
     return Path(out).expanduser().resolve()
