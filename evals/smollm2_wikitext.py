@@ -136,6 +136,9 @@ CONFIGS = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot": "--method gptq --bits 3 --group-size 128 --asym "
                                                             "--desc-act --mse weighted --qep --e2e --e2e-epochs 2 "
                                                             "--e2e-rounding",
+    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-rot": "--method gptq --bits 4 --group-size 128 --asym "
+                                                            "--desc-act --mse weighted --qep --e2e --e2e-epochs 2 "
+                                                            "--e2e-rounding",
 }
 # Configurations whose name ends in -rot quantize `llmq rotate`'s copy of the model (seed ROTATION_SEED),
 # made once in the work folder: the same function, its rotations folded into the weights.
@@ -175,6 +178,7 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep-rot": "gptq-int3-g128-asym-actorder-wmse-qep",
     "gptq-int4-g128-asym-actorder-wmse-qep-rot": "gptq-int4-g128-asym-actorder-wmse-qep",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round",
+    "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round",
 }
 RESULTS = Path(__file__).parent / "results"
 
