@@ -329,6 +329,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         return
     print(f"{info['path']}: {info['quantization']}")
     print(f"  format:              {info['checkpoint_format']}, written by {info['producer'] or 'unknown'}")
+    if info["rotation"]:
+        rotation = dict(info["rotation"])
+        print(f"  rotated:             seed {rotation.pop('seed', '?')}, "
+              + ", ".join(f"{part} {kind}" for part, kind in rotation.items()) + " (llmq rotate, in the weights)")
     print(f"  size on disk:        {info['size_on_disk_bytes'] / 1e6:.2f} MB")
     print(f"  quantized layers:    {info['quantized_layers']} ({info['quantized_weights']:,} weights)")
     print(f"  bits per weight:     {info['bits_per_weight']:.3f} (qweight + qzeros + scales + g_idx)")

@@ -20,12 +20,14 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """The file's own ``quantization_config`` and producer (``meta.quantizer``), size on disk, bits
     per quantized weight (``qweight``, ``qzeros``, ``scales`` and ``g_idx`` counted) and per
     parameter of the whole checkpoint, and which layers are quantized at which width and group
-    size (``layer_specs``, e.g. ``int4 g128``, after ``dynamic`` overrides); after the same checks as
+    size (``layer_specs``, e.g. ``int4 g128``, after ``dynamic`` overrides), and the rotation
+    ``llmq rotate`` folded into the weights before quantizing (``rotation``, or None); after the same checks as
     loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
     path = resolve_model(path)
     raw = read_quantization_config(path)
     qconfig = QuantConfig.from_dict(raw)
     config = load_config(path)
+    rotation = getattr(config, "llmq_rotation", None)
     if hasattr(config, "quantization_config"):  # the skeleton is built unquantized; its linears are replaced below
         del config.quantization_config
     if qconfig.lm_head:
@@ -58,6 +60,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "quantization": qconfig.describe(),
         "checkpoint_format": qconfig.checkpoint_format,
         "producer": (raw.get("meta") or {}).get("quantizer"),
+        "rotation": rotation,
         "quantization_config": raw,
         "size_on_disk_bytes": disk,
         "quantized_layers": len(layers),

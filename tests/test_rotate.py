@@ -11,6 +11,7 @@ from conftest import calibration_ids, save_tiny
 from llmq.checkpoint import load_model
 from llmq.cli import main
 from llmq.config import QuantConfig
+from llmq.inspect_ckpt import inspect_checkpoint
 from llmq.models import UnsupportedModelError
 from llmq.pipeline import quantize
 from llmq.rotate import hadamard, orthogonal, rotate_checkpoint
@@ -91,6 +92,8 @@ def test_a_rotated_model_quantizes_and_loads(tmp_path):
         want, got = model(ids).logits, quantized(ids).logits
     assert ((got - want).pow(2).mean() / want.pow(2).mean()).item() < 0.05
     assert not quantized.config.tie_word_embeddings
+    rotation = json.loads((tmp_path / "rot" / "config.json").read_text())["llmq_rotation"]
+    assert rotation["seed"] == 0 and inspect_checkpoint(tmp_path / "q")["rotation"] == rotation
 
 
 def test_what_cannot_be_rotated_is_refused(tmp_path):
