@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -264,10 +265,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if report.e2e is not None:
         e = report.e2e
         print(f"end-to-end scales: held-out loss {e.init_loss:.4g} -> {e.loss:.4g} on {e.held_out} calibration samples"
-              f" ({e.steps} steps, {e.seconds:.0f} s" + ("" if e.kept else "; not lower, so the start was kept")
+              f" ({e.steps} steps, {e.seconds:.0f} s"
+              + ("" if e.kept else f"; tuned {e.tuned_loss:.4g}, not lower, so the start was kept")
               + (f"; {e.moved:.2%} of the codes moved" if e.moved else "") + ")")
         result["e2e"] = {"init_loss": e.init_loss, "loss": e.loss, "kept": e.kept, "held_out": e.held_out,
-                         "steps": e.steps, "seconds": e.seconds, "moved": e.moved}
+                         "steps": e.steps, "seconds": e.seconds, "moved": e.moved,
+                         "tuned_loss": e.tuned_loss if math.isfinite(e.tuned_loss) else None}
     if args.eval_windows:
         result["eval"] = _eval_pair(report.out, args.model, args.seqlen, args.eval_windows)
     _write_json(args.json, result)

@@ -146,6 +146,7 @@ def test_keeps_the_start_when_tuning_does_not_lower_the_held_out_loss(tmp_path):
     report = quantize(src, config, tmp_path / "tuned", calibration=calibration_ids(n=16), progress=False,
                       e2e=E2EConfig(epochs=1, lr=50.0))  # steps far too long: the loss goes up
     assert not report.e2e.kept and report.e2e.loss == report.e2e.init_loss
+    assert not report.e2e.tuned_loss <= report.e2e.init_loss  # higher, or not a number at all
     quantize(src, config, tmp_path / "plain", calibration=calibration_ids(n=16), progress=False)
     tuned = load_file(tmp_path / "tuned" / "model.safetensors")
     plain = load_file(tmp_path / "plain" / "model.safetensors")
@@ -193,6 +194,7 @@ def test_cli_reports_the_held_out_loss(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "r.json").read_text())["e2e"]
     assert result["held_out"] == 1 and result["steps"] == 8 and result["loss"] <= result["init_loss"]
+    assert result["tuned_loss"] == result["loss"] if result["kept"] else result["tuned_loss"] > result["loss"]
     assert f"end-to-end scales: held-out loss {result['init_loss']:.4g} -> {result['loss']:.4g}" in r.stdout
 
 

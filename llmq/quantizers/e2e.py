@@ -94,7 +94,8 @@ class E2EInfo:
     """``init_loss`` and ``loss``: the held-out loss of the starting point and of what was kept
     (never larger); ``kept``: whether the tuned values were kept; ``held_out``: how many samples
     that loss is over; ``steps``, ``seconds``; ``moved``: the fraction of codes that learned
-    rounding changed (0 without it, or when the tuned values were not kept)."""
+    rounding changed (0 without it, or when the tuned values were not kept); ``tuned_loss``: the
+    held-out loss of the tuned values, kept or not (``loss`` when kept)."""
 
     init_loss: float
     loss: float
@@ -103,6 +104,7 @@ class E2EInfo:
     steps: int
     seconds: float
     moved: float = 0.0
+    tuned_loss: float | None = None
 
 
 class _ScaledCodes(nn.Module):
@@ -361,7 +363,7 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
                     quantized[name].qweight.copy_(packing.pack_qweight(q, quantized[name].bits))
             for p in norm_params.values():
                 p.copy_(p.to(stored))
-    loss = held_out_loss()
+    loss = tuned_loss = held_out_loss()
     kept = loss <= init_loss
     if not kept:
         with torch.no_grad():
@@ -374,4 +376,4 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
         loss = init_loss
     model.train(was_training)
     return E2EInfo(init_loss, loss, kept, len(valid), steps, time.perf_counter() - started,
-                   moved / total_codes if kept and total_codes else 0.0)
+                   moved / total_codes if kept and total_codes else 0.0, tuned_loss)
