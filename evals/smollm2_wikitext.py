@@ -139,6 +139,8 @@ CONFIGS = {
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-rot": "--method gptq --bits 4 --group-size 128 --asym "
                                                             "--desc-act --mse weighted --qep --e2e --e2e-epochs 2 "
                                                             "--e2e-rounding",
+    # Round-to-nearest on the rotated model: rotation without calibration.
+    "rtn-int4-g128-asym-rot": "--method rtn --bits 4 --group-size 128 --asym",
 }
 # Configurations whose name ends in -rot quantize `llmq rotate`'s copy of the model (seed ROTATION_SEED),
 # made once in the work folder: the same function, its rotations folded into the weights.
@@ -179,6 +181,7 @@ REFERENCE = {
     "gptq-int4-g128-asym-actorder-wmse-qep-rot": "gptq-int4-g128-asym-actorder-wmse-qep",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round",
+    "rtn-int4-g128-asym-rot": "rtn-int4-g128-asym",
 }
 RESULTS = Path(__file__).parent / "results"
 
