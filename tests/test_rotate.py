@@ -85,7 +85,7 @@ def test_a_rotated_model_quantizes_and_loads(tmp_path):
     src, model = _model_with_random_norms("llama", tmp_path / "src")
     rotated = rotate_checkpoint(src, tmp_path / "rot", progress=False)
     config = QuantConfig(bits=4, group_size=32, sym=False, method="gptq", desc_act=True)
-    quantize(str(rotated), config, tmp_path / "q", calibration=calibration_ids(8, 32), progress=False)
+    report = quantize(str(rotated), config, tmp_path / "q", calibration=calibration_ids(8, 32), progress=False)
     quantized = load_model(tmp_path / "q")
     ids = calibration_ids(2, 32, seed=5).input_ids
     with torch.no_grad():
@@ -94,6 +94,9 @@ def test_a_rotated_model_quantizes_and_loads(tmp_path):
     assert not quantized.config.tie_word_embeddings
     rotation = json.loads((tmp_path / "rot" / "config.json").read_text())["llmq_rotation"]
     assert rotation["seed"] == 0 and inspect_checkpoint(tmp_path / "q")["rotation"] == rotation
+    assert not any("llmq rotate" in note for note in report.notes)
+    rtn = quantize(str(rotated), QuantConfig(bits=4, group_size=32, sym=False), tmp_path / "rtn", progress=False)
+    assert any("rotation is meant for --method gptq" in note for note in rtn.notes)
 
 
 def test_what_cannot_be_rotated_is_refused(tmp_path):

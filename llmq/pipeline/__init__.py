@@ -201,6 +201,9 @@ def quantize(
         raise NothingToQuantizeError(f"{src} has no linear layer that llmq can quantize{reason}")
     head = _head_name(skeleton, config)
     config, notes = _fit_config(layout, keys, plan, skeleton, head, config)
+    if config.method == "rtn" and getattr(hf_config, "llmq_rotation", None):
+        notes.append(f"{src} was rotated by llmq rotate: round-to-nearest sees no activations and can lose far "
+                     "more on a rotated model than on the original; rotation is meant for --method gptq")
     # Models with layers of OUT_OF_CORE_FROM inputs or more: memory comes first. Such layers are
     # solved out of core on CPU, where fewer samples go through each forward, and no tail-linear
     # inputs are kept for the replay (see llmq.pipeline.hessians.ForwardMemo).
