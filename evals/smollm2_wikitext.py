@@ -141,6 +141,8 @@ CONFIGS = {
                                                             "--e2e-rounding",
     # Round-to-nearest on the rotated model: rotation without calibration.
     "rtn-int4-g128-asym-rot": "--method rtn --bits 4 --group-size 128 --asym",
+    "gptq-budget3.5-asym-actorder-wmse-qep-rot": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted "
+                                                 "--qep",
 }
 # Configurations whose name ends in -rot quantize `llmq rotate`'s copy of the model (seed ROTATION_SEED),
 # made once in the work folder: the same function, its rotations folded into the weights.
@@ -182,6 +184,7 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-int4-g128-asym-actorder-wmse-qep-e2e2-round",
     "rtn-int4-g128-asym-rot": "rtn-int4-g128-asym",
+    "gptq-budget3.5-asym-actorder-wmse-qep-rot": "gptq-budget3.5-asym-actorder-wmse-qep",
 }
 RESULTS = Path(__file__).parent / "results"
 
