@@ -103,8 +103,8 @@ class E2EInfo:
     held_out: int
     steps: int
     seconds: float
-    moved: float = 0.0
-    tuned_loss: float | None = None
+    moved: float
+    tuned_loss: float
 
 
 class _ScaledCodes(nn.Module):
