@@ -142,7 +142,8 @@ CONFIGS = {
     # Round-to-nearest on the rotated model: rotation without calibration.
     "rtn-int4-g128-asym-rot": "--method rtn --bits 4 --group-size 128 --asym",
     "gptq-budget3.5-asym-actorder-wmse-qep-rot": "--method gptq --bits-budget 3.5 --asym --desc-act --mse weighted "
-                                                 "--qep",    # --e2e at a third of its default rate after --qep on the rotated model (the default rate did
+                                                 "--qep",
+    # --e2e at a third of its default rate after --qep on the rotated model (the default rate did
     # not lower the held-out calibration loss there).
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e-lr1e-3-rot": "--method gptq --bits 4 --group-size 128 --asym "
                                                             "--desc-act --mse weighted --qep --e2e --e2e-lr 1e-3",
