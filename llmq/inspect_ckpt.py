@@ -21,8 +21,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     per quantized weight (``qweight``, ``qzeros``, ``scales`` and ``g_idx`` counted) and per
     parameter of the whole checkpoint, and which layers are quantized at which width and group
     size (``layer_specs``, e.g. ``int4 g128``, after ``dynamic`` overrides), and the rotation
-    ``llmq rotate`` folded into the weights before quantizing (``rotation``, or None); after the same checks as
-    loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without reading the weights."""
+    ``llmq rotate`` folded into the weights before quantizing (``rotation``, or None); after the
+    same checks as loading it (:func:`~llmq.checkpoint.validate_quantized_layers`), without
+    reading the weights."""
     path = resolve_model(path)
     raw = read_quantization_config(path)
     qconfig = QuantConfig.from_dict(raw)

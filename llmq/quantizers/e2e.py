@@ -91,20 +91,26 @@ class E2EConfig:
 
 @dataclass
 class E2EInfo:
-    """``init_loss`` and ``loss``: the held-out loss of the starting point and of what was kept
-    (never larger); ``kept``: whether the tuned values were kept; ``held_out``: how many samples
-    that loss is over; ``steps``, ``seconds``; ``moved``: the fraction of codes that learned
-    rounding changed (0 without it, or when the tuned values were not kept); ``tuned_loss``: the
-    held-out loss of the tuned values, kept or not (``loss`` when kept)."""
+    """``init_loss`` and ``tuned_loss``: the held-out loss of the starting point and of the tuned
+    values (kept only where not larger: ``kept``, and ``loss`` is that of what was kept);
+    ``held_out``: how many samples those losses are over; ``steps``, ``seconds``; ``moved``: the
+    fraction of codes that learned rounding changed (0 without it, or when the tuned values were
+    not kept)."""
 
     init_loss: float
-    loss: float
-    kept: bool
+    tuned_loss: float
     held_out: int
     steps: int
     seconds: float
     moved: float
-    tuned_loss: float
+
+    @property
+    def kept(self) -> bool:
+        return self.tuned_loss <= self.init_loss  # False for a loss that is not a number
+
+    @property
+    def loss(self) -> float:
+        return self.tuned_loss if self.kept else self.init_loss
 
 
 class _ScaledCodes(nn.Module):
@@ -363,8 +369,8 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
                     quantized[name].qweight.copy_(packing.pack_qweight(q, quantized[name].bits))
             for p in norm_params.values():
                 p.copy_(p.to(stored))
-    loss = tuned_loss = held_out_loss()
-    kept = loss <= init_loss
+    tuned_loss = held_out_loss()
+    kept = tuned_loss <= init_loss
     if not kept:
         with torch.no_grad():
             for name, layer in quantized.items():
@@ -373,7 +379,6 @@ def tune_scales(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cau
                     layer.qweight.copy_(start_codes[name])
             for name, p in norm_params.items():
                 p.copy_(start_norms[name])
-        loss = init_loss
     model.train(was_training)
-    return E2EInfo(init_loss, loss, kept, len(valid), steps, time.perf_counter() - started,
-                   moved / total_codes if kept and total_codes else 0.0, tuned_loss)
+    return E2EInfo(init_loss, tuned_loss, len(valid), steps, time.perf_counter() - started,
+                   moved / total_codes if kept and total_codes else 0.0)
