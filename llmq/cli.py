@@ -17,7 +17,7 @@ import torch
 
 from llmq.chat import DTYPES, add_chat_parser, cmd_chat
 from llmq.outdir import StaleOutputError
-from llmq.quantizers.e2e import E2E_EPOCHS, E2E_LR, E2EConfig
+from llmq.quantizers.e2e import E2E_BATCH, E2E_EPOCHS, E2E_LR, E2EConfig
 from llmq.quantizers.gptq import QEP_STRENGTH
 from llmq.quantizers.tune import TUNE_STEPS, TuneConfig
 from llmq.resume import Stopped
@@ -88,6 +88,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
                    help=f"with --e2e: Adam's learning rate on the log of each scale (norms get a tenth; default "
                         f"{E2E_LR:g})")
+    p.add_argument("--e2e-batch", type=int, default=None, metavar="N",
+                   help=f"with --e2e: calibration samples per step (default {E2E_BATCH}); fewer gives more steps for "
+                        "the same time")
     p.add_argument("--e2e-rounding", action="store_true",
                    help="with --e2e: learn the codes' rounding too (each code moves by at most one step); "
                         "it needs several epochs to gain")
@@ -218,10 +221,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise ValueError("--e2e-rounding needs --e2e")
     if args.e2e_lr is not None and not args.e2e:
         raise ValueError("--e2e-lr needs --e2e")
+    if args.e2e_batch is not None and not args.e2e:
+        raise ValueError("--e2e-batch needs --e2e")
     if args.e2e_embedding and not args.e2e:
         raise ValueError("--e2e-embedding needs --e2e")
     e2e = E2EConfig(epochs=E2E_EPOCHS if args.e2e_epochs is None else args.e2e_epochs,
-                    lr=E2E_LR if args.e2e_lr is None else args.e2e_lr, rounding=args.e2e_rounding,
+                    lr=E2E_LR if args.e2e_lr is None else args.e2e_lr,
+                    batch=E2E_BATCH if args.e2e_batch is None else args.e2e_batch, rounding=args.e2e_rounding,
                     embedding=args.e2e_embedding, seed=args.seed) if args.e2e else None
     _check_json(args.json, {resolve_model(args.model): "input model",
                             **dict.fromkeys(calibration_files(args.calib), "calibration file")})

@@ -32,6 +32,8 @@ def src(tmp_path_factory):
     (["--e2e-epochs", "2"], "--e2e-epochs needs --e2e"),
     (["--e2e-lr", "1e-3"], "--e2e-lr needs --e2e"),
     (["--e2e", "--e2e-lr", "0"], "end-to-end tuning learning rate must be positive"),
+    (["--e2e-batch", "2"], "--e2e-batch needs --e2e"),
+    (["--e2e", "--e2e-batch", "0"], "end-to-end tuning batch must be >= 1"),
     (["--e2e-rounding"], "--e2e-rounding needs --e2e"),
     (["--e2e-embedding"], "--e2e-embedding needs --e2e"),
     (["--e2e", "--e2e-embedding"], "--e2e-embedding is for encoders (sentence embeddings)"),
