@@ -106,6 +106,8 @@ def label(row: dict[str, Any]) -> str:
         parts.append(f"`--e2e` ({a.e2e_epochs:g} epochs)" if a.e2e_epochs else "`--e2e`")
     if a.e2e_lr is not None:
         parts.append(f"`--e2e-lr {a.e2e_lr:g}`")
+    if a.e2e_batch is not None:
+        parts.append(f"`--e2e-batch {a.e2e_batch}`")
     if a.e2e_rounding:
         parts.append("`--e2e-rounding`")
     if a.e2e_embedding:
