@@ -624,20 +624,32 @@ BLOCK_ERROR = {"RTN": "RTN: ‖W − Q‖ / ‖W‖ (weights)",
 
 
 def plot_block_errors(plt) -> Any | None:
-    runs = [r for r in load("smollm2_wikitext")["runs"].values() if r.get("block_errors")]
+    # Rows that only add a stage after the block solves (--e2e) repeat their start's errors: each
+    # curve is drawn once, under the first row that has it.
+    runs, seen = [], set()
+    for r in load("smollm2_wikitext")["runs"].values():
+        key = tuple(round(e, 9) for e in r.get("block_errors") or ())
+        if key and key not in seen:
+            seen.add(key)
+            runs.append(r)
     methods = [m for m in BLOCK_ERROR if any(method(r) == m for r in runs)]
     if not methods:
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.2), squeeze=False)
+    most = max(sum(method(r) == m for r in runs) for m in methods)
+    # The legends go under the panels, so the figure grows with the longest one.
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.5 * len(methods), 4.0 + 0.17 * most), squeeze=False)
     for ax, name in zip(axes[0], methods, strict=True):
-        for r in runs:
-            if method(r) == name:
-                ax.plot(range(len(r["block_errors"])), r["block_errors"], marker="o", ms=3,
-                        color=COLORS[name] if len(runs) == len(methods) else None, label=label(r).replace("`", ""))
+        mine = [r for r in runs if method(r) == name]
+        for i, r in enumerate(mine):  # the colour cycle has 10 colours: the line style tells the rest apart
+            ax.plot(range(len(r["block_errors"])), r["block_errors"], marker="o", ms=3,
+                    ls=("-", "--", ":")[i // 10 % 3], color=COLORS[name] if len(runs) == len(methods) else None,
+                    label=label(r).replace("`", ""))
         ax.set_xlabel("block (decoder layer)")
         ax.set_ylabel(BLOCK_ERROR[name], fontsize=8)
+        if name == "GPTQ":  # int3 and int4 rows lie a decade apart
+            ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.suptitle("SmolLM2-135M: per-block error from the quantize report (each method reports its own measure)",
                  fontsize=10)
     fig.tight_layout()

@@ -201,7 +201,8 @@ REFERENCE = {
     "gptq-budget3.5-asym-actorder-wmse-qep-rot": "gptq-budget3.5-asym-actorder-wmse-qep",
     "gptq-int4-g128-asym-actorder-wmse-qep-e2e-lr1e-3-rot": "gptq-int4-g128-asym-actorder-wmse-qep-rot",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-b2-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot",
-    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-lr1e-3-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot",
+    "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-lr1e-3-rot":
+        "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot",
 }
 RESULTS = Path(__file__).parent / "results"
 
