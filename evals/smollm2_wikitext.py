@@ -157,6 +157,10 @@ CONFIGS = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-lr1e-3-rot": "--method gptq --bits 3 --group-size 128 "
                                                                    "--asym --desc-act --mse weighted --qep --e2e "
                                                                    "--e2e-epochs 2 --e2e-lr 1e-3 --e2e-rounding",
+    # The 3.5-bit budget on the rotated model, then two epochs of --e2e with learned rounding.
+    "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round-rot": "--method gptq --bits-budget 3.5 --asym --desc-act "
+                                                            "--mse weighted --qep --e2e --e2e-epochs 2 "
+                                                            "--e2e-rounding",
 }
 # Configurations whose name ends in -rot quantize `llmq rotate`'s copy of the model (seed ROTATION_SEED),
 # made once in the work folder: the same function, its rotations folded into the weights.
@@ -203,6 +207,7 @@ REFERENCE = {
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-b2-rot": "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot",
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-lr1e-3-rot":
         "gptq-int3-g128-asym-actorder-wmse-qep-e2e2-round-rot",
+    "gptq-budget3.5-asym-actorder-wmse-qep-e2e2-round-rot": "gptq-budget3.5-asym-actorder-wmse-qep-rot",
 }
 RESULTS = Path(__file__).parent / "results"
 
