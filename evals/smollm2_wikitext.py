@@ -162,8 +162,8 @@ CONFIGS = {
                                                             "--mse weighted --qep --e2e --e2e-epochs 2 "
                                                             "--e2e-rounding",
     # Rotated int3 as above with twice the calibration samples and one epoch: the same 60 steps, each
-    # sample seen once (two epochs over 128 samples overfit on seed 1: its third epoch raised the
-    # held-out calibration loss above the start).
+    # sample seen once (on seed 1, three epochs over 128 samples ended with the held-out calibration
+    # loss above the start: a sign of overfitting).
     "gptq-int3-g128-asym-actorder-wmse-qep-e2e-round-n256-rot": "--method gptq --bits 3 --group-size 128 --asym "
                                                                 "--desc-act --mse weighted --qep --e2e "
                                                                 "--e2e-rounding --nsamples 256",
